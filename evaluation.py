@@ -1,0 +1,97 @@
+"""Next-item evaluation of GRU4Rec: Recall@k and MRR@k against all training items.
+
+Every event of a test session but the first is a prediction target. Sessions run in parallel slots as
+in training (without sampling), and one compiled graph per mini-batch does the forward pass, ranks
+the targets among all item scores and sums the metrics, so the work stays on the accelerator when
+the model is compiled for one. Test events of items unknown to the model are dropped first (their
+neighbours become adjacent), as in the original implementation.
+"""
+from collections import OrderedDict
+
+import numpy as np
+import pandas as pd
+import pytensor
+import pytensor.tensor as pt
+
+from gru4rec import FLOAT, session_arrays, session_parallel_batches
+
+TIE_MODES = ('standard', 'conservative', 'median', 'tiebreaking')
+
+
+def rank_of_target(scores, target_scores, mode, uniform=None):
+    """Rank (1 = best) of each row's target among the row's scores, the target included.
+
+    standard: 1 + #(score > target); conservative: #(score >= target);
+    median: 1 + #(score > target) + (#(score == target) - 1) / 2;
+    tiebreaking: the target's place among its ties drawn uniformly (uniform: M numbers in [0, 1)).
+    """
+    greater = pt.gt(scores, target_scores[:, None]).sum(axis=1).astype(FLOAT)  # M
+    if mode == 'standard':
+        return 1 + greater
+    equal = pt.eq(scores, target_scores[:, None]).sum(axis=1).astype(FLOAT)  # M, the target included
+    if mode == 'conservative':
+        return greater + equal
+    if mode == 'median':
+        return 1 + greater + (equal - 1) / 2
+    return 1 + greater + pt.floor(uniform * equal)
+
+
+def _compile_eval_step(gru, H, cutoffs, mode, with_candidates):
+    """Compiled step: (X, T, prev_rows, keep[, candidates]) -> metric sums for each cut-off."""
+    X = pt.ivector('X')
+    T = pt.ivector('T')  # target positions among the scored items
+    prev_rows = pt.ivector('prev_rows')
+    keep = pt.fvector('keep')
+    candidates = pt.ivector('candidates')
+    with pytensor.config.change_flags(floatX=FLOAT):
+        H_new = gru._forward(X, [h[prev_rows] * keep[:, None] for h in H], training=False)
+        scores = gru._final_act(gru._score_all(H_new[-1], candidates if with_candidates else None))  # M x C
+        target_scores = scores[pt.arange(X.shape[0]), T]  # M
+        uniform = gru._srng.uniform(0, 1, size=X.shape) if mode == 'tiebreaking' else None
+        rank = rank_of_target(scores, target_scores, mode, uniform)
+        cut = pt.as_tensor(np.asarray(cutoffs, dtype=FLOAT))[None, :]  # 1 x K
+        hit = pt.le(rank[:, None], cut).astype(FLOAT)  # M x K
+        outputs = [hit.sum(axis=0), (hit / rank[:, None]).sum(axis=0)]
+        return gru._compile([X, T, prev_rows, keep, candidates], outputs, OrderedDict(zip(H, H_new)))
+
+
+def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='ItemId', time_key='Time',
+                 cut_off=[20], batch_size=512, mode='standard'):
+    """Recall@k and MRR@k of a trained GRU4Rec on test sessions.
+
+    items: optional candidate item ids to rank against (default: every training item); test events
+    of other items are dropped. cut_off: one k or a list. mode: how ties with the target are ranked
+    (see rank_of_target). Returns (recall, mrr), two dicts keyed by cut-off.
+    """
+    if mode not in TIE_MODES:
+        raise ValueError(f'unknown tie mode {mode!r}; use one of {list(TIE_MODES)}')
+    cutoffs = [int(k) for k in np.atleast_1d(cut_off)]
+    if not cutoffs or min(cutoffs) < 1:
+        raise ValueError(f'cut_off must be positive integers, got {cut_off!r}')
+    if int(batch_size) < 1:
+        raise ValueError(f'batch_size must be positive, got {batch_size!r}')
+    gru._require_trained()
+    itemidmap = gru.itemidmap
+    candidates = np.zeros(0, dtype=np.int32)
+    if items is not None:
+        candidates = gru._item_indices(pd.unique(np.asarray(items)), 'items')
+        itemidmap = gru.itemidmap[candidates]
+    targets, offsets, order = session_arrays(test_data, itemidmap, session_key, item_key, time_key, what='test data')
+    inputs = targets if items is None else candidates[targets]
+    if len(targets) - (len(offsets) - 1) <= 0:
+        raise ValueError('the test data has no event to predict: no session has two or more events of items '
+                         'the model knows')
+    H = [pytensor.shared(np.zeros((int(batch_size), L), dtype=FLOAT)) for L in gru.layers_]
+    step = _compile_eval_step(gru, H, cutoffs, mode, items is not None)
+    recall_sum = np.zeros(len(cutoffs))
+    mrr_sum = np.zeros(len(cutoffs))
+    n = 0
+    positions = np.arange(len(targets))
+    for pos_in, pos_out, prev_rows, keep in session_parallel_batches(positions, offsets, order, int(batch_size)):
+        hits, rr = step(inputs[pos_in], targets[pos_out], prev_rows, keep, candidates)
+        recall_sum += hits
+        mrr_sum += rr
+        n += len(pos_in)
+    recall = OrderedDict((k, recall_sum[i] / n) for i, k in enumerate(cutoffs))
+    mrr = OrderedDict((k, mrr_sum[i] / n) for i, k in enumerate(cutoffs))
+    return recall, mrr

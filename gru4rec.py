@@ -1,0 +1,971 @@
+"""GRU4Rec: session-based recommendations with recurrent neural networks, on PyTensor.
+
+A GRU reads the items clicked so far in a session and scores every item as the next click.
+
+References:
+1) B. Hidasi, A. Karatzoglou, L. Baltrunas, D. Tikk: "Session-based Recommendations with Recurrent
+   Neural Networks", ICLR 2016, arXiv:1511.06939. (GRU over session-parallel mini-batches, TOP1 and
+   BPR losses, in-batch negatives.)
+2) B. Hidasi, A. Karatzoglou: "Recurrent Neural Networks with Top-k Gains for Session-based
+   Recommendations", CIKM 2018, arXiv:1706.03847. (Extra shared negative samples drawn by
+   popularity^alpha, BPR-max and TOP1-max, constrained embedding.)
+
+The original implementation was written for Theano, which no longer runs on current Python; this one
+builds the same symbolic graphs with PyTensor, Theano's maintained continuation. Notation follows the
+papers: X are the input items of a mini-batch, Y = [targets | samples] the scored items,
+M the number of active sessions in the mini-batch and N = M + n_sample the number of scored items.
+"""
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+
+import numpy as np
+import pandas as pd
+import pytensor
+import pytensor.tensor as pt
+from pytensor.compile.mode import get_mode
+from pytensor.tensor.random.utils import RandomStream
+
+FLOAT = 'float32'
+MODEL_FORMAT = 'gru4rec-npz'
+MODEL_FORMAT_VERSION = 1
+BACKENDS = {'c': 'CVM', 'numba': 'NUMBA', 'jax': 'JAX'}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activations: name -> function of a symbolic tensor. 'elu-0.5' means elu with alpha 0.5.
+
+def _linear(x):
+    return x
+
+
+def _relu(x):
+    return pt.maximum(x, 0)
+
+
+def _leaky(alpha):
+    return lambda x: pt.switch(x >= 0, x, alpha * x)
+
+
+def _elu(alpha):
+    return lambda x: pt.switch(x >= 0, x, alpha * pt.expm1(x))
+
+
+def _selu(scale, alpha):
+    return lambda x: scale * pt.switch(x >= 0, x, alpha * pt.expm1(x))
+
+
+def _softmax(x):
+    e = pt.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+ACTIVATIONS = {'linear': _linear, 'relu': _relu, 'tanh': pt.tanh, 'sigmoid': pt.sigmoid}
+PARAMETRIC_ACTIVATIONS = {'leaky': (1, _leaky), 'elu': (1, _elu), 'selu': (2, _selu)}
+FINAL_ONLY_ACTIVATIONS = {'softmax': _softmax, 'softmax_logit': _linear}
+
+
+def parse_activation(name, final=False):
+    """Returns the activation function for a name like 'tanh', 'elu-0.5' or 'selu-1.05-1.67'."""
+    if not isinstance(name, str):
+        raise ValueError(f'activation must be a string, got {name!r}')
+    table = dict(ACTIVATIONS, **FINAL_ONLY_ACTIVATIONS) if final else ACTIVATIONS
+    if name in table:
+        return table[name]
+    head, *args = name.split('-')
+    if head in PARAMETRIC_ACTIVATIONS:
+        n_args, make = PARAMETRIC_ACTIVATIONS[head]
+        try:
+            values = [float(a) for a in args]
+        except ValueError:
+            values = []
+        if len(values) == n_args:
+            return make(*values)
+    allowed = sorted(table) + ['leaky-X', 'elu-X', 'selu-X-Y']
+    raise ValueError(f'unknown activation {name!r}; use one of {allowed}')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses over the score matrix Yhat (M x N, after the final activation). Row i's target is column i;
+# the other columns are the other rows' targets and the shared samples. Each returns the per-row loss
+# (a vector of M); the caller sums it and divides by the configured batch size.
+
+def _diag(Yhat):
+    M = Yhat.shape[0]
+    return Yhat[pt.arange(M), pt.arange(M)]  # M
+
+
+def _target_mask(Yhat):
+    return pt.eq(pt.arange(Yhat.shape[0])[:, None], pt.arange(Yhat.shape[1])[None, :])  # M x N
+
+
+def _softmax_negatives(Yhat):
+    """Softmax over each row's negatives only (the target column gets weight 0), as in BPR-max."""
+    e = pt.exp(Yhat - Yhat.max(axis=1, keepdims=True)) * (1 - _target_mask(Yhat))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def loss_cross_entropy(Yhat, smoothing=0.0, **_):
+    """-log softmax probability of the target (Yhat holds probabilities), with label smoothing."""
+    N = Yhat.shape[1].astype(FLOAT)
+    nll = -pt.log(_diag(Yhat) + 1e-24)
+    if smoothing == 0:
+        return nll
+    return (1 - smoothing * N / (N - 1)) * nll + smoothing / (N - 1) * (-pt.log(Yhat + 1e-24)).sum(axis=1)
+
+
+def loss_xe_logit(Yhat, smoothing=0.0, **_):
+    """Cross-entropy computed stably from logits (use with final_act='softmax_logit')."""
+    N = Yhat.shape[1].astype(FLOAT)
+    m = Yhat.max(axis=1)
+    logsumexp = m + pt.log(pt.exp(Yhat - m[:, None]).sum(axis=1))
+    nll = logsumexp - _diag(Yhat)
+    if smoothing == 0:
+        return nll
+    return (1 - smoothing * N / (N - 1)) * nll + smoothing / (N - 1) * (N * logsumexp - Yhat.sum(axis=1))
+
+
+def loss_bpr(Yhat, **_):
+    """BPR (ICLR 2016): -sum_j log sigmoid(d - yhat_j) over all N columns."""
+    return -pt.log(pt.sigmoid(_diag(Yhat)[:, None] - Yhat)).sum(axis=1)
+
+
+def loss_top1(Yhat, **_):
+    """TOP1 (ICLR 2016): mean_j(sigmoid(yhat_j - d) + sigmoid(yhat_j^2)) - sigmoid(d^2)/N."""
+    d = _diag(Yhat)
+    N = Yhat.shape[1].astype(FLOAT)
+    return (pt.sigmoid(Yhat - d[:, None]) + pt.sigmoid(Yhat ** 2)).mean(axis=1) - pt.sigmoid(d ** 2) / N
+
+
+def loss_bpr_max(Yhat, bpreg=1.0, **_):
+    """BPR-max (CIKM 2018): -log sum_j s_j sigmoid(d - yhat_j) + bpreg sum_j s_j yhat_j^2."""
+    s = _softmax_negatives(Yhat)  # M x N
+    d = _diag(Yhat)
+    return -pt.log((s * pt.sigmoid(d[:, None] - Yhat)).sum(axis=1) + 1e-24) + bpreg * (s * Yhat ** 2).sum(axis=1)
+
+
+def loss_top1_max(Yhat, **_):
+    """TOP1-max (CIKM 2018): sum_j s_j (sigmoid(yhat_j - d) + sigmoid(yhat_j^2))."""
+    s = _softmax_negatives(Yhat)  # M x N
+    d = _diag(Yhat)
+    return (s * (pt.sigmoid(Yhat - d[:, None]) + pt.sigmoid(Yhat ** 2))).sum(axis=1)
+
+
+LOSSES = {'cross-entropy': loss_cross_entropy, 'xe_logit': loss_xe_logit, 'bpr': loss_bpr,
+          'top1': loss_top1, 'bpr-max': loss_bpr_max, 'top1-max': loss_top1_max}
+REQUIRED_FINAL_ACT = {'cross-entropy': 'softmax', 'xe_logit': 'softmax_logit'}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Session-parallel mini-batches (ICLR 2016, section 3.1.1), as a plain numpy generator.
+
+def session_parallel_batches(items, offsets, session_order, batch_size, min_slots=1):
+    """Yields (inputs, targets, prev_rows, keep) for every step of one epoch.
+
+    items: item indices of all events, sorted by session then time; offsets: start of each session in
+    `items` (length n_sessions + 1); session_order: the order in which sessions enter the slots.
+    Each of the M active slots feeds its session's current item (inputs) and is trained to predict
+    the next one (targets). Row i of the previous step's hidden state to carry into slot i is
+    prev_rows[i]; keep[i] is 0 where slot i took a new session (its state is reset to zero).
+    When no unused session is left, finished slots are dropped and the batch shrinks; the epoch ends
+    when fewer than `min_slots` slots remain.
+    """
+    n_sessions = len(session_order)
+    n_slots = min(batch_size, n_sessions)
+    slot_session = np.arange(n_slots)  # position in session_order of each slot's session
+    next_session = n_slots
+    start = offsets[session_order[slot_session]]
+    end = offsets[session_order[slot_session] + 1]
+    prev_rows = np.arange(n_slots, dtype=np.int32)
+    keep = np.zeros(n_slots, dtype=FLOAT)
+    while len(slot_session) >= min_slots:
+        steps = (end - start).min() - 1
+        for i in range(steps):
+            yield items[start + i], items[start + i + 1], prev_rows, keep
+            if i == 0:
+                prev_rows, keep = np.arange(len(start), dtype=np.int32), np.ones(len(start), dtype=FLOAT)
+        start = start + steps
+        finished = end - start <= 1
+        n_finished = int(finished.sum())
+        n_new = min(n_finished, n_sessions - next_session)
+        refill = np.flatnonzero(finished)[:n_new]
+        alive = ~finished
+        alive[refill] = True
+        slot_session[refill] = np.arange(next_session, next_session + n_new)
+        next_session += n_new
+        start[refill] = offsets[session_order[slot_session[refill]]]
+        end[refill] = offsets[session_order[slot_session[refill]] + 1]
+        keep = np.ones(len(start), dtype=FLOAT)
+        keep[refill] = 0
+        prev_rows = np.flatnonzero(alive).astype(np.int32)
+        keep, slot_session, start, end = keep[alive], slot_session[alive], start[alive], end[alive]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def _as_bool(value):
+    if isinstance(value, str):
+        if value.strip().lower() in ('true', '1', 'yes'):
+            return True
+        if value.strip().lower() in ('false', '0', 'no'):
+            return False
+        raise ValueError(f'cannot read {value!r} as a boolean; use True/False or 1/0')
+    return bool(value)
+
+
+def _as_int_list(value):
+    if isinstance(value, str):
+        return [int(v) for v in value.split('/') if v.strip()]
+    if isinstance(value, (int, np.integer)):
+        return [int(value)]
+    return [int(v) for v in value]
+
+
+def _as_float_list(value):
+    if isinstance(value, str):
+        return [float(v) for v in value.split('/') if v.strip()]
+    if isinstance(value, (int, float, np.number)):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
+def _as_embedding(value):
+    if isinstance(value, str) and value.strip() == 'layersize':
+        return 'layersize'
+    return int(value)
+
+
+def _as_adapt(value):
+    if value is None or (isinstance(value, str) and value.strip().lower() in ('none', '', 'false', 'sgd')):
+        return None
+    return str(value)
+
+
+def _as_str(value):
+    return str(value)
+
+
+# name -> (default, parser). The names and defaults are the original implementation's.
+HYPERPARAMETERS = OrderedDict([
+    ('loss', ('bpr-max', _as_str)), ('final_act', ('linear', _as_str)), ('hidden_act', ('tanh', _as_str)),
+    ('layers', ([100], _as_int_list)), ('n_epochs', (10, int)), ('batch_size', (32, int)),
+    ('dropout_p_hidden', (0.0, float)), ('dropout_p_embed', (0.0, float)), ('learning_rate', (0.1, float)),
+    ('momentum', (0.0, float)), ('lmbd', (0.0, float)), ('embedding', (0, _as_embedding)),
+    ('n_sample', (2048, int)), ('sample_alpha', (0.75, float)), ('smoothing', (0.0, float)),
+    ('constrained_embedding', (False, _as_bool)), ('adapt', ('adagrad', _as_adapt)),
+    ('adapt_params', ([], _as_float_list)), ('grad_cap', (0.0, float)), ('bpreg', (1.0, float)),
+    ('logq', (0.0, float)), ('sigma', (0.0, float)), ('init_as_normal', (False, _as_bool)),
+    ('train_random_order', (False, _as_bool)), ('time_sort', (True, _as_bool)),
+    ('session_key', ('SessionId', _as_str)), ('item_key', ('ItemId', _as_str)), ('time_key', ('Time', _as_str)),
+    ('seed', (42, int)), ('backend', ('c', _as_str)), ('verbose', (True, _as_bool)),
+])
+# Changing these changes the shapes of the model's parameters: they are fixed once a model is trained.
+ARCHITECTURE = ('layers', 'embedding', 'constrained_embedding')
+ADAPT_DEFAULTS = {None: [], 'adagrad': [], 'rmsprop': [0.9], 'adadelta': [0.95], 'adam': [0.9, 0.999]}
+
+
+def _check_hyperparameters(p):
+    def fail(name, what):
+        raise ValueError(f'{name}={p[name]!r}: {what}')
+    if p['loss'] not in LOSSES:
+        fail('loss', f'unknown loss; use one of {sorted(LOSSES)}')
+    parse_activation(p['final_act'], final=True)
+    parse_activation(p['hidden_act'])
+    required = REQUIRED_FINAL_ACT.get(p['loss'])
+    if required and p['final_act'] != required:
+        fail('final_act', f"loss {p['loss']!r} needs final_act={required!r}")
+    if p['final_act'] in REQUIRED_FINAL_ACT.values() and p['loss'] not in REQUIRED_FINAL_ACT:
+        fail('final_act', "softmax final activations go with loss='cross-entropy' or 'xe_logit'")
+    if not p['layers'] or min(p['layers']) <= 0:
+        fail('layers', 'give one positive size per GRU layer, e.g. [100] or "200/200"')
+    for name in ('n_epochs', 'batch_size'):
+        if p[name] <= 0:
+            fail(name, 'must be positive')
+    for name in ('n_sample', 'learning_rate'):
+        if p[name] < 0:
+            fail(name, 'must not be negative')
+    for name in ('momentum', 'lmbd', 'grad_cap', 'bpreg', 'logq', 'sigma', 'sample_alpha'):
+        if p[name] < 0 or not np.isfinite(p[name]):
+            fail(name, 'must be a finite number >= 0')
+    for name in ('dropout_p_hidden', 'dropout_p_embed', 'smoothing'):
+        if not 0 <= p[name] < 1:
+            fail(name, 'must be in [0, 1)')
+    if p['embedding'] != 'layersize' and p['embedding'] < 0:
+        fail('embedding', "must be 0 (none), a positive size or 'layersize'")
+    if p['adapt'] not in ADAPT_DEFAULTS:
+        fail('adapt', f"unknown optimiser; use one of {[k for k in ADAPT_DEFAULTS if k]} or None")
+    if p['adapt_params'] and len(p['adapt_params']) != len(ADAPT_DEFAULTS[p['adapt']]):
+        fail('adapt_params', f"{p['adapt']} takes {len(ADAPT_DEFAULTS[p['adapt']])} values")
+    if p['backend'] not in BACKENDS:
+        fail('backend', f'use one of {sorted(BACKENDS)}')
+
+
+class GRU4Rec:
+    """GRU4Rec model (see the module docstring). Construct with hyper-parameters, then `fit`.
+
+    Hyper-parameters (names and defaults of the original implementation):
+    loss: 'cross-entropy' (with final_act='softmax'), 'xe_logit' (with 'softmax_logit'), 'bpr',
+        'top1', 'bpr-max', 'top1-max'.
+    final_act, hidden_act: 'linear', 'relu', 'tanh', 'leaky-X', 'elu-X', 'selu-X-Y'
+        (final_act also 'softmax', 'softmax_logit').
+    layers: GRU layer sizes, e.g. [100] or '200/200'.
+    embedding: 0 (the first layer reads one-hot items through an n_items x 3L matrix), K or
+        'layersize' (a separate K-dimensional item embedding); constrained_embedding=True uses the
+        output weights Wy as the input embedding.
+    n_sample, sample_alpha: extra negatives per step, drawn by support^sample_alpha.
+    adapt: 'adagrad', 'rmsprop', 'adadelta', 'adam' or None (SGD); adapt_params: decay or betas.
+    logq: weight of the logQ correction of sampled softmax (with cross-entropy).
+    seed: seeds initialisation, sampling, dropout and session order: same seed and data, same model.
+    backend: how PyTensor compiles the graphs: 'c' (C virtual machine), 'numba' or 'jax'.
+    """
+
+    def __init__(self, loss='bpr-max', final_act='linear', hidden_act='tanh', layers=[100], n_epochs=10,
+                 batch_size=32, dropout_p_hidden=0.0, dropout_p_embed=0.0, learning_rate=0.1, momentum=0.0,
+                 lmbd=0.0, embedding=0, n_sample=2048, sample_alpha=0.75, smoothing=0.0,
+                 constrained_embedding=False, adapt='adagrad', adapt_params=[], grad_cap=0.0, bpreg=1.0,
+                 logq=0.0, sigma=0.0, init_as_normal=False, train_random_order=False, time_sort=True,
+                 session_key='SessionId', item_key='ItemId', time_key='Time', seed=42, backend='c',
+                 verbose=True):
+        self.loss = loss
+        self.final_act = final_act
+        self.hidden_act = hidden_act
+        self.layers = layers
+        self.n_epochs = n_epochs
+        self.batch_size = batch_size
+        self.dropout_p_hidden = dropout_p_hidden
+        self.dropout_p_embed = dropout_p_embed
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.lmbd = lmbd
+        self.embedding = embedding
+        self.n_sample = n_sample
+        self.sample_alpha = sample_alpha
+        self.smoothing = smoothing
+        self.constrained_embedding = constrained_embedding
+        self.adapt = adapt
+        self.adapt_params = adapt_params
+        self.grad_cap = grad_cap
+        self.bpreg = bpreg
+        self.logq = logq
+        self.sigma = sigma
+        self.init_as_normal = init_as_normal
+        self.train_random_order = train_random_order
+        self.time_sort = time_sort
+        self.session_key = session_key
+        self.item_key = item_key
+        self.time_key = time_key
+        self.seed = seed
+        self.backend = backend
+        self.verbose = verbose
+
+    # -- hyper-parameters ----------------------------------------------------------------------------
+
+    def get_params(self):
+        return {name: getattr(self, name) for name in HYPERPARAMETERS}
+
+    def _parsed_params(self, **overrides):
+        """All hyper-parameters parsed and validated (strings from a command line are accepted)."""
+        unknown = sorted(set(overrides) - set(HYPERPARAMETERS))
+        if unknown:
+            raise ValueError(f'unknown hyper-parameter(s) {unknown}; known ones: {list(HYPERPARAMETERS)}')
+        raw = dict(self.get_params(), **overrides)
+        parsed = {}
+        for name, (_, parse) in HYPERPARAMETERS.items():
+            try:
+                parsed[name] = parse(raw[name])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f'hyper-parameter {name}={raw[name]!r} cannot be read: {e}') from None
+        _check_hyperparameters(parsed)
+        return parsed
+
+    def set_params(self, **kwargs):
+        """Sets hyper-parameters, given as values or as command-line strings ('200/200', 'True', '0.1')."""
+        parsed = self._parsed_params(**kwargs)
+        if getattr(self, 'itemidmap', None) is not None:
+            changed = [n for n in ARCHITECTURE if n in kwargs and parsed[n] != getattr(self, n)]
+            if changed:
+                raise ValueError(f'{changed} change the shape of a trained model; build a new GRU4Rec instead')
+        for name in kwargs:
+            setattr(self, name, parsed[name])
+        if self._compiled_for is not None and self._compiled_for != self._graph_key():
+            self._compiled_for = None
+        return self
+
+    _compiled_for = None
+    itemidmap = None
+
+    def _graph_key(self):
+        p = self._parsed_params()
+        return tuple((k, str(p[k])) for k in HYPERPARAMETERS if k not in ('n_epochs', 'verbose'))
+
+    @property
+    def n_items(self):
+        return len(self.itemidmap)
+
+    @property
+    def embedding_size(self):
+        p = self._parsed_params()
+        if p['constrained_embedding']:
+            return 0
+        return p['layers'][0] if p['embedding'] == 'layersize' else p['embedding']
+
+    # -- data ----------------------------------------------------------------------------------------
+
+    # -- parameters ----------------------------------------------------------------------------------
+
+    def _init_matrix(self, rng, rows, cols, n_blocks=1):
+        """Uniform in [-s, s] with s = sqrt(6 / (rows + cols)) per block (or N(0, s)); `sigma` overrides s."""
+        blocks = []
+        for _ in range(n_blocks):
+            s = self.sigma if self.sigma else np.sqrt(6.0 / (rows + cols))
+            if self.init_as_normal:
+                blocks.append(rng.normal(0, s, size=(rows, cols)))
+            else:
+                blocks.append(rng.uniform(-s, s, size=(rows, cols)))
+        return np.hstack(blocks).astype(FLOAT)
+
+    def _init_item_rows(self, rng, n_rows):
+        """Fresh rows of the item-indexed parameters (used for new items on retraining too)."""
+        p = self._parsed_params()
+        L0, L_last = p['layers'][0], p['layers'][-1]
+        rows = {'Wy': self._init_matrix(rng, n_rows, L_last), 'By': np.zeros(n_rows, dtype=FLOAT)}
+        if self.embedding_size:
+            rows['E'] = self._init_matrix(rng, n_rows, self.embedding_size)
+        elif not p['constrained_embedding']:
+            rows['Wx0'] = self._init_matrix(rng, n_rows, L0, 3)
+        return rows
+
+    def _init_weights(self, rng):
+        p = self._parsed_params()
+        layers = p['layers']
+        weights = self._init_item_rows(rng, self.n_items)
+        for l, L in enumerate(layers):
+            if l > 0 or 'Wx0' not in weights:
+                n_in = layers[l - 1] if l > 0 else (self.embedding_size or layers[-1])
+                weights[f'Wx{l}'] = self._init_matrix(rng, n_in, L, 3)
+            weights[f'Wrz{l}'] = self._init_matrix(rng, L, L, 2)
+            weights[f'Wh{l}'] = self._init_matrix(rng, L, L)
+            weights[f'Bh{l}'] = np.zeros(3 * L, dtype=FLOAT)
+        return weights
+
+    # -- the network ---------------------------------------------------------------------------------
+
+    def _dropout(self, x, p):
+        if p == 0:
+            return x
+        return x * self._srng.binomial(1, 1 - p, size=x.shape).astype(FLOAT) / np.float32(1 - p)
+
+    def _gru(self, l, x_proj, h):
+        """One GRU step of layer l. x_proj = x·Wx + Bh (M x 3L), h the previous state (M x L).
+        r = σ(x·Wr + h·Ur), z = σ(x·Wz + h·Uz), c = act(x·Wc + (r*h)·Uh), h' = (1-z)*h + z*c;
+        the reset gate acts on h before the recurrent product (unlike torch.nn.GRUCell)."""
+        L = self.layers_[l]
+        rz = pt.sigmoid(x_proj[:, :2 * L] + pt.dot(h, self.params[f'Wrz{l}']))  # M x 2L
+        r, z = rz[:, :L], rz[:, L:]
+        c = self._hidden_act(x_proj[:, 2 * L:] + pt.dot(r * h, self.params[f'Wh{l}']))  # M x L
+        return (1 - z) * h + z * c
+
+    def _forward(self, X, H_prev, training, item_rows=None):
+        """Hidden states after reading items X (M) from states H_prev (list of M x L).
+        item_rows, when given, holds rows already gathered for X (the sparse training path)."""
+        p_embed = self.dropout_p_embed if training else 0.0
+        p_hidden = self.dropout_p_hidden if training else 0.0
+        rows = item_rows if item_rows is not None else {}
+        if self._onehot_input:
+            x_proj = rows.get('Wx0', self.params['Wx0'][X]) + self.params['Bh0']  # M x 3L
+        else:
+            table = 'E' if 'E' in self.params else 'Wy'
+            x = self._dropout(rows.get(table, self.params[table][X]), p_embed)  # M x K
+            x_proj = pt.dot(x, self.params['Wx0']) + self.params['Bh0']  # M x 3L
+        H = []
+        for l in range(len(self.layers_)):
+            if l > 0:
+                x_proj = pt.dot(H[-1], self.params[f'Wx{l}']) + self.params[f'Bh{l}']
+            H.append(self._dropout(self._gru(l, x_proj, H_prev[l]), p_hidden))
+        return H  # list of M x L
+
+    def _score_all(self, h, items=None):
+        """Scores of all items (or of the candidate indices `items`) for hidden states h: M x n_items."""
+        if items is None:
+            return pt.dot(h, self.params['Wy'].T) + self.params['By']
+        return pt.dot(h, self.params['Wy'][items].T) + self.params['By'][items]
+
+    # -- the training graph --------------------------------------------------------------------------
+
+    def _build(self):
+        """Creates the shared variables from self.weights and compiles the training step."""
+        self.layers_ = self._parsed_params()['layers']
+        self._onehot_input = not self.constrained_embedding and not self.embedding_size
+        self._hidden_act = parse_activation(self.hidden_act)
+        self._final_act = parse_activation(self.final_act, final=True)
+        self._srng = RandomStream(seed=self.seed)
+        with pytensor.config.change_flags(floatX=FLOAT):
+            self.params = OrderedDict((n, pytensor.shared(w, name=n)) for n, w in self.weights.items())
+            self.H = [pytensor.shared(np.zeros((self.batch_size, L), dtype=FLOAT), name=f'H{l}')
+                      for l, L in enumerate(self.layers_)]
+            self.P_target = pytensor.shared(self._log_support(1.0), name='logq_target')
+            self.P_sample = pytensor.shared(self._log_support(self.sample_alpha), name='logq_sample')
+            self.sample_store = pytensor.shared(np.zeros((1, max(self.n_sample, 1)), dtype=np.int32))
+            self.opt_state = OrderedDict()
+            self.opt_step = pytensor.shared(np.float32(self.opt_values.get('t', 0)), name='t')
+            self._train_fn = self._compile_train()
+        for name, acc in self.opt_state.items():
+            if name in self.opt_values:
+                acc.set_value(self.opt_values[name])
+        self._compiled_for = self._graph_key()
+        self._predict_fns = {}
+
+    def _log_support(self, alpha):
+        return (alpha * np.log(np.maximum(self.support, 1))).astype(FLOAT)
+
+    def _compile_train(self):
+        X = pt.ivector('X')  # M input items
+        T = pt.ivector('T')  # M target items
+        prev_rows = pt.ivector('prev_rows')  # M rows of the previous hidden state to carry
+        keep = pt.fvector('keep')  # M: 0 resets a slot's state
+        step = pt.iscalar('step')  # row of the sample store
+        M = X.shape[0]
+        Y = pt.concatenate([T, self.sample_store[step]]) if self.n_sample else T  # N scored items
+
+        # Sparse path: gather the item rows a step touches, differentiate w.r.t. the gathered rows.
+        gathered = OrderedDict()
+        row_index = {}
+        if self.constrained_embedding:
+            row_index['Wy'] = pt.concatenate([X, Y])
+        else:
+            row_index['Wy'] = Y
+            row_index['E' if 'E' in self.params else 'Wx0'] = X
+        row_index['By'] = Y
+        for name, idx in row_index.items():
+            gathered[name] = self.params[name][idx]
+        input_rows = {}
+        if self.constrained_embedding:
+            input_rows['Wy'] = gathered['Wy'][:M]  # M x L_last
+            Wy_out = gathered['Wy'][M:]  # N x L_last
+        else:
+            input_rows = {n: gathered[n] for n in ('E', 'Wx0') if n in gathered}
+            Wy_out = gathered['Wy']
+        H_prev = [H[prev_rows] * keep[:, None] for H in self.H]
+        H_new = self._forward(X, H_prev, training=True, item_rows=input_rows)
+        logits = pt.dot(H_new[-1], Wy_out.T) + gathered['By']  # M x N
+        if self.logq:
+            log_q = pt.concatenate([self.P_target[T], self.P_sample[Y[M:]]])  # N
+            logits = logits - np.float32(self.logq) * log_q
+        Yhat = self._final_act(logits)  # M x N
+        loss_fn = LOSSES[self.loss]
+        cost = loss_fn(Yhat, smoothing=np.float32(self.smoothing), bpreg=np.float32(self.bpreg)).sum()
+        cost = cost / np.float32(self.batch_size)
+
+        dense = [v for n, v in self.params.items() if n not in row_index]
+        sparse = list(gathered.items())
+        grads = pytensor.grad(cost, dense + [g for _, g in sparse])
+        updates = self._optimizer_updates(dense, [(self.params[n], row_index[n], g) for n, g in sparse], grads)
+        for H, h in zip(self.H, H_new):
+            updates[H] = h
+        return self._compile([X, T, prev_rows, keep, step], cost, updates)
+
+    def _compile(self, inputs, outputs, updates=None):
+        mode = get_mode(BACKENDS[self.backend])
+        return pytensor.function(inputs, outputs, updates=updates, mode=mode, on_unused_input='ignore')
+
+    # -- optimisation --------------------------------------------------------------------------------
+
+    def _state(self, key, like):
+        """Optimiser accumulator (zeros shaped like a parameter), created once per parameter."""
+        if key not in self.opt_state:
+            value = np.zeros_like(like.get_value(borrow=True))
+            self.opt_state[key] = pytensor.shared(value, name=key)
+        return self.opt_state[key]
+
+    def _adapted_step(self, name, grad, rows):
+        """The optimiser's step direction for one gradient; `rows` is None for a dense parameter,
+        else the indices the gradient's rows belong to (accumulators are gathered and scattered)."""
+        updates = OrderedDict()
+
+        def read(kind):
+            acc = self._state(f'{kind}_{name}', self.params[name])
+            return acc, (acc if rows is None else acc[rows])
+
+        def write(acc, value):
+            updates[acc] = value if rows is None else pt.set_subtensor(acc[rows], value)
+
+        eps = np.float32(1e-6)
+        args = [np.float32(a) for a in (self.adapt_params or ADAPT_DEFAULTS[self.adapt])]
+        if self.adapt is None:
+            return grad, updates
+        if self.adapt == 'adagrad':
+            acc, a = read('adagrad')
+            a_new = a + grad ** 2
+            write(acc, a_new)
+            return grad / pt.sqrt(a_new + eps), updates
+        if self.adapt == 'rmsprop':
+            (decay,) = args
+            acc, a = read('rmsprop')
+            a_new = decay * a + (1 - decay) * grad ** 2
+            write(acc, a_new)
+            return grad / pt.sqrt(a_new + eps), updates
+        if self.adapt == 'adadelta':
+            (rho,) = args
+            acc, a = read('adadelta_g')
+            acc_d, ad = read('adadelta_d')
+            a_new = rho * a + (1 - rho) * grad ** 2
+            step = grad * pt.sqrt(ad + eps) / pt.sqrt(a_new + eps)
+            write(acc, a_new)
+            write(acc_d, rho * ad + (1 - rho) * step ** 2)
+            return step, updates
+        # Adam with both bias corrections right (the original used beta1 for both and fed g^2 into
+        # the first moment on the sparse path).
+        beta1, beta2 = args
+        acc_m, m = read('adam_m')
+        acc_v, v = read('adam_v')
+        m_new = beta1 * m + (1 - beta1) * grad
+        v_new = beta2 * v + (1 - beta2) * grad ** 2
+        write(acc_m, m_new)
+        write(acc_v, v_new)
+        t = self.opt_step + 1
+        return (m_new / (1 - beta1 ** t)) / pt.sqrt(v_new / (1 - beta2 ** t) + eps), updates
+
+    def _optimizer_updates(self, dense, sparse, grads):
+        """Updates for dense parameters and for the gathered rows of the item parameters:
+        optional global-norm clipping (grad_cap), L2 (lmbd), the adaptive step, heavy-ball momentum."""
+        updates = OrderedDict()
+        lr = np.float32(self.learning_rate)
+        if self.grad_cap > 0:
+            norm = pt.sqrt(sum((g ** 2).sum() for g in grads))
+            scale = pt.minimum(np.float32(1), np.float32(self.grad_cap) / (norm + np.float32(1e-12)))
+            grads = [g * scale for g in grads]
+        targets = [(p, None, None) for p in dense] + list(sparse)
+        for (param, rows, gathered), grad in zip(targets, grads):
+            value = param if rows is None else gathered
+            if rows is not None:
+                value = param[rows]
+            if self.lmbd:
+                grad = grad + np.float32(self.lmbd) * value
+            step, opt_updates = self._adapted_step(param.name, grad, rows)
+            updates.update(opt_updates)
+            delta = -lr * step
+            if self.momentum:
+                vel = self._state(f'velocity_{param.name}', param)
+                delta = np.float32(self.momentum) * (vel if rows is None else vel[rows]) + delta
+                updates[vel] = delta if rows is None else pt.set_subtensor(vel[rows], delta)
+            updates[param] = param + delta if rows is None else pt.inc_subtensor(param[rows], delta)
+        if self.adapt == 'adam':
+            updates[self.opt_step] = self.opt_step + 1
+        return updates
+
+    # -- sampling ------------------------------------------------------------------------------------
+
+    def _sample_cdf(self):
+        p = self.support.astype(np.float64) ** self.sample_alpha
+        cdf = np.cumsum(p)
+        return cdf / cdf[-1]
+
+    def _refill_sample_store(self):
+        n_steps = max(1, self.sample_store_size // self.n_sample)
+        draws = np.searchsorted(self._cdf, self._rng.random(n_steps * self.n_sample), side='right')
+        np.minimum(draws, self.n_items - 1, out=draws)
+        self.sample_store.set_value(draws.astype(np.int32).reshape(n_steps, self.n_sample), borrow=True)
+        return n_steps
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def fit(self, data, sample_store=10000000, retrain=False, n_epochs=None):
+        """Trains on a session log (DataFrame with session, item and time columns).
+
+        retrain=False builds a new model; retrain=True continues training the current one: weights
+        and optimiser state are kept, items never seen before are appended with fresh rows, and the
+        sampling supports are updated with the new data. n_epochs overrides the hyper-parameter.
+        """
+        p = self._parsed_params()
+        for name in HYPERPARAMETERS:
+            setattr(self, name, p[name])
+        if retrain and self.itemidmap is None:
+            raise ValueError('retrain=True needs a trained or loaded model; call fit(data) first')
+        data = validate_log(data, self.session_key, self.item_key, self.time_key, 'training data')
+        new_items = pd.unique(data[self.item_key])
+        self._rng = np.random.default_rng(self.seed if not retrain else [self.seed, len(self.history_)])
+        if retrain:
+            self._pull_state()
+            self._grow(new_items[~pd.Index(new_items).isin(self.itemidmap)])
+        else:
+            self.itemidmap = pd.Index(np.sort(new_items) if _sortable(new_items) else new_items)
+            self.support = np.zeros(self.n_items, dtype=np.float64)
+            self.weights = self._init_weights(self._rng)
+            self.opt_values = {}
+            self.history_ = []
+            self._compiled_for = None
+        counts = data[self.item_key].value_counts()
+        self.support[self.itemidmap.get_indexer(counts.index)] += counts.to_numpy()
+        self._build()
+        self.P_target.set_value(self._log_support(1.0))
+        self.P_sample.set_value(self._log_support(self.sample_alpha))
+        items, offsets, order = session_arrays(data, self.itemidmap, self.session_key, self.item_key, self.time_key,
+                                              self.time_sort, 'training data')
+        if len(offsets) < 2 or (np.diff(offsets) < 2).all():
+            raise ValueError('the training data has no session with at least two events: nothing to learn from')
+        self.sample_store_size = sample_store
+        self._cdf = self._sample_cdf()
+        self._train(items, offsets, order, n_epochs or self.n_epochs)
+        return self
+
+    def retrain(self, data, sample_store=10000000, n_epochs=None):
+        """Continues training on new data (see fit)."""
+        return self.fit(data, sample_store=sample_store, retrain=True, n_epochs=n_epochs)
+
+    def _train(self, items, offsets, order, n_epochs):
+        n_store = self._refill_sample_store() if self.n_sample else 1
+        store_pos = 0
+        min_slots = 1 if self.n_sample else 2
+        for epoch in range(n_epochs):
+            t0 = time.time()
+            for H in self.H:
+                H.set_value(np.zeros((self.batch_size, H.get_value(borrow=True).shape[1]), dtype=FLOAT))
+            session_order = self._rng.permutation(order) if self.train_random_order else order
+            total, n_steps, n_events = 0.0, 0, 0
+            for X, T, prev_rows, keep in session_parallel_batches(items, offsets, session_order,
+                                                                  self.batch_size, min_slots):
+                if self.n_sample and store_pos == n_store:
+                    n_store, store_pos = self._refill_sample_store(), 0
+                cost = self._train_fn(X, T, prev_rows, keep, store_pos)
+                store_pos += 1
+                if not np.isfinite(cost):
+                    raise FloatingPointError(f'the loss became {cost} at epoch {epoch + 1}, step {n_steps + 1}; '
+                                             'lower learning_rate or set grad_cap')
+                total += cost
+                n_steps += 1
+                n_events += len(X)
+            seconds = time.time() - t0
+            loss = total / max(n_steps, 1)
+            self.history_.append({'epoch': len(self.history_) + 1, 'loss': loss, 'seconds': seconds})
+            if self.verbose:
+                print(f'Epoch{epoch + 1} --> loss: {loss:.6f} \t({seconds:.2f}s) \t'
+                      f'[{n_steps / seconds:.2f} mb/s | {n_events / seconds:.0f} e/s]', flush=True)
+        self._pull_state()
+
+    def _pull_state(self):
+        """Copies weights and optimiser state out of the compiled graph (self.weights, self.opt_values)."""
+        self.weights = OrderedDict((n, v.get_value()) for n, v in self.params.items())
+        self.opt_values = {n: v.get_value() for n, v in self.opt_state.items()}
+        self.opt_values['t'] = self.opt_step.get_value()
+
+    def _grow(self, added):
+        """Appends items never seen before: fresh parameter rows, zero optimiser state and support."""
+        if len(added) == 0:
+            return
+        self.itemidmap = self.itemidmap.append(pd.Index(added))
+        fresh = self._init_item_rows(self._rng, len(added))
+        for name, rows in fresh.items():
+            self.weights[name] = np.concatenate([self.weights[name], rows])
+        self.support = np.concatenate([self.support, np.zeros(len(added))])
+        for key, value in self.opt_values.items():
+            if key.rsplit('_', 1)[-1] in fresh:
+                self.opt_values[key] = np.concatenate([value, np.zeros((len(added),) + value.shape[1:], FLOAT)])
+
+    # -- prediction ----------------------------------------------------------------------------------
+
+    def _predict_fn(self, with_items):
+        """Compiled one-step prediction over the prediction state self.H_pred."""
+        if with_items not in self._predict_fns:
+            X = pt.ivector('X')
+            keep = pt.fvector('keep')
+            items = pt.ivector('items')
+            with pytensor.config.change_flags(floatX=FLOAT):
+                H_new = self._forward(X, [H * keep[:, None] for H in self.H_pred], training=False)
+                scores = self._final_act(self._score_all(H_new[-1], items if with_items else None))
+                updates = OrderedDict(zip(self.H_pred, H_new))
+                self._predict_fns[with_items] = self._compile([X, keep, items], scores, updates)
+        return self._predict_fns[with_items]
+
+    def predict_next_batch(self, session_ids, input_item_ids, predict_for_item_ids=None, batch=100):
+        """One step for a batch of sessions: scores (items x batch) as a DataFrame indexed by item id.
+
+        Slot i keeps its session's hidden state between calls and resets it when session_ids[i]
+        changes. Pass `batch` sessions at every call."""
+        self._require_trained()
+        session_ids, input_item_ids = np.asarray(session_ids), np.asarray(input_item_ids)
+        if len(session_ids) != batch or len(input_item_ids) != batch:
+            raise ValueError(f'predict_next_batch needs exactly batch={batch} session and item ids per call')
+        if getattr(self, '_pred_batch', None) != batch:
+            self.H_pred = [pytensor.shared(np.zeros((batch, L), dtype=FLOAT)) for L in self.layers_]
+            self._predict_fns, self._pred_batch = {}, batch
+            self._pred_sessions = np.full(batch, None, dtype=object)
+        keep = (session_ids == self._pred_sessions).astype(FLOAT)
+        self._pred_sessions = session_ids.astype(object)
+        X = self._item_indices(input_item_ids, 'input_item_ids')
+        if predict_for_item_ids is None:
+            scores = self._predict_fn(False)(X, keep, np.zeros(0, dtype=np.int32))
+            return pd.DataFrame(scores.T, index=self.itemidmap)
+        items = self._item_indices(predict_for_item_ids, 'predict_for_item_ids')
+        scores = self._predict_fn(True)(X, keep, items)
+        return pd.DataFrame(scores.T, index=pd.Index(np.asarray(predict_for_item_ids)))
+
+    def _item_indices(self, item_ids, what):
+        idx = self.itemidmap.get_indexer(np.asarray(item_ids))
+        if (idx < 0).any():
+            unknown = np.asarray(item_ids)[idx < 0][:5].tolist()
+            raise ValueError(f'{what} holds items the model was not trained on, e.g. {unknown}')
+        return idx.astype(np.int32)
+
+    def _require_trained(self):
+        if self.itemidmap is None:
+            raise ValueError('this GRU4Rec is not trained yet: call fit(data) or GRU4Rec.loadmodel(path)')
+        if self._compiled_for is None:
+            self._build()
+
+    # -- saving and loading --------------------------------------------------------------------------
+
+    def savemodel(self, path):
+        """Saves hyper-parameters, item map, weights, optimiser state and item supports to `path`
+        (a numpy .npz archive plus JSON, no pickled objects), written atomically."""
+        self._require_trained()
+        self._pull_state()
+        arrays = {f'param/{n}': w for n, w in self.weights.items()}
+        arrays.update({f'opt/{n}': np.asarray(v) for n, v in self.opt_values.items()})
+        arrays['support'] = self.support
+        arrays['itemids'] = _itemids_to_array(self.itemidmap)
+        meta = {'format': MODEL_FORMAT, 'version': MODEL_FORMAT_VERSION,
+                'params': {k: v for k, v in self.get_params().items()},
+                'history': self.history_}
+        payload = io.BytesIO()
+        np.savez(payload, **arrays)
+        body = payload.getvalue()
+        meta['sha256'] = hashlib.sha256(body).hexdigest()
+        header = json.dumps(meta).encode()
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-gru4rec-')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(MAGIC + len(header).to_bytes(8, 'little') + header + body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def loadmodel(cls, path):
+        """Loads a model written by savemodel. Never executes code from the file."""
+        meta, arrays = _read_model_file(path)
+        model = cls(**meta['params'])
+        model._parsed_params()
+        model.itemidmap = pd.Index(arrays['itemids'])
+        model.support = arrays['support'].astype(np.float64)
+        model.history_ = meta['history']
+        model.weights = OrderedDict((k[len('param/'):], arrays[k]) for k in arrays if k.startswith('param/'))
+        model.opt_values = {k[len('opt/'):]: arrays[k] for k in arrays if k.startswith('opt/')}
+        model._build()
+        return model
+
+
+MAGIC = b'GRU4REC\x00'
+
+
+def _itemids_to_array(itemidmap):
+    values = itemidmap.to_numpy()
+    if all(isinstance(v, (int, np.integer)) for v in values[:1000]):
+        return values.astype(np.int64)
+    return values.astype(str)
+
+
+def _read_model_file(path):
+    try:
+        with open(path, 'rb') as f:
+            blob = f.read()
+    except OSError as e:
+        raise ValueError(f'cannot read model file {path!r}: {e.strerror}') from None
+    if blob[:2] == b'\x80\x04' or blob[:1] == b'\x80':
+        raise ValueError(f'{path!r} is a pickle file (e.g. from the original GRU4Rec); pickles can run code '
+                         'when loaded, so they are refused. Re-train, or export its weights with the original '
+                         'code into a trusted format.')
+    if blob[:len(MAGIC)] != MAGIC:
+        raise ValueError(f'{path!r} is not a GRU4Rec model file (no {MAGIC!r} header)')
+    try:
+        n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], 'little')
+        meta = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + n])
+        body = blob[len(MAGIC) + 8 + n:]
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f'{path!r} is corrupted: its header cannot be read') from None
+    if meta.get('format') != MODEL_FORMAT:
+        raise ValueError(f'{path!r} is not a GRU4Rec model file')
+    if meta.get('version', 0) > MODEL_FORMAT_VERSION:
+        raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta.get('version')}); "
+                         f'this one reads up to {MODEL_FORMAT_VERSION}: upgrade gru4rec')
+    if hashlib.sha256(body).hexdigest() != meta.get('sha256'):
+        raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
+    with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return meta, arrays
+
+
+def _sortable(values):
+    try:
+        np.sort(values)
+        return True
+    except TypeError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input checks shared by training, prediction and evaluation.
+
+def validate_log(data, session_key, item_key, time_key, what='data'):
+    """Checks a session log and returns it (never modified; a new frame when columns are dropped)."""
+    if not isinstance(data, pd.DataFrame):
+        raise TypeError(f'{what} must be a pandas DataFrame, got {type(data).__name__}')
+    missing = [k for k in (session_key, item_key, time_key) if k not in data.columns]
+    if missing:
+        raise ValueError(f'{what} has no column(s) {missing} (it has {list(data.columns)}); '
+                         'rename them or set session_key / item_key / time_key')
+    if len(data) == 0:
+        raise ValueError(f'{what} is empty')
+    for key in (session_key, item_key, time_key):
+        n_null = int(data[key].isna().sum())
+        if n_null:
+            raise ValueError(f'{what}: column {key!r} has {n_null} missing (NaN/None) value(s); drop or fill them')
+    types = {type(v) for v in data[item_key].to_numpy()[:100000]}
+    if len({t for t in types if not issubclass(t, (int, np.integer))}) and \
+            len({t for t in types if issubclass(t, (int, np.integer))}):
+        raise ValueError(f'{what}: column {item_key!r} mixes integer and non-integer ids ({sorted(t.__name__ for t in types)}); '
+                         'convert them to one type')
+    times = data[time_key]
+    if not (pd.api.types.is_numeric_dtype(times) or pd.api.types.is_datetime64_any_dtype(times)):
+        raise ValueError(f'{what}: column {time_key!r} must be numeric or datetime, got {times.dtype}')
+    return data[[session_key, item_key, time_key]]
+
+
+def session_arrays(data, itemidmap, session_key, item_key, time_key, time_sort=True, what='data'):
+    """Checks a session log and returns (item indices, session offsets, session order) without
+    touching the caller's DataFrame. Events of items not in `itemidmap` are dropped.
+
+    offsets[s]:offsets[s+1] are session s's events; sessions are ordered by their first event's
+    time (time_sort) or by session id."""
+    data = sort_log(validate_log(data, session_key, item_key, time_key, what), session_key, time_key)
+    item_idx = pd.Series(np.arange(len(itemidmap), dtype=np.int32), index=itemidmap)
+    mapped = data[item_key].map(item_idx)
+    known = mapped.notna().to_numpy()
+    items = mapped[known].to_numpy(dtype=np.int32)
+    sessions = data[session_key].to_numpy()[known]
+    boundaries = np.flatnonzero(sessions[1:] != sessions[:-1]) + 1
+    offsets = np.concatenate([[0], boundaries, [len(sessions)]]).astype(np.int64)
+    if time_sort:
+        order = np.argsort(data[time_key].to_numpy()[known][offsets[:-1]], kind='stable')
+    else:
+        order = np.argsort(sessions[offsets[:-1]], kind='stable')
+    return items, offsets, order
+
+
+def sort_log(data, session_key, time_key):
+    """Sorts by session then time, only if needed, without modifying the input."""
+    sessions = data[session_key].to_numpy()
+    times = data[time_key].to_numpy()
+    same = sessions[1:] == sessions[:-1]
+    contiguous = len(same) - same.sum() + 1 == data[session_key].nunique()
+    if contiguous and (times[1:][same] >= times[:-1][same]).all():
+        return data
+    return data.sort_values([session_key, time_key], kind='stable')
