@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytensor
 import pytensor.tensor as pt
+from pytensor.tensor.random.utils import RandomStream
 
 from gru4rec import FLOAT, session_arrays, session_parallel_batches
 
@@ -36,28 +37,32 @@ def rank_of_target(scores, target_scores, mode, uniform=None):
     return 1 + greater + pt.floor(uniform * equal)
 
 
-def _compile_eval_step(gru, H, cutoffs, mode, with_candidates):
-    """Compiled step: (X, T, prev_rows, keep[, candidates]) -> metric sums for each cut-off."""
+def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
+    """Compiled step: (X, T, prev_rows, keep, candidates) -> metric sums for each cut-off."""
     X = pt.ivector('X')
     T = pt.ivector('T')  # target positions among the scored items
     prev_rows = pt.ivector('prev_rows')
     keep = pt.fvector('keep')
     candidates = pt.ivector('candidates')
     with pytensor.config.change_flags(floatX=FLOAT):
-        H_new = gru._forward(X, [h[prev_rows] * keep[:, None] for h in H], training=False)
-        scores = gru._final_act(gru._score_all(H_new[-1], candidates if with_candidates else None))  # M x C
+        H_new, scores = model.symbolic_step(X, [h[prev_rows] * keep[:, None] for h in H],
+                                            candidates if with_candidates else None)  # M x C
         target_scores = scores[pt.arange(X.shape[0]), T]  # M
-        uniform = gru._srng.uniform(0, 1, size=X.shape) if mode == 'tiebreaking' else None
+        uniform = RandomStream(seed).uniform(0, 1, size=X.shape) if mode == 'tiebreaking' else None
         rank = rank_of_target(scores, target_scores, mode, uniform)
         cut = pt.as_tensor(np.asarray(cutoffs, dtype=FLOAT))[None, :]  # 1 x K
         hit = pt.le(rank[:, None], cut).astype(FLOAT)  # M x K
         outputs = [hit.sum(axis=0), (hit / rank[:, None]).sum(axis=0)]
-        return gru._compile([X, T, prev_rows, keep, candidates], outputs, OrderedDict(zip(H, H_new)))
+        return model.compile_function([X, T, prev_rows, keep, candidates], outputs, OrderedDict(zip(H, H_new)))
 
 
 def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='ItemId', time_key='Time',
-                 cut_off=[20], batch_size=512, mode='standard'):
-    """Recall@k and MRR@k of a trained GRU4Rec on test sessions.
+                 cut_off=[20], batch_size=512, mode='standard', seed=42):
+    """Recall@k and MRR@k of a trained GRU4Rec (or of a baseline) on test sessions.
+
+    The model provides `itemidmap` (item ids in index order), `state_sizes` (widths of the states it
+    carries along a session) and `symbolic_step(X, H_prev, candidates)`, returning the new states and
+    the scores of all items (or of the candidate indices), and `compile_function`.
 
     items: optional candidate item ids to rank against (default: every training item); test events
     of other items are dropped. cut_off: one k or a list. mode: how ties with the target are ranked
@@ -70,19 +75,22 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
         raise ValueError(f'cut_off must be positive integers, got {cut_off!r}')
     if int(batch_size) < 1:
         raise ValueError(f'batch_size must be positive, got {batch_size!r}')
-    gru._require_trained()
+    state_sizes = gru.state_sizes
     itemidmap = gru.itemidmap
     candidates = np.zeros(0, dtype=np.int32)
     if items is not None:
-        candidates = gru._item_indices(pd.unique(np.asarray(items)), 'items')
+        candidates = itemidmap.get_indexer(pd.unique(np.asarray(items))).astype(np.int32)
+        candidates = candidates[candidates >= 0]
+        if len(candidates) == 0:
+            raise ValueError('none of the candidate items is known to the model')
         itemidmap = gru.itemidmap[candidates]
     targets, offsets, order = session_arrays(test_data, itemidmap, session_key, item_key, time_key, what='test data')
     inputs = targets if items is None else candidates[targets]
     if len(targets) - (len(offsets) - 1) <= 0:
         raise ValueError('the test data has no event to predict: no session has two or more events of items '
                          'the model knows')
-    H = [pytensor.shared(np.zeros((int(batch_size), L), dtype=FLOAT)) for L in gru.layers_]
-    step = _compile_eval_step(gru, H, cutoffs, mode, items is not None)
+    H = [pytensor.shared(np.zeros((int(batch_size), L), dtype=FLOAT)) for L in state_sizes]
+    step = _compile_eval_step(gru, H, cutoffs, mode, items is not None, seed)
     recall_sum = np.zeros(len(cutoffs))
     mrr_sum = np.zeros(len(cutoffs))
     n = 0

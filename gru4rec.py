@@ -489,11 +489,23 @@ class GRU4Rec:
             H.append(self._dropout(self._gru(l, x_proj, H_prev[l]), p_hidden))
         return H  # list of M x L
 
-    def _score_all(self, h, items=None):
-        """Scores of all items (or of the candidate indices `items`) for hidden states h: M x n_items."""
-        if items is None:
-            return pt.dot(h, self.params['Wy'].T) + self.params['By']
-        return pt.dot(h, self.params['Wy'][items].T) + self.params['By'][items]
+    # The interface that evaluation.py scores a model through (the baselines implement it too).
+
+    @property
+    def state_sizes(self):
+        """Widths of the per-session states carried between steps (one per GRU layer)."""
+        self._require_trained()
+        return list(self.layers_)
+
+    def symbolic_step(self, X, H_prev, candidates=None):
+        """One step of the trained network: the new states and the final scores of all items (or of
+        the item indices `candidates`) for sessions reading items X (M). Scores: M x C."""
+        self._require_trained()
+        H = self._forward(X, H_prev, training=False)
+        Wy, By = self.params['Wy'], self.params['By']
+        if candidates is not None:
+            Wy, By = Wy[candidates], By[candidates]
+        return H, self._final_act(pt.dot(H[-1], Wy.T) + By)
 
     # -- the training graph --------------------------------------------------------------------------
 
@@ -567,9 +579,9 @@ class GRU4Rec:
         updates = self._optimizer_updates(dense, [(self.params[n], row_index[n], g) for n, g in sparse], grads)
         for H, h in zip(self.H, H_new):
             updates[H] = h
-        return self._compile([X, T, prev_rows, keep, step], cost, updates)
+        return self.compile_function([X, T, prev_rows, keep, step], cost, updates)
 
-    def _compile(self, inputs, outputs, updates=None):
+    def compile_function(self, inputs, outputs, updates=None):
         mode = get_mode(BACKENDS[self.backend])
         return pytensor.function(inputs, outputs, updates=updates, mode=mode, on_unused_input='ignore')
 
@@ -775,10 +787,10 @@ class GRU4Rec:
             keep = pt.fvector('keep')
             items = pt.ivector('items')
             with pytensor.config.change_flags(floatX=FLOAT):
-                H_new = self._forward(X, [H * keep[:, None] for H in self.H_pred], training=False)
-                scores = self._final_act(self._score_all(H_new[-1], items if with_items else None))
+                H_new, scores = self.symbolic_step(X, [H * keep[:, None] for H in self.H_pred],
+                                                   items if with_items else None)
                 updates = OrderedDict(zip(self.H_pred, H_new))
-                self._predict_fns[with_items] = self._compile([X, keep, items], scores, updates)
+                self._predict_fns[with_items] = self.compile_function([X, keep, items], scores, updates)
         return self._predict_fns[with_items]
 
     def predict_next_batch(self, session_ids, input_item_ids, predict_for_item_ids=None, batch=100):

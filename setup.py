@@ -1,0 +1,21 @@
+from setuptools import setup
+
+setup(
+    name='gru4rec',
+    version='0.1.0',
+    description='GRU4Rec: session-based recommendations with recurrent neural networks, on PyTensor',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='MIT',
+    python_requires='>=3.10',
+    py_modules=['gru4rec', 'evaluation'],
+    install_requires=[
+        'pytensor>=2.30',
+        'numpy>=1.26',
+        'pandas>=2.0',
+        'tqdm>=4.60',
+    ],
+    extras_require={
+        'test': ['pytest>=7', 'hypothesis>=6.0'],
+    },
+)
