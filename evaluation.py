@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytensor
 import pytensor.tensor as pt
-from pytensor.tensor.random.utils import RandomStream
 
 from gru4rec import FLOAT, session_arrays, session_parallel_batches
 
@@ -48,12 +47,16 @@ def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
         H_new, scores = model.symbolic_step(X, [h[prev_rows] * keep[:, None] for h in H],
                                             candidates if with_candidates else None)  # M x C
         target_scores = scores[pt.arange(X.shape[0]), T]  # M
-        uniform = RandomStream(seed).uniform(0, 1, size=X.shape) if mode == 'tiebreaking' else None
+        updates = OrderedDict(zip(H, H_new))
+        uniform = None
+        if mode == 'tiebreaking':
+            rng = pt.random.shared_rng(seed=seed)
+            updates[rng], uniform = rng.uniform(0, 1, size=X.shape)
         rank = rank_of_target(scores, target_scores, mode, uniform)
         cut = pt.as_tensor(np.asarray(cutoffs, dtype=FLOAT))[None, :]  # 1 x K
         hit = pt.le(rank[:, None], cut).astype(FLOAT)  # M x K
         outputs = [hit.sum(axis=0), (hit / rank[:, None]).sum(axis=0)]
-        return model.compile_function([X, T, prev_rows, keep, candidates], outputs, OrderedDict(zip(H, H_new)))
+        return model.compile_function([X, T, prev_rows, keep, candidates], outputs, updates)
 
 
 def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='ItemId', time_key='Time',
@@ -89,8 +92,11 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     if len(targets) - (len(offsets) - 1) <= 0:
         raise ValueError('the test data has no event to predict: no session has two or more events of items '
                          'the model knows')
-    H = [pytensor.shared(np.zeros((int(batch_size), L), dtype=FLOAT)) for L in state_sizes]
-    step = _compile_eval_step(gru, H, cutoffs, mode, items is not None, seed)
+    def make():
+        H = [pytensor.shared(np.zeros((int(batch_size), L), dtype=FLOAT)) for L in state_sizes]
+        return _compile_eval_step(gru, H, cutoffs, mode, items is not None, seed)
+    compiled = getattr(gru, 'compiled', lambda key, make: make())
+    step = compiled(('evaluate', int(batch_size), tuple(cutoffs), mode, items is not None, seed), make)
     recall_sum = np.zeros(len(cutoffs))
     mrr_sum = np.zeros(len(cutoffs))
     n = 0

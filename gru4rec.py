@@ -29,7 +29,7 @@ import pandas as pd
 import pytensor
 import pytensor.tensor as pt
 from pytensor.compile.mode import get_mode
-from pytensor.tensor.random.utils import RandomStream
+from tqdm import tqdm
 
 FLOAT = 'float32'
 MODEL_FORMAT = 'gru4rec-npz'
@@ -181,7 +181,7 @@ def session_parallel_batches(items, offsets, session_order, batch_size, min_slot
     next_session = n_slots
     start = offsets[session_order[slot_session]]
     end = offsets[session_order[slot_session] + 1]
-    prev_rows = np.arange(n_slots, dtype=np.int32)
+    prev_rows = np.zeros(n_slots, dtype=np.int32)  # any existing row: keep = 0 zeroes the state
     keep = np.zeros(n_slots, dtype=FLOAT)
     while len(slot_session) >= min_slots:
         steps = (end - start).min() - 1
@@ -200,10 +200,11 @@ def session_parallel_batches(items, offsets, session_order, batch_size, min_slot
         next_session += n_new
         start[refill] = offsets[session_order[slot_session[refill]]]
         end[refill] = offsets[session_order[slot_session[refill]] + 1]
-        keep = np.ones(len(start), dtype=FLOAT)
+        # Composed with the mapping still pending when no step ran (a slot held a one-event session).
+        keep = keep.copy()
         keep[refill] = 0
-        prev_rows = np.flatnonzero(alive).astype(np.int32)
-        keep, slot_session, start, end = keep[alive], slot_session[alive], start[alive], end[alive]
+        prev_rows, keep = prev_rows[alive], keep[alive]
+        slot_session, start, end = slot_session[alive], start[alive], end[alive]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -456,9 +457,11 @@ class GRU4Rec:
     # -- the network ---------------------------------------------------------------------------------
 
     def _dropout(self, x, p):
+        """Inverted dropout; the draws chain through one random generator updated by the training step."""
         if p == 0:
             return x
-        return x * self._srng.binomial(1, 1 - p, size=x.shape).astype(FLOAT) / np.float32(1 - p)
+        self._rng_cursor, mask = self._rng_cursor.binomial(1, 1 - p, size=x.shape)
+        return x * mask.astype(FLOAT) / np.float32(1 - p)
 
     def _gru(self, l, x_proj, h):
         """One GRU step of layer l. x_proj = x·Wx + Bh (M x 3L), h the previous state (M x L).
@@ -515,7 +518,8 @@ class GRU4Rec:
         self._onehot_input = not self.constrained_embedding and not self.embedding_size
         self._hidden_act = parse_activation(self.hidden_act)
         self._final_act = parse_activation(self.final_act, final=True)
-        self._srng = RandomStream(seed=self.seed)
+        self._dropout_rng = pt.random.shared_rng(seed=self.seed, name='dropout_rng')
+        self._rng_cursor = self._dropout_rng
         with pytensor.config.change_flags(floatX=FLOAT):
             self.params = OrderedDict((n, pytensor.shared(w, name=n)) for n, w in self.weights.items())
             self.H = [pytensor.shared(np.zeros((self.batch_size, L), dtype=FLOAT), name=f'H{l}')
@@ -524,13 +528,11 @@ class GRU4Rec:
             self.P_sample = pytensor.shared(self._log_support(self.sample_alpha), name='logq_sample')
             self.sample_store = pytensor.shared(np.zeros((1, max(self.n_sample, 1)), dtype=np.int32))
             self.opt_state = OrderedDict()
-            self.opt_step = pytensor.shared(np.float32(self.opt_values.get('t', 0)), name='t')
+            self.opt_step = pytensor.shared(np.float32(0), name='t')
             self._train_fn = self._compile_train()
-        for name, acc in self.opt_state.items():
-            if name in self.opt_values:
-                acc.set_value(self.opt_values[name])
         self._compiled_for = self._graph_key()
-        self._predict_fns = {}
+        self._fns = {}
+        self._push_state()
 
     def _log_support(self, alpha):
         return (alpha * np.log(np.maximum(self.support, 1))).astype(FLOAT)
@@ -579,6 +581,8 @@ class GRU4Rec:
         updates = self._optimizer_updates(dense, [(self.params[n], row_index[n], g) for n, g in sparse], grads)
         for H, h in zip(self.H, H_new):
             updates[H] = h
+        if self._rng_cursor is not self._dropout_rng:
+            updates[self._dropout_rng] = self._rng_cursor
         return self.compile_function([X, T, prev_rows, keep, step], cost, updates)
 
     def compile_function(self, inputs, outputs, updates=None):
@@ -686,84 +690,171 @@ class GRU4Rec:
 
     # -- training ------------------------------------------------------------------------------------
 
-    def fit(self, data, sample_store=10000000, retrain=False, n_epochs=None):
-        """Trains on a session log (DataFrame with session, item and time columns).
+    def fit(self, data, sample_store=10000000, retrain=False, n_epochs=None, valid_data=None, valid_cutoff=20,
+            valid_metric='mrr', keep_best=False, patience=None):
+        """Trains on a session log (DataFrame with session, item and time columns); returns self.
 
-        retrain=False builds a new model; retrain=True continues training the current one: weights
-        and optimiser state are kept, items never seen before are appended with fresh rows, and the
-        sampling supports are updated with the new data. n_epochs overrides the hyper-parameter.
+        retrain=False builds a new model. retrain=True continues training the current (trained or
+        loaded) one: weights and optimiser state are kept, items never seen before are appended with
+        fresh rows, and the sampling supports grow with the new data. n_epochs overrides the
+        hyper-parameter for this call.
+        valid_data: a session log evaluated after every epoch (Recall or MRR at valid_cutoff, by
+        valid_metric); its figures go into history_. keep_best=True ends with the weights of the best
+        epoch; patience=K stops after K epochs without improvement.
+        A NaN/inf loss stops training with an error and leaves the weights of the last completed epoch;
+        so does Ctrl-C (KeyboardInterrupt), which returns the model trained so far.
         """
-        p = self._parsed_params()
+        params = self._parsed_params()
+        if retrain:
+            self._check_retrainable(params)
+        if valid_metric not in ('mrr', 'recall'):
+            raise ValueError(f"valid_metric={valid_metric!r}: use 'mrr' or 'recall'")
+        if (keep_best or patience) and valid_data is None:
+            raise ValueError('keep_best and patience need valid_data to measure progress on')
+        if patience is not None and int(patience) < 1:
+            raise ValueError(f'patience={patience!r}: give a positive number of epochs')
+        n_epochs = self._parsed_params(n_epochs=n_epochs)['n_epochs'] if n_epochs is not None else params['n_epochs']
+        keys = params['session_key'], params['item_key'], params['time_key']
+        data = validate_log(data, *keys, what='training data')
+        if valid_data is not None:
+            validate_log(valid_data, *keys, what='valid_data')
+        seen = pd.unique(data[params['item_key']])
+        if retrain:
+            itemidmap = self.itemidmap.append(pd.Index(seen[~pd.Index(seen).isin(self.itemidmap)]))
+        else:
+            itemidmap = pd.Index(np.sort(seen) if _sortable(seen) else seen)
+        items, offsets, order = session_arrays(data, itemidmap, *keys, params['time_sort'], 'training data')
+        if (np.diff(offsets) < 2).all():
+            raise ValueError('the training data has no session with two or more events: nothing to learn from')
+
+        # Checks passed: from here on the model changes.
         for name in HYPERPARAMETERS:
-            setattr(self, name, p[name])
-        if retrain and self.itemidmap is None:
-            raise ValueError('retrain=True needs a trained or loaded model; call fit(data) first')
-        data = validate_log(data, self.session_key, self.item_key, self.time_key, 'training data')
-        new_items = pd.unique(data[self.item_key])
-        self._rng = np.random.default_rng(self.seed if not retrain else [self.seed, len(self.history_)])
+            setattr(self, name, params[name])
+        self.history_ = self.history_ if retrain else []
+        self._rng = np.random.default_rng([self.seed, len(self.history_)])
         if retrain:
             self._pull_state()
-            self._grow(new_items[~pd.Index(new_items).isin(self.itemidmap)])
+            self._grow(itemidmap[self.n_items:])
         else:
-            self.itemidmap = pd.Index(np.sort(new_items) if _sortable(new_items) else new_items)
-            self.support = np.zeros(self.n_items, dtype=np.float64)
+            self.itemidmap = itemidmap
+            self.support = np.zeros(self.n_items)
             self.weights = self._init_weights(self._rng)
             self.opt_values = {}
-            self.history_ = []
-            self._compiled_for = None
+            self._architecture = self._architecture_of(params)
         counts = data[self.item_key].value_counts()
         self.support[self.itemidmap.get_indexer(counts.index)] += counts.to_numpy()
-        self._build()
-        self.P_target.set_value(self._log_support(1.0))
-        self.P_sample.set_value(self._log_support(self.sample_alpha))
-        items, offsets, order = session_arrays(data, self.itemidmap, self.session_key, self.item_key, self.time_key,
-                                              self.time_sort, 'training data')
-        if len(offsets) < 2 or (np.diff(offsets) < 2).all():
-            raise ValueError('the training data has no session with at least two events: nothing to learn from')
+        if self._compiled_for != self._graph_key():
+            self._build()
+        self._push_state()
+        self._dropout_rng.set_value(np.random.default_rng([self.seed, len(self.history_), 1]))
         self.sample_store_size = sample_store
-        self._cdf = self._sample_cdf()
-        self._train(items, offsets, order, n_epochs or self.n_epochs)
+        self._train(items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best, patience)
         return self
 
-    def retrain(self, data, sample_store=10000000, n_epochs=None):
-        """Continues training on new data (see fit)."""
-        return self.fit(data, sample_store=sample_store, retrain=True, n_epochs=n_epochs)
+    def retrain(self, data, sample_store=10000000, n_epochs=None, **fit_options):
+        """Continues training on new data: fit(data, retrain=True, ...)."""
+        return self.fit(data, sample_store=sample_store, retrain=True, n_epochs=n_epochs, **fit_options)
 
-    def _train(self, items, offsets, order, n_epochs):
+    @staticmethod
+    def _architecture_of(params):
+        return {name: params[name] for name in ARCHITECTURE}
+
+    def _check_retrainable(self, params):
+        if self.itemidmap is None:
+            raise ValueError('retrain needs a trained or loaded model; call fit(data) first')
+        changed = {n: (v, params[n]) for n, v in self._architecture.items() if params[n] != v}
+        if changed:
+            raise ValueError(f'cannot retrain with a different architecture {changed} (trained, now); '
+                             'these shape the weights: build a new GRU4Rec and fit it instead')
+
+    def _train(self, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best, patience):
+        """The epochs of session-parallel training, with a snapshot after each completed epoch."""
+        self._cdf = self._sample_cdf()
         n_store = self._refill_sample_store() if self.n_sample else 1
         store_pos = 0
-        min_slots = 1 if self.n_sample else 2
-        for epoch in range(n_epochs):
+        min_slots = 1 if self.n_sample else 2  # without samples a lone session has no negative
+        n_pairs = len(items) - (len(offsets) - 1)
+        best, since_best = None, 0
+        for epoch in range(1, n_epochs + 1):
             t0 = time.time()
-            for H in self.H:
-                H.set_value(np.zeros((self.batch_size, H.get_value(borrow=True).shape[1]), dtype=FLOAT))
             session_order = self._rng.permutation(order) if self.train_random_order else order
             total, n_steps, n_events = 0.0, 0, 0
-            for X, T, prev_rows, keep in session_parallel_batches(items, offsets, session_order,
-                                                                  self.batch_size, min_slots):
-                if self.n_sample and store_pos == n_store:
-                    n_store, store_pos = self._refill_sample_store(), 0
-                cost = self._train_fn(X, T, prev_rows, keep, store_pos)
-                store_pos += 1
-                if not np.isfinite(cost):
-                    raise FloatingPointError(f'the loss became {cost} at epoch {epoch + 1}, step {n_steps + 1}; '
-                                             'lower learning_rate or set grad_cap')
-                total += cost
-                n_steps += 1
-                n_events += len(X)
+            progress = tqdm(total=n_pairs, desc=f'Epoch{epoch}', leave=False, unit='e',
+                            disable=None if self.verbose else True)
+            try:
+                for X, T, prev_rows, keep in session_parallel_batches(items, offsets, session_order,
+                                                                      self.batch_size, min_slots):
+                    if self.n_sample and store_pos == n_store:
+                        n_store, store_pos = self._refill_sample_store(), 0
+                    cost = self._train_fn(X, T, prev_rows, keep, store_pos)
+                    store_pos += 1
+                    if not np.isfinite(cost):
+                        self._push_state()
+                        raise FloatingPointError(
+                            f'the loss became {cost} at epoch {epoch}, step {n_steps + 1}; the model keeps the '
+                            f'weights of the last completed epoch. Lower learning_rate or set grad_cap.')
+                    total += cost
+                    n_steps += 1
+                    n_events += len(X)
+                    if n_steps % 256 == 0:
+                        seconds = time.time() - t0
+                        progress.set_postfix(loss=f'{total / n_steps:.4f}', mb_s=f'{n_steps / seconds:.0f}',
+                                             refresh=False)
+                        progress.update(n_events - progress.n)
+            except KeyboardInterrupt:
+                self._push_state()
+                print(f'Training interrupted in epoch {epoch}: the model keeps the weights of the '
+                      f'{len(self.history_)} completed epoch(s).', file=sys.stderr, flush=True)
+                return
+            finally:
+                progress.close()
             seconds = time.time() - t0
-            loss = total / max(n_steps, 1)
-            self.history_.append({'epoch': len(self.history_) + 1, 'loss': loss, 'seconds': seconds})
+            record = {'epoch': len(self.history_) + 1, 'loss': float(total) / max(n_steps, 1), 'seconds': seconds}
+            self._pull_state()
+            line = (f'Epoch{epoch} --> loss: {record["loss"]:.6f} \t({seconds:.2f}s) \t'
+                    f'[{n_steps / seconds:.2f} mb/s | {n_events / seconds:.0f} e/s]')
+            if valid_data is not None:
+                from evaluation import evaluate_gpu
+                recall, mrr = evaluate_gpu(self, valid_data, session_key=self.session_key, item_key=self.item_key,
+                                           time_key=self.time_key, cut_off=[valid_cutoff])
+                record[f'recall@{valid_cutoff}'] = float(recall[valid_cutoff])
+                record[f'mrr@{valid_cutoff}'] = float(mrr[valid_cutoff])
+                score = record[f'{valid_metric}@{valid_cutoff}']
+                line += f' \tvalid {valid_metric}@{valid_cutoff}: {score:.6f}'
+                if best is None or score > best[0]:
+                    best, since_best = (score, self.weights, self.opt_values, len(self.history_) + 1), 0
+                else:
+                    since_best += 1
+            self.history_.append(record)
             if self.verbose:
-                print(f'Epoch{epoch + 1} --> loss: {loss:.6f} \t({seconds:.2f}s) \t'
-                      f'[{n_steps / seconds:.2f} mb/s | {n_events / seconds:.0f} e/s]', flush=True)
-        self._pull_state()
+                print(line, flush=True)
+            if patience and since_best >= patience:
+                if self.verbose:
+                    print(f'Stopping early: no progress on {valid_metric}@{valid_cutoff} for {patience} epoch(s)')
+                break
+        if keep_best and best is not None and best[3] != len(self.history_):
+            _, self.weights, self.opt_values, best_epoch = best
+            self._push_state()
+            if self.verbose:
+                print(f'Keeping the weights of epoch {best_epoch} (best valid {valid_metric}@{valid_cutoff})')
 
     def _pull_state(self):
-        """Copies weights and optimiser state out of the compiled graph (self.weights, self.opt_values)."""
+        """Copies weights and optimiser state out of the compiled graph (self.weights, self.opt_values):
+        the snapshot that a failed or interrupted epoch returns to."""
         self.weights = OrderedDict((n, v.get_value()) for n, v in self.params.items())
         self.opt_values = {n: v.get_value() for n, v in self.opt_state.items()}
         self.opt_values['t'] = self.opt_step.get_value()
+
+    def _push_state(self):
+        """Loads self.weights and self.opt_values into the compiled graph's shared variables."""
+        for name, var in self.params.items():
+            var.set_value(self.weights[name])
+        for name, acc in self.opt_state.items():
+            value = self.opt_values.get(name)
+            acc.set_value(value if value is not None else np.zeros_like(self.weights[name.rsplit('_', 1)[-1]]))
+        self.opt_step.set_value(np.float32(self.opt_values.get('t', 0)))
+        self.P_target.set_value(self._log_support(1.0))
+        self.P_sample.set_value(self._log_support(self.sample_alpha))
 
     def _grow(self, added):
         """Appends items never seen before: fresh parameter rows, zero optimiser state and support."""
@@ -780,18 +871,11 @@ class GRU4Rec:
 
     # -- prediction ----------------------------------------------------------------------------------
 
-    def _predict_fn(self, with_items):
-        """Compiled one-step prediction over the prediction state self.H_pred."""
-        if with_items not in self._predict_fns:
-            X = pt.ivector('X')
-            keep = pt.fvector('keep')
-            items = pt.ivector('items')
-            with pytensor.config.change_flags(floatX=FLOAT):
-                H_new, scores = self.symbolic_step(X, [H * keep[:, None] for H in self.H_pred],
-                                                   items if with_items else None)
-                updates = OrderedDict(zip(self.H_pred, H_new))
-                self._predict_fns[with_items] = self.compile_function([X, keep, items], scores, updates)
-        return self._predict_fns[with_items]
+    def compiled(self, key, make):
+        """The function make() compiles, kept until the graph is rebuilt (used by evaluation too)."""
+        if key not in self._fns:
+            self._fns[key] = make()
+        return self._fns[key]
 
     def predict_next_batch(self, session_ids, input_item_ids, predict_for_item_ids=None, batch=100):
         """One step for a batch of sessions: scores (items x batch) as a DataFrame indexed by item id.
@@ -802,19 +886,79 @@ class GRU4Rec:
         session_ids, input_item_ids = np.asarray(session_ids), np.asarray(input_item_ids)
         if len(session_ids) != batch or len(input_item_ids) != batch:
             raise ValueError(f'predict_next_batch needs exactly batch={batch} session and item ids per call')
-        if getattr(self, '_pred_batch', None) != batch:
-            self.H_pred = [pytensor.shared(np.zeros((batch, L), dtype=FLOAT)) for L in self.layers_]
-            self._predict_fns, self._pred_batch = {}, batch
+        X = self._item_indices(input_item_ids, 'input_item_ids')
+        with_items = predict_for_item_ids is not None
+        items = self._item_indices(predict_for_item_ids, 'predict_for_item_ids') if with_items else X[:0]
+        H, step = self.compiled(('predict_next_batch', batch, with_items),
+                                lambda: self._compile_stateful_step(batch, with_items))
+        if getattr(self, '_pred_sessions', None) is None or len(self._pred_sessions) != batch:
             self._pred_sessions = np.full(batch, None, dtype=object)
         keep = (session_ids == self._pred_sessions).astype(FLOAT)
         self._pred_sessions = session_ids.astype(object)
-        X = self._item_indices(input_item_ids, 'input_item_ids')
-        if predict_for_item_ids is None:
-            scores = self._predict_fn(False)(X, keep, np.zeros(0, dtype=np.int32))
-            return pd.DataFrame(scores.T, index=self.itemidmap)
-        items = self._item_indices(predict_for_item_ids, 'predict_for_item_ids')
-        scores = self._predict_fn(True)(X, keep, items)
-        return pd.DataFrame(scores.T, index=pd.Index(np.asarray(predict_for_item_ids)))
+        scores = step(X, keep, items)  # batch x C
+        index = pd.Index(np.asarray(predict_for_item_ids)) if with_items else self.itemidmap
+        return pd.DataFrame(scores.T, index=index)
+
+    def _compile_stateful_step(self, batch, with_items):
+        """(X, keep, items) -> scores; the hidden state stays in shared variables between calls."""
+        H = [pytensor.shared(np.zeros((batch, L), dtype=FLOAT)) for L in self.layers_]
+        X, keep, items = pt.ivector('X'), pt.fvector('keep'), pt.ivector('items')
+        with pytensor.config.change_flags(floatX=FLOAT):
+            H_new, scores = self.symbolic_step(X, [h * keep[:, None] for h in H], items if with_items else None)
+        return H, self.compile_function([X, keep, items], scores, OrderedDict(zip(H, H_new)))
+
+    def _compile_session_reader(self):
+        """Two stateless functions: (X, *H) -> new states, and (X, *H) -> scores of all items."""
+        X = pt.ivector('X')
+        H = [pt.fmatrix(f'H{l}') for l in range(len(self.layers_))]
+        with pytensor.config.change_flags(floatX=FLOAT):
+            H_new, scores = self.symbolic_step(X, H)
+        return self.compile_function([X] + H, H_new), self.compile_function([X] + H, scores)
+
+    def recommend(self, sessions, k=20, exclude_seen=False, batch_size=512):
+        """Top-k next items for each session, given its events so far.
+
+        sessions: a DataFrame in the training format (session, item, time columns) or a dict
+        {session id: [item ids in order]}. Items the model does not know are skipped; sessions with no
+        known item get no recommendation. exclude_seen=True never recommends an item already in the
+        session. Returns a DataFrame with columns session key, 'rank' (1 = best), item key, 'score'.
+        """
+        self._require_trained()
+        if int(k) < 1:
+            raise ValueError(f'k must be a positive number of items, got {k!r}')
+        k = min(int(k), self.n_items)
+        if isinstance(sessions, dict):
+            rows = [(sid, pos, item) for sid, its in sessions.items() for pos, item in enumerate(its)]
+            sessions = pd.DataFrame(rows, columns=[self.session_key, self.time_key, self.item_key])
+        items, offsets, _ = session_arrays(sessions, self.itemidmap, self.session_key, self.item_key,
+                                           self.time_key, what='sessions')
+        session_ids = sort_log(sessions, self.session_key, self.time_key)[self.session_key]
+        session_ids = session_ids[sessions[self.item_key].isin(self.itemidmap).loc[session_ids.index]].unique()
+        step, score = self.compiled('recommend', self._compile_session_reader)
+        lengths = np.diff(offsets)
+        results = []
+        for first in range(0, len(lengths), batch_size):
+            batch = np.arange(first, min(first + batch_size, len(lengths)))
+            batch = batch[np.argsort(-lengths[batch], kind='stable')]  # longest first: the active ones are a prefix
+            H = [np.zeros((len(batch), L), dtype=FLOAT) for L in self.layers_]
+            scores = np.empty((len(batch), self.n_items), dtype=FLOAT)
+            for t in range(lengths[batch[0]]):
+                n_active = int((lengths[batch] > t).sum())
+                n_going_on = int((lengths[batch] > t + 1).sum())
+                X = items[offsets[batch[:n_active]] + t]
+                ending = slice(n_going_on, n_active)
+                scores[ending] = score(X[ending], *[h[ending] for h in H])
+                for h, h_new in zip(H, step(X[:n_going_on], *[h[:n_going_on] for h in H])):
+                    h[:n_going_on] = h_new
+            if exclude_seen:
+                for row, s in enumerate(batch):
+                    scores[row, items[offsets[s]:offsets[s + 1]]] = -np.inf
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
+            results.append(pd.DataFrame({
+                self.session_key: np.repeat(session_ids[batch], k), 'rank': np.tile(np.arange(1, k + 1), len(batch)),
+                self.item_key: self.itemidmap[top.ravel()], 'score': np.take_along_axis(scores, top, 1).ravel()}))
+        return pd.concat(results, ignore_index=True)
 
     def _item_indices(self, item_ids, what):
         idx = self.itemidmap.get_indexer(np.asarray(item_ids))
@@ -871,6 +1015,7 @@ class GRU4Rec:
         model.history_ = meta['history']
         model.weights = OrderedDict((k[len('param/'):], arrays[k]) for k in arrays if k.startswith('param/'))
         model.opt_values = {k[len('opt/'):]: arrays[k] for k in arrays if k.startswith('opt/')}
+        model._architecture = model._architecture_of(model._parsed_params())
         model._build()
         return model
 
