@@ -22,6 +22,8 @@ import os
 import sys
 import tempfile
 import time
+import warnings
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -716,6 +718,13 @@ class GRU4Rec:
         n_epochs = self._parsed_params(n_epochs=n_epochs)['n_epochs'] if n_epochs is not None else params['n_epochs']
         keys = params['session_key'], params['item_key'], params['time_key']
         data = validate_log(data, *keys, what='training data')
+        n_duplicates = int(data.duplicated().sum())
+        if n_duplicates:
+            warnings.warn(f'the training data has {n_duplicates} duplicate event(s) (same session, item and time); '
+                          'they are trained on as repeated clicks, as in the original. Drop them first '
+                          '(data.drop_duplicates()) if they are logging errors.', stacklevel=2)
+        if int(sample_store) < 0:
+            raise ValueError(f'sample_store={sample_store!r}: give the number of sample ids to precompute (>= 0)')
         if valid_data is not None:
             validate_log(valid_data, *keys, what='valid_data')
         seen = pd.unique(data[params['item_key']])
@@ -1055,8 +1064,16 @@ def _read_model_file(path):
                          f'this one reads up to {MODEL_FORMAT_VERSION}: upgrade gru4rec')
     if hashlib.sha256(body).hexdigest() != meta.get('sha256'):
         raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
-    with np.load(io.BytesIO(body), allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        unknown = sorted(set(meta['params']) - set(HYPERPARAMETERS))
+        missing = [k for k in ('itemids', 'support') if k not in arrays]
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f'{path!r} is corrupted: {e}') from None
+    if unknown or missing:
+        raise ValueError(f'{path!r} is not a model this version can read (unknown parameters {unknown}, '
+                         f'missing arrays {missing})')
     return meta, arrays
 
 
