@@ -95,65 +95,80 @@ def parse_activation(name, final=False):
 # ---------------------------------------------------------------------------------------------------
 # Losses over the score matrix Yhat (M x N, after the final activation). Row i's target is column i;
 # the other columns are the other rows' targets and the shared samples. Each returns the per-row loss
-# (a vector of M); the caller sums it and divides by the configured batch size.
+# (a vector of M); the caller sums it and divides by the configured batch size. `cols` (N, 1 or 0)
+# marks the scored columns when the batch is padded to a fixed size (see GRU4Rec._compile_train);
+# None means all columns count.
 
 def _diag(Yhat):
     M = Yhat.shape[0]
     return Yhat[pt.arange(M), pt.arange(M)]  # M
 
 
-def _target_mask(Yhat):
-    return pt.eq(pt.arange(Yhat.shape[0])[:, None], pt.arange(Yhat.shape[1])[None, :])  # M x N
+def _row_sum(A, cols):
+    return (A if cols is None else A * cols).sum(axis=1)
 
 
-def _softmax_negatives(Yhat):
+def _n_cols(Yhat, cols):
+    return Yhat.shape[1].astype(FLOAT) if cols is None else cols.sum()
+
+
+def _softmax_negatives(Yhat, cols):
     """Softmax over each row's negatives only (the target column gets weight 0), as in BPR-max."""
-    e = pt.exp(Yhat - Yhat.max(axis=1, keepdims=True)) * (1 - _target_mask(Yhat))
+    negatives = pt.neq(pt.arange(Yhat.shape[0])[:, None], pt.arange(Yhat.shape[1])[None, :])  # M x N
+    if cols is not None:
+        negatives = negatives * cols
+    e = pt.exp(Yhat - Yhat.max(axis=1, keepdims=True)) * negatives
     return e / e.sum(axis=1, keepdims=True)
 
 
-def loss_cross_entropy(Yhat, smoothing=0.0, **_):
+def _smoothed(nll, nll_sum, N, smoothing):
+    """Label smoothing: weight 1 - smoothing on the target, smoothing / (N - 1) on every other column."""
+    if smoothing == 0:
+        return nll
+    return (1 - smoothing * N / (N - 1)) * nll + smoothing / (N - 1) * nll_sum
+
+
+def loss_cross_entropy(Yhat, smoothing=0.0, cols=None, **_):
     """-log softmax probability of the target (Yhat holds probabilities), with label smoothing."""
-    N = Yhat.shape[1].astype(FLOAT)
     nll = -pt.log(_diag(Yhat) + 1e-24)
     if smoothing == 0:
         return nll
-    return (1 - smoothing * N / (N - 1)) * nll + smoothing / (N - 1) * (-pt.log(Yhat + 1e-24)).sum(axis=1)
+    return _smoothed(nll, _row_sum(-pt.log(Yhat + 1e-24), cols), _n_cols(Yhat, cols), smoothing)
 
 
-def loss_xe_logit(Yhat, smoothing=0.0, **_):
+def loss_xe_logit(Yhat, smoothing=0.0, cols=None, **_):
     """Cross-entropy computed stably from logits (use with final_act='softmax_logit')."""
-    N = Yhat.shape[1].astype(FLOAT)
     m = Yhat.max(axis=1)
-    logsumexp = m + pt.log(pt.exp(Yhat - m[:, None]).sum(axis=1))
+    logsumexp = m + pt.log(_row_sum(pt.exp(Yhat - m[:, None]), cols))
     nll = logsumexp - _diag(Yhat)
     if smoothing == 0:
         return nll
-    return (1 - smoothing * N / (N - 1)) * nll + smoothing / (N - 1) * (N * logsumexp - Yhat.sum(axis=1))
+    N = _n_cols(Yhat, cols)
+    return _smoothed(nll, N * logsumexp - _row_sum(Yhat, cols), N, smoothing)
 
 
-def loss_bpr(Yhat, **_):
+def loss_bpr(Yhat, cols=None, **_):
     """BPR (ICLR 2016): -sum_j log sigmoid(d - yhat_j) over all N columns."""
-    return -pt.log(pt.sigmoid(_diag(Yhat)[:, None] - Yhat)).sum(axis=1)
+    return _row_sum(-pt.log(pt.sigmoid(_diag(Yhat)[:, None] - Yhat)), cols)
 
 
-def loss_top1(Yhat, **_):
+def loss_top1(Yhat, cols=None, **_):
     """TOP1 (ICLR 2016): mean_j(sigmoid(yhat_j - d) + sigmoid(yhat_j^2)) - sigmoid(d^2)/N."""
     d = _diag(Yhat)
-    N = Yhat.shape[1].astype(FLOAT)
-    return (pt.sigmoid(Yhat - d[:, None]) + pt.sigmoid(Yhat ** 2)).mean(axis=1) - pt.sigmoid(d ** 2) / N
+    N = _n_cols(Yhat, cols)
+    return (_row_sum(pt.sigmoid(Yhat - d[:, None]) + pt.sigmoid(Yhat ** 2), cols) - pt.sigmoid(d ** 2)) / N
 
 
-def loss_bpr_max(Yhat, bpreg=1.0, **_):
+def loss_bpr_max(Yhat, bpreg=1.0, cols=None, **_):
     """BPR-max (CIKM 2018): -log sum_j s_j sigmoid(d - yhat_j) + bpreg sum_j s_j yhat_j^2."""
-    s = _softmax_negatives(Yhat)  # M x N
+    s = _softmax_negatives(Yhat, cols)  # M x N
     d = _diag(Yhat)
     return -pt.log((s * pt.sigmoid(d[:, None] - Yhat)).sum(axis=1) + 1e-24) + bpreg * (s * Yhat ** 2).sum(axis=1)
 
 
-def loss_top1_max(Yhat, **_):
+def loss_top1_max(Yhat, cols=None, **_):
     """TOP1-max (CIKM 2018): sum_j s_j (sigmoid(yhat_j - d) + sigmoid(yhat_j^2))."""
-    s = _softmax_negatives(Yhat)  # M x N
+    s = _softmax_negatives(Yhat, cols)  # M x N
     d = _diag(Yhat)
     return (s * (pt.sigmoid(Yhat - d[:, None]) + pt.sigmoid(Yhat ** 2))).sum(axis=1)
 
