@@ -13,7 +13,7 @@ import pandas as pd
 import pytensor
 import pytensor.tensor as pt
 
-from gru4rec import FLOAT, session_arrays, session_parallel_batches
+from gru4rec import FLOAT, pad, session_arrays, session_parallel_batches
 
 TIE_MODES = ('standard', 'conservative', 'median', 'tiebreaking')
 
@@ -37,11 +37,13 @@ def rank_of_target(scores, target_scores, mode, uniform=None):
 
 
 def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
-    """Compiled step: (X, T, prev_rows, keep, candidates) -> metric sums for each cut-off."""
-    X = pt.ivector('X')
-    T = pt.ivector('T')  # target positions among the scored items
-    prev_rows = pt.ivector('prev_rows')
-    keep = pt.fvector('keep')
+    """Compiled step: (X, T, prev_rows, keep, active, candidates) -> metric sums for each cut-off."""
+    B = H[0].get_value(borrow=True).shape[0]  # a fixed batch, padded at the tail (static shapes for JAX)
+    X = pt.tensor('X', dtype='int32', shape=(B,))
+    T = pt.tensor('T', dtype='int32', shape=(B,))  # target positions among the scored items
+    prev_rows = pt.tensor('prev_rows', dtype='int32', shape=(B,))
+    keep = pt.tensor('keep', dtype=FLOAT, shape=(B,))
+    active = pt.tensor('active', dtype=FLOAT, shape=(B,))  # 0 for padding rows
     candidates = pt.ivector('candidates')
     with pytensor.config.change_flags(floatX=FLOAT):
         H_new, scores = model.symbolic_step(X, [h[prev_rows] * keep[:, None] for h in H],
@@ -54,9 +56,9 @@ def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
             updates[rng], uniform = rng.uniform(0, 1, size=X.shape)
         rank = rank_of_target(scores, target_scores, mode, uniform)
         cut = pt.as_tensor(np.asarray(cutoffs, dtype=FLOAT))[None, :]  # 1 x K
-        hit = pt.le(rank[:, None], cut).astype(FLOAT)  # M x K
+        hit = pt.le(rank[:, None], cut).astype(FLOAT) * active[:, None]  # B x K
         outputs = [hit.sum(axis=0), (hit / rank[:, None]).sum(axis=0)]
-        return model.compile_function([X, T, prev_rows, keep, candidates], outputs, updates)
+        return model.compile_function([X, T, prev_rows, keep, active, candidates], outputs, updates)
 
 
 def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='ItemId', time_key='Time',
@@ -93,7 +95,8 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
         raise ValueError('the test data has no event to predict: no session has two or more events of items '
                          'the model knows')
     def make():
-        H = [pytensor.shared(np.zeros((int(batch_size), L), dtype=FLOAT)) for L in state_sizes]
+        H = [pytensor.shared(np.zeros((int(batch_size), L), dtype=FLOAT), shape=(int(batch_size), L))
+             for L in state_sizes]
         return _compile_eval_step(gru, H, cutoffs, mode, items is not None, seed)
     compiled = getattr(gru, 'compiled', lambda key, make: make())
     step = compiled(('evaluate', int(batch_size), tuple(cutoffs), mode, items is not None, seed), make)
@@ -101,8 +104,12 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     mrr_sum = np.zeros(len(cutoffs))
     n = 0
     positions = np.arange(len(targets))
+
     for pos_in, pos_out, prev_rows, keep in session_parallel_batches(positions, offsets, order, int(batch_size)):
-        hits, rr = step(inputs[pos_in], targets[pos_out], prev_rows, keep, candidates)
+        M = len(pos_in)
+        B = int(batch_size)  # padding rows read item 0 and are masked out of the sums
+        hits, rr = step(pad(inputs[pos_in], B, 0), pad(targets[pos_out], B, 0), pad(prev_rows, B, 0), pad(keep, B, 0),
+                        pad(np.ones(M, dtype=FLOAT), B, 0), candidates)
         recall_sum += hits
         mrr_sum += rr
         n += len(pos_in)

@@ -419,7 +419,8 @@ class GRU4Rec:
 
     def _graph_key(self):
         p = self._parsed_params()
-        return tuple((k, str(p[k])) for k in HYPERPARAMETERS if k not in ('n_epochs', 'verbose'))
+        shape = (('n_items', self.n_items),)  # the graphs have static shapes
+        return tuple((k, str(p[k])) for k in HYPERPARAMETERS if k not in ('n_epochs', 'verbose')) + shape
 
     @property
     def n_items(self):
@@ -477,8 +478,8 @@ class GRU4Rec:
         """Inverted dropout; the draws chain through one random generator updated by the training step."""
         if p == 0:
             return x
-        self._rng_cursor, mask = self._rng_cursor.binomial(1, 1 - p, size=x.shape)
-        return x * mask.astype(FLOAT) / np.float32(1 - p)
+        self._rng_cursor, u = self._rng_cursor.uniform(0, 1, size=x.shape)
+        return x * pt.lt(u, np.float32(1 - p)).astype(FLOAT) / np.float32(1 - p)
 
     def _gru(self, l, x_proj, h):
         """One GRU step of layer l. x_proj = x·Wx + Bh (M x 3L), h the previous state (M x L).
@@ -522,7 +523,7 @@ class GRU4Rec:
         the item indices `candidates`) for sessions reading items X (M). Scores: M x C."""
         self._require_trained()
         H = self._forward(X, H_prev, training=False)
-        Wy, By = self.params['Wy'], self.params['By']
+        Wy, By = self.params['Wy'][:self.n_items], self.params['By'][:self.n_items]
         if candidates is not None:
             Wy, By = Wy[candidates], By[candidates]
         return H, self._final_act(pt.dot(H[-1], Wy.T) + By)
@@ -530,20 +531,28 @@ class GRU4Rec:
     # -- the training graph --------------------------------------------------------------------------
 
     def _build(self):
-        """Creates the shared variables from self.weights and compiles the training step."""
+        """Creates the shared variables from self.weights and compiles the training step.
+
+        Every graph has static shapes (the JAX backend needs them): the mini-batch always has
+        batch_size rows, and the item-indexed parameters one extra row, after the n_items real ones,
+        that padded rows read and write."""
         self.layers_ = self._parsed_params()['layers']
         self._onehot_input = not self.constrained_embedding and not self.embedding_size
+        self._item_params = [n for n in ('E', 'Wx0', 'Wy', 'By') if n in self.weights
+                             and (n != 'Wx0' or self._onehot_input)]
+        self._pad_item = self.n_items
         self._hidden_act = parse_activation(self.hidden_act)
         self._final_act = parse_activation(self.final_act, final=True)
         self._dropout_rng = pt.random.shared_rng(seed=self.seed, name='dropout_rng')
         self._rng_cursor = self._dropout_rng
         with pytensor.config.change_flags(floatX=FLOAT):
-            self.params = OrderedDict((n, pytensor.shared(w, name=n)) for n, w in self.weights.items())
-            self.H = [pytensor.shared(np.zeros((self.batch_size, L), dtype=FLOAT), name=f'H{l}')
+            self.params = OrderedDict((n, _static_shared(self._with_pad_row(n, w), n)) for n, w in self.weights.items())
+            self.H = [_static_shared(np.zeros((self.batch_size, L), dtype=FLOAT), f'H{l}')
                       for l, L in enumerate(self.layers_)]
-            self.P_target = pytensor.shared(self._log_support(1.0), name='logq_target')
-            self.P_sample = pytensor.shared(self._log_support(self.sample_alpha), name='logq_sample')
-            self.sample_store = pytensor.shared(np.zeros((1, max(self.n_sample, 1)), dtype=np.int32))
+            self.P_target = _static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_target')
+            self.P_sample = _static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_sample')
+            self.sample_store = pytensor.shared(np.zeros((1, self.n_sample), dtype=np.int32), name='sample_store',
+                                                shape=(None, self.n_sample))
             self.opt_state = OrderedDict()
             self.opt_step = pytensor.shared(np.float32(0), name='t')
             self._train_fn = self._compile_train()
@@ -551,56 +560,64 @@ class GRU4Rec:
         self._fns = {}
         self._push_state()
 
+    def _with_pad_row(self, name, value):
+        """An item-indexed parameter (or its optimiser state) with the padding row appended."""
+        if name.rsplit('_', 1)[-1] not in self._item_params:
+            return value
+        return np.concatenate([value, np.zeros((1,) + value.shape[1:], dtype=value.dtype)])
+
+    def _without_pad_row(self, name, value):
+        return value[:-1] if name.rsplit('_', 1)[-1] in self._item_params else value
+
     def _log_support(self, alpha):
-        return (alpha * np.log(np.maximum(self.support, 1))).astype(FLOAT)
+        return np.append(alpha * np.log(np.maximum(self.support, 1)), 0).astype(FLOAT)
 
     def _compile_train(self):
-        X = pt.ivector('X')  # M input items
-        T = pt.ivector('T')  # M target items
-        prev_rows = pt.ivector('prev_rows')  # M rows of the previous hidden state to carry
-        keep = pt.fvector('keep')  # M: 0 resets a slot's state
+        B = self.batch_size
+        X = pt.tensor('X', dtype='int32', shape=(B,))  # input items (padded rows read the pad item)
+        T = pt.tensor('T', dtype='int32', shape=(B,))  # target items
+        prev_rows = pt.tensor('prev_rows', dtype='int32', shape=(B,))  # rows of the previous state to carry
+        keep = pt.tensor('keep', dtype=FLOAT, shape=(B,))  # 0 resets a slot's state
+        active = pt.tensor('active', dtype=FLOAT, shape=(B,))  # 1 for the M sessions in the batch, 0 for padding
         step = pt.iscalar('step')  # row of the sample store
-        M = X.shape[0]
-        Y = pt.concatenate([T, self.sample_store[step]]) if self.n_sample else T  # N scored items
+        Y = pt.concatenate([T, self.sample_store[step]])  # N = B + n_sample scored items
+        cols = pt.concatenate([active, pt.ones(self.n_sample, dtype=FLOAT)])  # N: the columns that count
 
         # Sparse path: gather the item rows a step touches, differentiate w.r.t. the gathered rows.
-        gathered = OrderedDict()
-        row_index = {}
+        row_index = OrderedDict()
         if self.constrained_embedding:
             row_index['Wy'] = pt.concatenate([X, Y])
         else:
             row_index['Wy'] = Y
             row_index['E' if 'E' in self.params else 'Wx0'] = X
         row_index['By'] = Y
-        for name, idx in row_index.items():
-            gathered[name] = self.params[name][idx]
-        input_rows = {}
+        gathered = OrderedDict((name, self.params[name][idx]) for name, idx in row_index.items())
         if self.constrained_embedding:
-            input_rows['Wy'] = gathered['Wy'][:M]  # M x L_last
-            Wy_out = gathered['Wy'][M:]  # N x L_last
+            input_rows = {'Wy': gathered['Wy'][:B]}  # B x L_last
+            Wy_out = gathered['Wy'][B:]  # N x L_last
         else:
             input_rows = {n: gathered[n] for n in ('E', 'Wx0') if n in gathered}
-            Wy_out = gathered['Wy']
+            Wy_out = gathered['Wy']  # N x L_last
         H_prev = [H[prev_rows] * keep[:, None] for H in self.H]
         H_new = self._forward(X, H_prev, training=True, item_rows=input_rows)
-        logits = pt.dot(H_new[-1], Wy_out.T) + gathered['By']  # M x N
+        logits = pt.dot(H_new[-1], Wy_out.T) + gathered['By']  # B x N
         if self.logq:
-            log_q = pt.concatenate([self.P_target[T], self.P_sample[Y[M:]]])  # N
+            log_q = pt.concatenate([self.P_target[T], self.P_sample[Y[B:]]])  # N
             logits = logits - np.float32(self.logq) * log_q
-        Yhat = self._final_act(logits)  # M x N
-        loss_fn = LOSSES[self.loss]
-        cost = loss_fn(Yhat, smoothing=np.float32(self.smoothing), bpreg=np.float32(self.bpreg)).sum()
-        cost = cost / np.float32(self.batch_size)
+        logits = logits - np.float32(1e9) * (1 - cols)  # padded columns score as impossible items
+        Yhat = self._final_act(logits)  # B x N
+        row_loss = LOSSES[self.loss](Yhat, smoothing=np.float32(self.smoothing), bpreg=np.float32(self.bpreg), cols=cols)
+        cost = (row_loss * active).sum() / np.float32(B)
 
         dense = [v for n, v in self.params.items() if n not in row_index]
-        sparse = list(gathered.items())
-        grads = pytensor.grad(cost, dense + [g for _, g in sparse])
-        updates = self._optimizer_updates(dense, [(self.params[n], row_index[n], g) for n, g in sparse], grads)
+        sparse = [(self.params[n], row_index[n]) for n in gathered]
+        grads = pytensor.grad(cost, dense + list(gathered.values()))
+        updates = self._optimizer_updates([(p, None) for p in dense] + sparse, grads)
         for H, h in zip(self.H, H_new):
             updates[H] = h
         if self._rng_cursor is not self._dropout_rng:
             updates[self._dropout_rng] = self._rng_cursor
-        return self.compile_function([X, T, prev_rows, keep, step], cost, updates)
+        return self.compile_function([X, T, prev_rows, keep, active, step], cost, updates)
 
     def compile_function(self, inputs, outputs, updates=None):
         mode = get_mode(BACKENDS[self.backend])
@@ -611,8 +628,7 @@ class GRU4Rec:
     def _state(self, key, like):
         """Optimiser accumulator (zeros shaped like a parameter), created once per parameter."""
         if key not in self.opt_state:
-            value = np.zeros_like(like.get_value(borrow=True))
-            self.opt_state[key] = pytensor.shared(value, name=key)
+            self.opt_state[key] = _static_shared(np.zeros_like(like.get_value(borrow=True)), key)
         return self.opt_state[key]
 
     def _adapted_step(self, name, grad, rows):
@@ -663,22 +679,19 @@ class GRU4Rec:
         t = self.opt_step + 1
         return (m_new / (1 - beta1 ** t)) / pt.sqrt(v_new / (1 - beta2 ** t) + eps), updates
 
-    def _optimizer_updates(self, dense, sparse, grads):
-        """Updates for dense parameters and for the gathered rows of the item parameters:
-        optional global-norm clipping (grad_cap), L2 (lmbd), the adaptive step, heavy-ball momentum."""
+    def _optimizer_updates(self, targets, grads):
+        """Updates for (parameter, rows) pairs given the gradients w.r.t. the parameter (rows=None) or
+        w.r.t. its gathered rows: optional global-norm clipping (grad_cap), L2 (lmbd), the adaptive
+        step, heavy-ball momentum."""
         updates = OrderedDict()
         lr = np.float32(self.learning_rate)
         if self.grad_cap > 0:
             norm = pt.sqrt(sum((g ** 2).sum() for g in grads))
             scale = pt.minimum(np.float32(1), np.float32(self.grad_cap) / (norm + np.float32(1e-12)))
             grads = [g * scale for g in grads]
-        targets = [(p, None, None) for p in dense] + list(sparse)
-        for (param, rows, gathered), grad in zip(targets, grads):
-            value = param if rows is None else gathered
-            if rows is not None:
-                value = param[rows]
+        for (param, rows), grad in zip(targets, grads):
             if self.lmbd:
-                grad = grad + np.float32(self.lmbd) * value
+                grad = grad + np.float32(self.lmbd) * (param if rows is None else param[rows])
             step, opt_updates = self._adapted_step(param.name, grad, rows)
             updates.update(opt_updates)
             delta = -lr * step
@@ -769,7 +782,8 @@ class GRU4Rec:
         self.support[self.itemidmap.get_indexer(counts.index)] += counts.to_numpy()
         if self._compiled_for != self._graph_key():
             self._build()
-        self._push_state()
+        else:
+            self._push_state()
         self._dropout_rng.set_value(np.random.default_rng([self.seed, len(self.history_), 1]))
         self.sample_store_size = sample_store
         self._train(items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best, patience)
@@ -799,6 +813,7 @@ class GRU4Rec:
         min_slots = 1 if self.n_sample else 2  # without samples a lone session has no negative
         n_pairs = len(items) - (len(offsets) - 1)
         best, since_best = None, 0
+        all_active = np.ones(self.batch_size, dtype=FLOAT)
         for epoch in range(1, n_epochs + 1):
             t0 = time.time()
             session_order = self._rng.permutation(order) if self.train_random_order else order
@@ -810,8 +825,11 @@ class GRU4Rec:
                                                                       self.batch_size, min_slots):
                     if self.n_sample and store_pos == n_store:
                         n_store, store_pos = self._refill_sample_store(), 0
-                    cost = self._train_fn(X, T, prev_rows, keep, store_pos)
-                    store_pos += 1
+                    if len(X) == self.batch_size:
+                        cost = self._train_fn(X, T, prev_rows, keep, all_active, store_pos)
+                    else:
+                        cost = self._train_fn(*self._padded_batch(X, T, prev_rows, keep), store_pos)
+                    store_pos += 1 if self.n_sample else 0
                     if not np.isfinite(cost):
                         self._push_state()
                         raise FloatingPointError(
@@ -862,20 +880,28 @@ class GRU4Rec:
             if self.verbose:
                 print(f'Keeping the weights of epoch {best_epoch} (best valid {valid_metric}@{valid_cutoff})')
 
+    def _padded_batch(self, X, T, prev_rows, keep):
+        """A tail mini-batch of M < batch_size sessions, padded to the graph's fixed size."""
+        M, B = len(X), self.batch_size
+        return (pad(X, B, self._pad_item), pad(T, B, self._pad_item), pad(prev_rows, B, 0), pad(keep, B, 0),
+                pad(np.ones(M, dtype=FLOAT), B, 0))
+
     def _pull_state(self):
         """Copies weights and optimiser state out of the compiled graph (self.weights, self.opt_values):
         the snapshot that a failed or interrupted epoch returns to."""
-        self.weights = OrderedDict((n, v.get_value()) for n, v in self.params.items())
-        self.opt_values = {n: v.get_value() for n, v in self.opt_state.items()}
+        self.weights = OrderedDict((n, self._without_pad_row(n, v.get_value())) for n, v in self.params.items())
+        self.opt_values = {n: self._without_pad_row(n, v.get_value()) for n, v in self.opt_state.items()}
         self.opt_values['t'] = self.opt_step.get_value()
 
     def _push_state(self):
         """Loads self.weights and self.opt_values into the compiled graph's shared variables."""
         for name, var in self.params.items():
-            var.set_value(self.weights[name])
+            var.set_value(self._with_pad_row(name, self.weights[name]))
         for name, acc in self.opt_state.items():
             value = self.opt_values.get(name)
-            acc.set_value(value if value is not None else np.zeros_like(self.weights[name.rsplit('_', 1)[-1]]))
+            if value is None:
+                value = np.zeros_like(self.weights[name.rsplit('_', 1)[-1]])
+            acc.set_value(self._with_pad_row(name, value))
         self.opt_step.set_value(np.float32(self.opt_values.get('t', 0)))
         self.P_target.set_value(self._log_support(1.0))
         self.P_sample.set_value(self._log_support(self.sample_alpha))
@@ -925,16 +951,18 @@ class GRU4Rec:
 
     def _compile_stateful_step(self, batch, with_items):
         """(X, keep, items) -> scores; the hidden state stays in shared variables between calls."""
-        H = [pytensor.shared(np.zeros((batch, L), dtype=FLOAT)) for L in self.layers_]
-        X, keep, items = pt.ivector('X'), pt.fvector('keep'), pt.ivector('items')
+        H = [_static_shared(np.zeros((batch, L), dtype=FLOAT), f'H{l}') for l, L in enumerate(self.layers_)]
+        X = pt.tensor('X', dtype='int32', shape=(batch,))
+        keep = pt.tensor('keep', dtype=FLOAT, shape=(batch,))
+        items = pt.ivector('items')
         with pytensor.config.change_flags(floatX=FLOAT):
             H_new, scores = self.symbolic_step(X, [h * keep[:, None] for h in H], items if with_items else None)
         return H, self.compile_function([X, keep, items], scores, OrderedDict(zip(H, H_new)))
 
-    def _compile_session_reader(self):
+    def _compile_session_reader(self, batch):
         """Two stateless functions: (X, *H) -> new states, and (X, *H) -> scores of all items."""
-        X = pt.ivector('X')
-        H = [pt.fmatrix(f'H{l}') for l in range(len(self.layers_))]
+        X = pt.tensor('X', dtype='int32', shape=(batch,))
+        H = [pt.tensor(f'H{l}', dtype=FLOAT, shape=(batch, L)) for l, L in enumerate(self.layers_)]
         with pytensor.config.change_flags(floatX=FLOAT):
             H_new, scores = self.symbolic_step(X, H)
         return self.compile_function([X] + H, H_new), self.compile_function([X] + H, scores)
@@ -958,22 +986,22 @@ class GRU4Rec:
                                            self.time_key, what='sessions')
         session_ids = sort_log(sessions, self.session_key, self.time_key)[self.session_key]
         session_ids = session_ids[sessions[self.item_key].isin(self.itemidmap).loc[session_ids.index]].unique()
-        step, score = self.compiled('recommend', self._compile_session_reader)
+        step, score = self.compiled(('recommend', batch_size), lambda: self._compile_session_reader(batch_size))
         lengths = np.diff(offsets)
         results = []
         for first in range(0, len(lengths), batch_size):
             batch = np.arange(first, min(first + batch_size, len(lengths)))
             batch = batch[np.argsort(-lengths[batch], kind='stable')]  # longest first: the active ones are a prefix
-            H = [np.zeros((len(batch), L), dtype=FLOAT) for L in self.layers_]
+            H = [np.zeros((batch_size, L), dtype=FLOAT) for L in self.layers_]
             scores = np.empty((len(batch), self.n_items), dtype=FLOAT)
             for t in range(lengths[batch[0]]):
                 n_active = int((lengths[batch] > t).sum())
                 n_going_on = int((lengths[batch] > t + 1).sum())
-                X = items[offsets[batch[:n_active]] + t]
+                X = pad(items[offsets[batch[:n_active]] + t], batch_size, 0)  # padding rows are ignored
                 ending = slice(n_going_on, n_active)
-                scores[ending] = score(X[ending], *[h[ending] for h in H])
-                for h, h_new in zip(H, step(X[:n_going_on], *[h[:n_going_on] for h in H])):
-                    h[:n_going_on] = h_new
+                if n_active > n_going_on:
+                    scores[ending] = score(X, *H)[ending]
+                H = step(X, *H)
             if exclude_seen:
                 for row, s in enumerate(batch):
                     scores[row, items[offsets[s]:offsets[s + 1]]] = -np.inf
@@ -1045,6 +1073,18 @@ class GRU4Rec:
 
 
 MAGIC = b'GRU4REC\x00'
+
+
+def _static_shared(value, name):
+    """A shared variable whose shape is fixed when the graph is compiled."""
+    return pytensor.shared(value, name=name, shape=value.shape)
+
+
+def pad(values, size, fill):
+    """values (a vector) extended to `size` entries with `fill`."""
+    padded = np.full(size, fill, dtype=values.dtype)
+    padded[:len(values)] = values
+    return padded
 
 
 def _itemids_to_array(itemidmap):
