@@ -17,5 +17,6 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=7', 'hypothesis>=6.0'],
+        'jax': ['jax>=0.4.30'],
     },
 )
