@@ -226,6 +226,15 @@ def session_parallel_batches(items, offsets, session_order, batch_size, min_slot
 
 # ---------------------------------------------------------------------------------------------------
 
+def compile_function(inputs, outputs, updates=None, backend='c'):
+    """pytensor.function in the compile mode of `backend` (a key of BACKENDS); GRU4Rec and the
+    baselines compile every graph through it."""
+    return pytensor.function(inputs, outputs, updates=updates, mode=get_mode(BACKENDS[backend]),
+                             on_unused_input='ignore')
+
+
+# ---------------------------------------------------------------------------------------------------
+
 def _as_bool(value):
     if isinstance(value, str):
         if value.strip().lower() in ('true', '1', 'yes'):
@@ -620,8 +629,7 @@ class GRU4Rec:
         return self.compile_function([X, T, prev_rows, keep, active, step], cost, updates)
 
     def compile_function(self, inputs, outputs, updates=None):
-        mode = get_mode(BACKENDS[self.backend])
-        return pytensor.function(inputs, outputs, updates=updates, mode=mode, on_unused_input='ignore')
+        return compile_function(inputs, outputs, updates, self.backend)
 
     # -- optimisation --------------------------------------------------------------------------------
 
