@@ -304,10 +304,11 @@ def _check_hyperparameters(p):
     for name in ('n_epochs', 'batch_size'):
         if p[name] <= 0:
             fail(name, 'must be positive')
-    for name in ('n_sample', 'learning_rate'):
-        if p[name] < 0:
-            fail(name, 'must not be negative')
-    for name in ('momentum', 'lmbd', 'grad_cap', 'bpreg', 'logq', 'sigma', 'sample_alpha'):
+    if p['n_sample'] < 0:
+        fail('n_sample', 'must not be negative')
+    if p['n_sample'] == 0 and p['batch_size'] < 2:
+        fail('batch_size', 'with n_sample=0 the other sessions of the mini-batch are the only negatives: use >= 2')
+    for name in ('learning_rate', 'momentum', 'lmbd', 'grad_cap', 'bpreg', 'logq', 'sigma', 'sample_alpha'):
         if p[name] < 0 or not np.isfinite(p[name]):
             fail(name, 'must be a finite number >= 0')
     for name in ('dropout_p_hidden', 'dropout_p_embed', 'smoothing'):
@@ -978,6 +979,8 @@ class GRU4Rec:
         self._require_trained()
         if int(k) < 1:
             raise ValueError(f'k must be a positive number of items, got {k!r}')
+        if int(batch_size) < 1:
+            raise ValueError(f'batch_size must be a positive number of sessions, got {batch_size!r}')
         k = min(int(k), self.n_items)
         if isinstance(sessions, dict):
             rows = [(sid, pos, item) for sid, its in sessions.items() for pos, item in enumerate(its)]
@@ -1178,6 +1181,9 @@ def session_arrays(data, itemidmap, session_key, item_key, time_key, time_sort=T
     item_idx = pd.Series(np.arange(len(itemidmap), dtype=np.int32), index=itemidmap)
     mapped = data[item_key].map(item_idx)
     known = mapped.notna().to_numpy()
+    if not known.any():
+        raise ValueError(f'{what} has no event of an item the model knows (none of its {item_key!r} values '
+                         'is in the training item map)')
     items = mapped[known].to_numpy(dtype=np.int32)
     sessions = data[session_key].to_numpy()[known]
     boundaries = np.flatnonzero(sessions[1:] != sessions[:-1]) + 1
