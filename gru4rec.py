@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 FLOAT = 'float32'
 MODEL_FORMAT = 'gru4rec-npz'
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: a SHA-256 of everything before it ends the file (1: it covered the arrays only)
 BACKENDS = {'c': 'CVM', 'numba': 'NUMBA', 'jax': 'JAX'}
 
 
@@ -1045,13 +1045,13 @@ class GRU4Rec:
         payload = io.BytesIO()
         np.savez(payload, **arrays)
         body = payload.getvalue()
-        meta['sha256'] = hashlib.sha256(body).hexdigest()
         header = json.dumps(meta).encode()
+        blob = MAGIC + len(header).to_bytes(8, 'little') + header + body
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-gru4rec-')
         try:
             with os.fdopen(fd, 'wb') as f:
-                f.write(MAGIC + len(header).to_bytes(8, 'little') + header + body)
+                f.write(blob + hashlib.sha256(blob).digest())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -1115,12 +1115,17 @@ def _read_model_file(path):
         body = blob[len(MAGIC) + 8 + n:]
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f'{path!r} is corrupted: its header cannot be read') from None
-    if meta.get('format') != MODEL_FORMAT:
+    if not isinstance(meta, dict) or meta.get('format') != MODEL_FORMAT or not isinstance(meta.get('version'), int):
         raise ValueError(f'{path!r} is not a GRU4Rec model file')
     if meta.get('version', 0) > MODEL_FORMAT_VERSION:
         raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta.get('version')}); "
                          f'this one reads up to {MODEL_FORMAT_VERSION}: upgrade gru4rec')
-    if hashlib.sha256(body).hexdigest() != meta.get('sha256'):
+    if meta.get('version', 0) >= 2:  # the checksum covers the header too: no corrupted parameter loads silently
+        intact = hashlib.sha256(blob[:-32]).digest() == blob[-32:]
+        body = body[:-32]
+    else:
+        intact = hashlib.sha256(body).hexdigest() == meta.get('sha256')
+    if not intact:
         raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
