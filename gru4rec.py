@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 FLOAT = 'float32'
 MODEL_FORMAT = 'gru4rec-npz'
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: a SHA-256 of everything before it ends the file (1: it covered the arrays only)
 BACKENDS = {'c': 'CVM', 'numba': 'NUMBA', 'jax': 'JAX'}
 
 
@@ -313,10 +313,11 @@ def _check_hyperparameters(p):
     for name in ('n_epochs', 'batch_size'):
         if p[name] <= 0:
             fail(name, 'must be positive')
-    for name in ('n_sample', 'learning_rate'):
-        if p[name] < 0:
-            fail(name, 'must not be negative')
-    for name in ('momentum', 'lmbd', 'grad_cap', 'bpreg', 'logq', 'sigma', 'sample_alpha'):
+    if p['n_sample'] < 0:
+        fail('n_sample', 'must not be negative')
+    if p['n_sample'] == 0 and p['batch_size'] < 2:
+        fail('batch_size', 'with n_sample=0 the other sessions of the mini-batch are the only negatives: use >= 2')
+    for name in ('learning_rate', 'momentum', 'lmbd', 'grad_cap', 'bpreg', 'logq', 'sigma', 'sample_alpha'):
         if p[name] < 0 or not np.isfinite(p[name]):
             fail(name, 'must be a finite number >= 0')
     for name in ('dropout_p_hidden', 'dropout_p_embed', 'smoothing'):
@@ -986,6 +987,8 @@ class GRU4Rec:
         self._require_trained()
         if int(k) < 1:
             raise ValueError(f'k must be a positive number of items, got {k!r}')
+        if int(batch_size) < 1:
+            raise ValueError(f'batch_size must be a positive number of sessions, got {batch_size!r}')
         k = min(int(k), self.n_items)
         if isinstance(sessions, dict):
             rows = [(sid, pos, item) for sid, its in sessions.items() for pos, item in enumerate(its)]
@@ -1050,13 +1053,13 @@ class GRU4Rec:
         payload = io.BytesIO()
         np.savez(payload, **arrays)
         body = payload.getvalue()
-        meta['sha256'] = hashlib.sha256(body).hexdigest()
         header = json.dumps(meta).encode()
+        blob = MAGIC + len(header).to_bytes(8, 'little') + header + body
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-gru4rec-')
         try:
             with os.fdopen(fd, 'wb') as f:
-                f.write(MAGIC + len(header).to_bytes(8, 'little') + header + body)
+                f.write(blob + hashlib.sha256(blob).digest())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -1120,12 +1123,17 @@ def _read_model_file(path):
         body = blob[len(MAGIC) + 8 + n:]
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f'{path!r} is corrupted: its header cannot be read') from None
-    if meta.get('format') != MODEL_FORMAT:
+    if not isinstance(meta, dict) or meta.get('format') != MODEL_FORMAT or not isinstance(meta.get('version'), int):
         raise ValueError(f'{path!r} is not a GRU4Rec model file')
     if meta.get('version', 0) > MODEL_FORMAT_VERSION:
         raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta.get('version')}); "
                          f'this one reads up to {MODEL_FORMAT_VERSION}: upgrade gru4rec')
-    if hashlib.sha256(body).hexdigest() != meta.get('sha256'):
+    if meta.get('version', 0) >= 2:  # the checksum covers the header too: no corrupted parameter loads silently
+        intact = hashlib.sha256(blob[:-32]).digest() == blob[-32:]
+        body = body[:-32]
+    else:
+        intact = hashlib.sha256(body).hexdigest() == meta.get('sha256')
+    if not intact:
         raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
@@ -1186,6 +1194,9 @@ def session_arrays(data, itemidmap, session_key, item_key, time_key, time_sort=T
     item_idx = pd.Series(np.arange(len(itemidmap), dtype=np.int32), index=itemidmap)
     mapped = data[item_key].map(item_idx)
     known = mapped.notna().to_numpy()
+    if not known.any():
+        raise ValueError(f'{what} has no event of an item the model knows (none of its {item_key!r} values '
+                         'is in the training item map)')
     items = mapped[known].to_numpy(dtype=np.int32)
     sessions = data[session_key].to_numpy()[known]
     boundaries = np.flatnonzero(sessions[1:] != sessions[:-1]) + 1
