@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 FLOAT = 'float32'
 MODEL_FORMAT = 'gru4rec-npz'
-MODEL_FORMAT_VERSION = 2  # 2: a SHA-256 of everything before it ends the file (1: it covered the arrays only)
+MODEL_FORMAT_VERSION = 1  # the file ends with a SHA-256 of everything before it
 BACKENDS = {'c': 'CVM', 'numba': 'NUMBA', 'jax': 'JAX'}
 
 
@@ -1106,35 +1106,32 @@ def _itemids_to_array(itemidmap):
 
 
 def _read_model_file(path):
+    """(header dict, arrays) of a model file: MAGIC, header length, JSON header, npz arrays, and a
+    SHA-256 of all that, so that no corrupted hyper-parameter or weight loads silently."""
     try:
         with open(path, 'rb') as f:
             blob = f.read()
     except OSError as e:
         raise ValueError(f'cannot read model file {path!r}: {e.strerror}') from None
-    if blob[:2] == b'\x80\x04' or blob[:1] == b'\x80':
+    if blob[:1] == b'\x80':
         raise ValueError(f'{path!r} is a pickle file (e.g. from the original GRU4Rec); pickles can run code '
                          'when loaded, so they are refused. Re-train, or export its weights with the original '
                          'code into a trusted format.')
     if blob[:len(MAGIC)] != MAGIC:
         raise ValueError(f'{path!r} is not a GRU4Rec model file (no {MAGIC!r} header)')
+    if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+        raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
     try:
         n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], 'little')
         meta = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + n])
-        body = blob[len(MAGIC) + 8 + n:]
+        body = blob[len(MAGIC) + 8 + n:-32]
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f'{path!r} is corrupted: its header cannot be read') from None
     if not isinstance(meta, dict) or meta.get('format') != MODEL_FORMAT or not isinstance(meta.get('version'), int):
         raise ValueError(f'{path!r} is not a GRU4Rec model file')
-    if meta.get('version', 0) > MODEL_FORMAT_VERSION:
-        raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta.get('version')}); "
+    if meta['version'] > MODEL_FORMAT_VERSION:
+        raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta['version']}); "
                          f'this one reads up to {MODEL_FORMAT_VERSION}: upgrade gru4rec')
-    if meta.get('version', 0) >= 2:  # the checksum covers the header too: no corrupted parameter loads silently
-        intact = hashlib.sha256(blob[:-32]).digest() == blob[-32:]
-        body = body[:-32]
-    else:
-        intact = hashlib.sha256(body).hexdigest() == meta.get('sha256')
-    if not intact:
-        raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
