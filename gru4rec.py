@@ -443,8 +443,6 @@ class GRU4Rec:
             return 0
         return p['layers'][0] if p['embedding'] == 'layersize' else p['embedding']
 
-    # -- data ----------------------------------------------------------------------------------------
-
     # -- parameters ----------------------------------------------------------------------------------
 
     def _init_matrix(self, rng, rows, cols, n_blocks=1):
@@ -520,6 +518,11 @@ class GRU4Rec:
             H.append(self._dropout(self._gru(l, x_proj, H_prev[l]), p_hidden))
         return H  # list of M x L
 
+    @staticmethod
+    def _output(h, Wy, By):
+        """Scores of the items whose output rows are Wy, By: o = h·Wyᵀ + By (M x number of rows)."""
+        return pt.dot(h, Wy.T) + By
+
     # The interface that evaluation.py scores a model through (the baselines implement it too).
 
     @property
@@ -536,7 +539,7 @@ class GRU4Rec:
         Wy, By = self.params['Wy'][:self.n_items], self.params['By'][:self.n_items]
         if candidates is not None:
             Wy, By = Wy[candidates], By[candidates]
-        return H, self._final_act(pt.dot(H[-1], Wy.T) + By)
+        return H, self._final_act(self._output(H[-1], Wy, By))
 
     # -- the training graph --------------------------------------------------------------------------
 
@@ -610,7 +613,7 @@ class GRU4Rec:
             Wy_out = gathered['Wy']  # N x L_last
         H_prev = [H[prev_rows] * keep[:, None] for H in self.H]
         H_new = self._forward(X, H_prev, training=True, item_rows=input_rows)
-        logits = pt.dot(H_new[-1], Wy_out.T) + gathered['By']  # B x N
+        logits = self._output(H_new[-1], Wy_out, gathered['By'])  # B x N
         if self.logq:
             log_q = pt.concatenate([self.P_target[T], self.P_sample[Y[B:]]])  # N
             logits = logits - np.float32(self.logq) * log_q
