@@ -998,8 +998,9 @@ class GRU4Rec:
             sessions = pd.DataFrame(rows, columns=[self.session_key, self.time_key, self.item_key])
         items, offsets, _ = session_arrays(sessions, self.itemidmap, self.session_key, self.item_key,
                                            self.time_key, what='sessions')
-        session_ids = sort_log(sessions, self.session_key, self.time_key)[self.session_key]
-        session_ids = session_ids[sessions[self.item_key].isin(self.itemidmap).loc[session_ids.index]].unique()
+        ordered = sort_log(sessions, self.session_key, self.time_key)  # positions, not labels: the index may repeat
+        known = ordered[self.item_key].isin(self.itemidmap).to_numpy()
+        session_ids = pd.unique(ordered[self.session_key].to_numpy()[known])
         step, score = self.compiled(('recommend', batch_size), lambda: self._compile_session_reader(batch_size))
         lengths = np.diff(offsets)
         results = []
@@ -1167,6 +1168,9 @@ def validate_log(data, session_key, item_key, time_key, what='data'):
     if missing:
         raise ValueError(f'{what} has no column(s) {missing} (it has {list(data.columns)}); '
                          'rename them or set session_key / item_key / time_key')
+    repeated = [k for k in (session_key, item_key, time_key) if (data.columns == k).sum() > 1]
+    if repeated:
+        raise ValueError(f'{what} has more than one column named {repeated}')
     if len(data) == 0:
         raise ValueError(f'{what} is empty')
     for key in (session_key, item_key, time_key):
@@ -1179,7 +1183,8 @@ def validate_log(data, session_key, item_key, time_key, what='data'):
         raise ValueError(f'{what}: column {item_key!r} mixes integer and non-integer ids ({sorted(t.__name__ for t in types)}); '
                          'convert them to one type')
     times = data[time_key]
-    if not (pd.api.types.is_numeric_dtype(times) or pd.api.types.is_datetime64_any_dtype(times)):
+    if pd.api.types.is_complex_dtype(times) or not (pd.api.types.is_numeric_dtype(times)
+                                                    or pd.api.types.is_datetime64_any_dtype(times)):
         raise ValueError(f'{what}: column {time_key!r} must be numeric or datetime, got {times.dtype}')
     return data[[session_key, item_key, time_key]]
 
