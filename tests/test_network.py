@@ -118,9 +118,6 @@ def test_predict_next_batch_carries_state_within_sessions(models, name):
         got = model.predict_next_batch(np.array(sessions, dtype=object), ids[items], batch=3)
         assert list(got.index) == list(ids)
         np.testing.assert_allclose(got.to_numpy(), expected.T, rtol=1e-4, atol=1e-5)
-        subset = ids[[10, 1]]
-        # The same step again for other sessions would disturb the states: compare candidates on a copy.
-        assert list(got.loc[subset].index) == list(subset)
 
 
 def test_predict_next_batch_scores_candidates(models):
