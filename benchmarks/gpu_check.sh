@@ -27,7 +27,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_backends.py
 echo '== training speed, JAX backend'
 for batch in 32 256; do
     timeout 90 python3 benchmarks/train_speed.py --data "$DATA/yoochoose1_64_train_full.tsv.gz" --backend jax \
-        -ps "rsc15_xe_shared_100_best,batch_size=$batch" --steps 3000
+        -pf paramfiles/rsc15_xe_shared_100_best.py -ps "batch_size=$batch" --steps 3000
 done
 timeout 90 python3 benchmarks/train_speed.py --data "$DATA/retailrocket_train_full.tsv.gz" --backend jax \
-    -ps retailrocket_bprmax_shared_best --steps 2000
+    -pf paramfiles/retailrocket_bprmax_shared_best.py --steps 2000
