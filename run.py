@@ -143,16 +143,20 @@ def read_log(path, keys, allow_pickle=False, what='data'):
 
 # ---------------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+    """Reports a bad command line in one line (no usage dump) with exit status 2."""
+
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
-def build_parser(prog=None):
-    p = _Parser(prog=prog, description='Train GRU4Rec (or a baseline) on a session log, or load a trained model; '
-                'optionally save it and evaluate it on test sets (Recall@k and MRR@k against all items).',
-                epilog='Give -ps or -pf (or both: -ps then overrides the file) to train, or -l to load. '
-                'Exit status: 0 on success, 2 on bad input, 1 when training diverges.')
+def build_parser():
+    p = ArgumentParser(description='Train GRU4Rec (or a baseline) on a session log, or load a trained model; '
+                       'optionally save it and evaluate it on test sets (Recall@k and MRR@k against all items).',
+                       epilog='Give -ps or -pf (or both: -ps then overrides the file) to train, or -l to load. '
+                       'Data files: TAB separated with a header (also .gz, .bz2, .xz, .zip), Parquet (.parquet, '
+                       'needs pyarrow), pickled DataFrames (.pickle, .pkl) with --allow-pickle. '
+                       'Exit status: 0 on success, 2 on bad input, 1 when training diverges.')
     p.add_argument('path', metavar='PATH', help='training data, or with -l a model file written by -s / savemodel')
     source = p.add_argument_group('model')
     source.add_argument('-ps', '--parameter-string', metavar='PARAMS',

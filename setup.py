@@ -8,8 +8,8 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['gru4rec', 'evaluation', 'baselines', 'run'],
-    entry_points={'console_scripts': ['gru4rec=run:main']},
+    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt'],
+    entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=2.30',
         'numpy>=1.26',
@@ -20,6 +20,7 @@ setup(
     extras_require={
         'parquet': ['pyarrow>=12'],
         'jax': ['jax>=0.4.30'],
-        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12'],
+        'paropt': ['optuna>=3.0'],
+        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=3.0'],
     },
 )
