@@ -783,6 +783,8 @@ class GRU4Rec:
         self._rng = np.random.default_rng([self.seed, len(self.history_)])
         if retrain:
             self._pull_state()
+            before = (self.itemidmap, self.support.copy(), OrderedDict(self.weights), dict(self.opt_values),
+                      len(self.history_))
             self._grow(itemidmap[self.n_items:])
         else:
             self.itemidmap = itemidmap
@@ -798,7 +800,15 @@ class GRU4Rec:
             self._push_state()
         self._dropout_rng.set_value(np.random.default_rng([self.seed, len(self.history_), 1]))
         self.sample_store_size = sample_store
-        self._train(items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best, patience)
+        try:
+            self._train(items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best, patience)
+        finally:
+            if retrain and len(self.history_) == before[-1]:  # NaN or Ctrl-C before an epoch of the new data ended
+                self.itemidmap, self.support, self.weights, self.opt_values, _ = before
+                if self._compiled_for != self._graph_key():
+                    self._build()
+                else:
+                    self._push_state()
         return self
 
     def retrain(self, data, sample_store=10000000, n_epochs=None, **fit_options):
