@@ -106,3 +106,69 @@ ACTIVATIONS = {
     'softmax': softmax,
     'softmax_logit': lambda x: x,
 }
+
+
+def loss_reference(loss, Yhat, smoothing, bpreg):
+    """Per-row loss of the M x N score matrix Yhat whose row i has its target in column i, from the
+    SPEC's formulas. Label smoothing is the usual smoothed target distribution: 1 - smoothing on the
+    target, smoothing / (N - 1) on every other column."""
+    M, N = Yhat.shape
+    is_target = np.eye(M, N, dtype=bool)
+    d = Yhat[is_target][:, None]
+    if loss in ('cross-entropy', 'xe_logit'):
+        labels = np.where(is_target, 1 - smoothing, smoothing / (N - 1))
+        if loss == 'cross-entropy':
+            log_p = np.log(Yhat + 1e-24)
+        else:
+            m = Yhat.max(axis=1, keepdims=True)
+            log_p = Yhat - m - np.log(np.exp(Yhat - m).sum(axis=1, keepdims=True))
+        return -(labels * log_p).sum(axis=1)
+    if loss == 'bpr':
+        return -np.log(sigmoid(d - Yhat)).sum(axis=1)
+    if loss == 'top1':
+        return (sigmoid(Yhat - d) + sigmoid(Yhat ** 2)).mean(axis=1) - sigmoid(d[:, 0] ** 2) / N
+    negatives = np.where(is_target, -np.inf, Yhat)
+    s = np.exp(negatives - negatives.max(axis=1, keepdims=True))
+    s /= s.sum(axis=1, keepdims=True)
+    if loss == 'bpr-max':
+        return -np.log((s * sigmoid(d - Yhat)).sum(axis=1) + 1e-24) + bpreg * (s * Yhat ** 2).sum(axis=1)
+    assert loss == 'top1-max'
+    return (s * (sigmoid(Yhat - d) + sigmoid(Yhat ** 2))).sum(axis=1)
+
+
+def gru_reference(x_proj, h, Wrz, Wh, act):
+    """SPEC's cell; x_proj = x·Wx + b holds the r, z and candidate blocks side by side."""
+    L = h.shape[1]
+    r = sigmoid(x_proj[:, :L] + h @ Wrz[:, :L])
+    z = sigmoid(x_proj[:, L:2 * L] + h @ Wrz[:, L:])
+    c = ACTIVATIONS[act](x_proj[:, 2 * L:] + (r * h) @ Wh)
+    return (1 - z) * h + z * c
+
+
+def weights64(model):
+    return {n: w.astype(np.float64) for n, w in model.weights.items()}
+
+
+def hidden_reference(model, W, X, H_prev):
+    """States after reading items X from H_prev (list per layer), with the float64 weights W; the
+    input path is chosen from the hyper-parameters."""
+    if model.constrained_embedding:
+        x_proj = W['Wy'][X] @ W['Wx0'] + W['Bh0']
+    elif model.embedding:
+        x_proj = W['E'][X] @ W['Wx0'] + W['Bh0']
+    else:
+        x_proj = W['Wx0'][X] + W['Bh0']
+    H = []
+    for l in range(len(model.layers)):
+        if l > 0:
+            x_proj = H[-1] @ W[f'Wx{l}'] + W[f'Bh{l}']
+        H.append(gru_reference(x_proj, H_prev[l], W[f'Wrz{l}'], W[f'Wh{l}'], model.hidden_act))
+    return H
+
+
+def forward_reference(model, X, H_prev, candidates=None):
+    """New states and final scores of all items (or of the indices `candidates`)."""
+    W = weights64(model)
+    H = hidden_reference(model, W, X, H_prev)
+    Wy, By = (W['Wy'], W['By']) if candidates is None else (W['Wy'][candidates], W['By'][candidates])
+    return H, ACTIVATIONS[model.final_act](H[-1] @ Wy.T + By)

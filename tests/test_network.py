@@ -7,39 +7,8 @@ import pytensor
 import pytensor.tensor as pt
 import pytest
 
-from conftest import ACTIVATIONS, INPUT_MODES, MODELS, SMALL, sigmoid
+from conftest import INPUT_MODES, MODELS, SMALL, forward_reference, gru_reference, weights64
 from gru4rec import GRU4Rec
-
-
-def gru_reference(x_proj, h, Wrz, Wh, act):
-    """SPEC's cell; x_proj = x·Wx + b holds the r, z and candidate blocks side by side."""
-    L = h.shape[1]
-    r = sigmoid(x_proj[:, :L] + h @ Wrz[:, :L])
-    z = sigmoid(x_proj[:, L:2 * L] + h @ Wrz[:, L:])
-    c = ACTIVATIONS[act](x_proj[:, 2 * L:] + (r * h) @ Wh)
-    return (1 - z) * h + z * c
-
-
-def weights64(model):
-    return {n: w.astype(np.float64) for n, w in model.weights.items()}
-
-
-def forward_reference(model, X, H_prev, candidates=None):
-    """New states and final scores, choosing the input path from the hyper-parameters."""
-    W = weights64(model)
-    if model.constrained_embedding:
-        x_proj = W['Wy'][X] @ W['Wx0'] + W['Bh0']
-    elif model.embedding:
-        x_proj = W['E'][X] @ W['Wx0'] + W['Bh0']
-    else:
-        x_proj = W['Wx0'][X] + W['Bh0']
-    H = []
-    for l in range(len(model.layers)):
-        if l > 0:
-            x_proj = H[-1] @ W[f'Wx{l}'] + W[f'Bh{l}']
-        H.append(gru_reference(x_proj, H_prev[l], W[f'Wrz{l}'], W[f'Wh{l}'], model.hidden_act))
-    Wy, By = (W['Wy'], W['By']) if candidates is None else (W['Wy'][candidates], W['By'][candidates])
-    return H, ACTIVATIONS[model.final_act](H[-1] @ Wy.T + By)
 
 
 def expected_shapes(params, n_items):
