@@ -23,6 +23,23 @@ INPUT_MODES = {
     'constrained': dict(embedding=0, constrained_embedding=True),
 }
 
+# Known bugs of the code under test: remove a mark once its bug is fixed (the tests are strict xfails).
+ONE_EVENT_SESSION_BUG = pytest.mark.xfail(strict=True, reason=(
+    'session_parallel_batches: when a step count is 0 (a slot holds a session of one event), the '
+    'next pass overwrites keep and prev_rows before any step used them, so a slot that took a new '
+    'session carries the previous session\'s state (lengths [2, 2, 1, 2], batch_size 2: session 3 '
+    'starts with keep [1], prev_rows [1], the final state of session 1)'))
+SINGLE_SLOT_BUG = pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    'a training step with one active row crashes unless the embedding is constrained: '
+    'pt.inc_subtensor(Wx0_or_E[X], delta) with len(X) == 1 fails in AdvancedIncSubtensor1.perform with '
+    '"Runtime broadcasting not allowed" (PyTensor 3.0.7 compares the (1, 3L) update with the whole '
+    '(n_items, 3L) matrix); with n_sample > 0 the epoch tail shrinks to one slot unless the last sessions '
+    'end together'))
+SAVE_AFTER_FIT_BUG = pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+    'savemodel after fit raises "TypeError: Object of type float32 is not JSON serializable": '
+    'history_[i]["loss"] is a numpy float32 (the sum of the training function\'s float32 costs) and '
+    'goes into the JSON header as is'))
+
 SMALL = dict(layers=[8], n_epochs=2, batch_size=4, n_sample=6, sample_alpha=0.5, learning_rate=0.1,
              loss='bpr-max', final_act='elu-0.5', bpreg=0.5, verbose=False, seed=7)
 # Input modes plus a deeper model whose layers differ in width (the constrained input is L_last wide).
@@ -44,7 +61,7 @@ def make_log(lengths, seed, items=ITEM_IDS, first_session=1):
 
 def make_train_log():
     """48 sessions of equal length: with batch_size 4 every slot ends together, so no training step
-    has a single row (see test_training.py::test_fit_when_the_epoch_tail_shrinks_to_one_slot for why that matters)."""
+    has a single row (SINGLE_SLOT_BUG)."""
     log = make_log([5] * 48, seed=1)
     assert set(log.ItemId) == set(ITEM_IDS)
     return log

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import read_log
+from conftest import SINGLE_SLOT_BUG, read_log
 from evaluation import evaluate_gpu
 from gru4rec import GRU4Rec
 
@@ -25,9 +25,11 @@ TRAININGS = {
              bpreg=1.0, sample_alpha=0.0, n_sample=2048, adapt='adagrad', n_epochs=10),
         0.570, 0.280),
 }
+# The last training step of every RSC15 epoch has a single slot.
+MARKS = {'rsc15_bprmax_elu_no_embedding': SINGLE_SLOT_BUG}
 
 
-@pytest.mark.parametrize('name', sorted(TRAININGS))
+@pytest.mark.parametrize('name', [pytest.param(n, marks=MARKS.get(n, ())) for n in sorted(TRAININGS)])
 def test_rsc15_100k_accuracy(data_dir, name):
     params, min_recall, min_mrr = TRAININGS[name]
     train = read_log(data_dir / 'rsc15_100k_train_full.tsv.gz')

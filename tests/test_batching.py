@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from conftest import ONE_EVENT_SESSION_BUG
 from gru4rec import session_parallel_batches
 
 
@@ -78,14 +79,7 @@ def test_min_slots_stops_when_one_slot_is_left(batch_size):
     assert missing == [(e, e + 1) for e in range(missing[0][0], offsets[last + 1] - 1)]
 
 
-ONE_EVENT_BUG = pytest.mark.xfail(strict=True, reason=(
-    'session_parallel_batches: when a step count is 0 (a slot holds a session of one event), the '
-    'next pass overwrites keep and prev_rows before any step used them, so a slot that took a new '
-    'session carries the previous session\'s state (lengths [2, 2, 1, 2], batch_size 2: session 3 '
-    'starts with keep [1], prev_rows [1], the final state of session 1)'))
-
-
-@pytest.mark.parametrize('batch_size', [1, pytest.param(2, marks=ONE_EVENT_BUG), 3, 20])
+@pytest.mark.parametrize('batch_size', [1, pytest.param(2, marks=ONE_EVENT_SESSION_BUG), 3, 20])
 def test_sessions_of_one_event_are_skipped_without_disturbing_other_slots(batch_size):
     """A session can be left with one event, e.g. in evaluation after unknown items are dropped."""
     lengths = [3, 1, 4, 2, 1, 5, 1, 2, 3]
@@ -94,7 +88,7 @@ def test_sessions_of_one_event_are_skipped_without_disturbing_other_slots(batch_
     assert sorted(entered) == [s for s, n in enumerate(lengths) if n > 1]
 
 
-@ONE_EVENT_BUG
+@ONE_EVENT_SESSION_BUG
 @settings(max_examples=200, deadline=None)
 @given(lengths=st.lists(st.integers(1, 5), min_size=1, max_size=15), batch_size=st.integers(1, 18),
        seed=st.integers(0, 1000))

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import INPUT_MODES, ITEM_IDS, fit_small, make_log
+from conftest import INPUT_MODES, ITEM_IDS, ONE_EVENT_SESSION_BUG, fit_small, make_log
 from evaluation import evaluate_gpu
 
 CUTOFFS = [1, 2, 3, 5, 8, 20]
@@ -115,9 +115,7 @@ def test_tiebreaking_ranks_uniformly_among_ties(model):
         assert abs(mrr[k] - rr_mean.mean()) <= 4 * np.sqrt(rr_var.sum()) / n + 1e-6, k
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'a session left with one known event makes session_parallel_batches skip a reset, so evaluate_gpu '
-    'scores the next session from the previous session\'s state (see test_batching.py)'))
+@ONE_EVENT_SESSION_BUG
 def test_sessions_left_with_one_event_do_not_leak_state(models):
     """Session lengths [3, 3, 2, 3] * 10, the second event of every third session unknown, batch_size 2:
     the pattern that makes slots take a new session right after a one-event one."""

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import MODELS, fit_small
+from conftest import MODELS, SAVE_AFTER_FIT_BUG, fit_small
 from evaluation import evaluate_gpu
 from gru4rec import GRU4Rec
 
@@ -15,10 +15,7 @@ def predictions(model, prefix):
     return [model.predict_next_batch(np.array(s, dtype=object), ids[i], batch=2).to_numpy() for s, i in calls]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    'savemodel after fit raises "TypeError: Object of type float32 is not JSON serializable": '
-    'history_[i]["loss"] is a numpy float32 (the sum of the training function\'s float32 costs) and '
-    'goes into the JSON header as is'))
+@SAVE_AFTER_FIT_BUG
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_loaded_model_predicts_identically(models, name, tmp_path, test_log):
     model = models(name)

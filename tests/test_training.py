@@ -7,8 +7,8 @@ import pytensor
 import pytest
 
 import evaluation
-from conftest import (ACTIVATIONS, INPUT_MODES, fit_small, hidden_reference, loss_reference, make_log,
-                      make_train_log, weights64)
+from conftest import (ACTIVATIONS, INPUT_MODES, SINGLE_SLOT_BUG, fit_small, hidden_reference, loss_reference,
+                      make_log, make_train_log, weights64)
 from gru4rec import session_arrays, session_parallel_batches
 
 STEP_CASES = {
@@ -92,14 +92,6 @@ def test_graphs_are_float32_under_float64_floatx(adapt):
     for fn in compiled:
         dtypes = {v.dtype for v in fn.maker.fgraph.variables if hasattr(v, 'dtype')}
         assert 'float64' not in dtypes
-
-
-SINGLE_SLOT_BUG = pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    'a training step with one active row crashes unless the embedding is constrained: '
-    'pt.inc_subtensor(Wx0_or_E[X], delta) with len(X) == 1 fails in AdvancedIncSubtensor1.perform with '
-    '"Runtime broadcasting not allowed" (PyTensor 3.0.7 compares the (1, 3L) update with the whole '
-    '(n_items, 3L) matrix); with n_sample > 0 the epoch tail shrinks to one slot unless the last sessions '
-    'end together'))
 
 
 @pytest.mark.parametrize('mode', [pytest.param('onehot', marks=SINGLE_SLOT_BUG),
