@@ -43,8 +43,7 @@ def make_log(lengths, seed, items=ITEM_IDS, first_session=1):
 
 
 def make_train_log():
-    """48 sessions of equal length: with batch_size 4 every slot ends together, so no training step
-    has a single row (see test_training.py::test_fit_with_a_single_slot_tail for why that matters)."""
+    """48 sessions of equal length: with batch_size 4 every slot ends together."""
     log = make_log([5] * 48, seed=1)
     assert set(log.ItemId) == set(ITEM_IDS)
     return log

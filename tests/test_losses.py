@@ -9,11 +9,8 @@ import pytest
 from conftest import ACTIVATIONS, loss_reference
 from gru4rec import LOSSES, parse_activation
 
-
 RANKING_ACTS = ['linear', 'relu', 'tanh', 'leaky-0.1', 'elu-0.5', 'selu-1.05-1.67']
 BPREG = 0.7
-
-
 CASES = ([('cross-entropy', 'softmax', s) for s in (0.0, 0.2)]
          + [('xe_logit', 'softmax_logit', s) for s in (0.0, 0.2)]
          + [(loss, act, 0.0) for loss in ('bpr', 'top1', 'bpr-max', 'top1-max') for act in RANKING_ACTS])

@@ -80,7 +80,7 @@ def test_predict_next_batch_carries_state_within_sessions(models, name):
              (['a', 'd', 'c'], [7, 3, 1]), (['a', 'd', 'c'], [11, 4, 6])]
     states = {}
     for sessions, items in calls:
-        H_prev = [np.stack([states.get(s, [np.zeros(L)] * len(model.layers))[l] for s in sessions])
+        H_prev = [np.stack([states[s][l] if s in states else np.zeros(L) for s in sessions])
                   for l, L in enumerate(model.layers)]
         H, expected = forward_reference(model, np.array(items), H_prev)
         states.update({s: [h[i] for h in H] for i, s in enumerate(sessions)})
