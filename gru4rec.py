@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 FLOAT = 'float32'
 MODEL_FORMAT = 'gru4rec-npz'
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 1  # the file ends with a SHA-256 of everything before it
 BACKENDS = {'c': 'CVM', 'numba': 'NUMBA', 'jax': 'JAX'}
 
 
@@ -313,10 +313,11 @@ def _check_hyperparameters(p):
     for name in ('n_epochs', 'batch_size'):
         if p[name] <= 0:
             fail(name, 'must be positive')
-    for name in ('n_sample', 'learning_rate'):
-        if p[name] < 0:
-            fail(name, 'must not be negative')
-    for name in ('momentum', 'lmbd', 'grad_cap', 'bpreg', 'logq', 'sigma', 'sample_alpha'):
+    if p['n_sample'] < 0:
+        fail('n_sample', 'must not be negative')
+    if p['n_sample'] == 0 and p['batch_size'] < 2:
+        fail('batch_size', 'with n_sample=0 the other sessions of the mini-batch are the only negatives: use >= 2')
+    for name in ('learning_rate', 'momentum', 'lmbd', 'grad_cap', 'bpreg', 'logq', 'sigma', 'sample_alpha'):
         if p[name] < 0 or not np.isfinite(p[name]):
             fail(name, 'must be a finite number >= 0')
     for name in ('dropout_p_hidden', 'dropout_p_embed', 'smoothing'):
@@ -442,8 +443,6 @@ class GRU4Rec:
             return 0
         return p['layers'][0] if p['embedding'] == 'layersize' else p['embedding']
 
-    # -- data ----------------------------------------------------------------------------------------
-
     # -- parameters ----------------------------------------------------------------------------------
 
     def _init_matrix(self, rng, rows, cols, n_blocks=1):
@@ -519,6 +518,11 @@ class GRU4Rec:
             H.append(self._dropout(self._gru(l, x_proj, H_prev[l]), p_hidden))
         return H  # list of M x L
 
+    @staticmethod
+    def _output(h, Wy, By):
+        """Scores of the items whose output rows are Wy, By: o = h·Wyᵀ + By (M x number of rows)."""
+        return pt.dot(h, Wy.T) + By
+
     # The interface that evaluation.py scores a model through (the baselines implement it too).
 
     @property
@@ -535,7 +539,7 @@ class GRU4Rec:
         Wy, By = self.params['Wy'][:self.n_items], self.params['By'][:self.n_items]
         if candidates is not None:
             Wy, By = Wy[candidates], By[candidates]
-        return H, self._final_act(pt.dot(H[-1], Wy.T) + By)
+        return H, self._final_act(self._output(H[-1], Wy, By))
 
     # -- the training graph --------------------------------------------------------------------------
 
@@ -609,7 +613,7 @@ class GRU4Rec:
             Wy_out = gathered['Wy']  # N x L_last
         H_prev = [H[prev_rows] * keep[:, None] for H in self.H]
         H_new = self._forward(X, H_prev, training=True, item_rows=input_rows)
-        logits = pt.dot(H_new[-1], Wy_out.T) + gathered['By']  # B x N
+        logits = self._output(H_new[-1], Wy_out, gathered['By'])  # B x N
         if self.logq:
             log_q = pt.concatenate([self.P_target[T], self.P_sample[Y[B:]]])  # N
             logits = logits - np.float32(self.logq) * log_q
@@ -779,6 +783,8 @@ class GRU4Rec:
         self._rng = np.random.default_rng([self.seed, len(self.history_)])
         if retrain:
             self._pull_state()
+            before = (self.itemidmap, self.support.copy(), OrderedDict(self.weights), dict(self.opt_values),
+                      len(self.history_))
             self._grow(itemidmap[self.n_items:])
         else:
             self.itemidmap = itemidmap
@@ -794,7 +800,15 @@ class GRU4Rec:
             self._push_state()
         self._dropout_rng.set_value(np.random.default_rng([self.seed, len(self.history_), 1]))
         self.sample_store_size = sample_store
-        self._train(items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best, patience)
+        try:
+            self._train(items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best, patience)
+        finally:
+            if retrain and len(self.history_) == before[-1]:  # NaN or Ctrl-C before an epoch of the new data ended
+                self.itemidmap, self.support, self.weights, self.opt_values, _ = before
+                if self._compiled_for != self._graph_key():
+                    self._build()
+                else:
+                    self._push_state()
         return self
 
     def retrain(self, data, sample_store=10000000, n_epochs=None, **fit_options):
@@ -986,14 +1000,17 @@ class GRU4Rec:
         self._require_trained()
         if int(k) < 1:
             raise ValueError(f'k must be a positive number of items, got {k!r}')
+        if int(batch_size) < 1:
+            raise ValueError(f'batch_size must be a positive number of sessions, got {batch_size!r}')
         k = min(int(k), self.n_items)
         if isinstance(sessions, dict):
             rows = [(sid, pos, item) for sid, its in sessions.items() for pos, item in enumerate(its)]
             sessions = pd.DataFrame(rows, columns=[self.session_key, self.time_key, self.item_key])
         items, offsets, _ = session_arrays(sessions, self.itemidmap, self.session_key, self.item_key,
                                            self.time_key, what='sessions')
-        session_ids = sort_log(sessions, self.session_key, self.time_key)[self.session_key]
-        session_ids = session_ids[sessions[self.item_key].isin(self.itemidmap).loc[session_ids.index]].unique()
+        ordered = sort_log(sessions, self.session_key, self.time_key)  # positions, not labels: the index may repeat
+        known = ordered[self.item_key].isin(self.itemidmap).to_numpy()
+        session_ids = pd.unique(ordered[self.session_key].to_numpy()[known])
         step, score = self.compiled(('recommend', batch_size), lambda: self._compile_session_reader(batch_size))
         lengths = np.diff(offsets)
         results = []
@@ -1050,13 +1067,13 @@ class GRU4Rec:
         payload = io.BytesIO()
         np.savez(payload, **arrays)
         body = payload.getvalue()
-        meta['sha256'] = hashlib.sha256(body).hexdigest()
         header = json.dumps(meta).encode()
+        blob = MAGIC + len(header).to_bytes(8, 'little') + header + body
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-gru4rec-')
         try:
             with os.fdopen(fd, 'wb') as f:
-                f.write(MAGIC + len(header).to_bytes(8, 'little') + header + body)
+                f.write(blob + hashlib.sha256(blob).digest())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -1103,30 +1120,32 @@ def _itemids_to_array(itemidmap):
 
 
 def _read_model_file(path):
+    """(header dict, arrays) of a model file: MAGIC, header length, JSON header, npz arrays, and a
+    SHA-256 of all that, so that no corrupted hyper-parameter or weight loads silently."""
     try:
         with open(path, 'rb') as f:
             blob = f.read()
     except OSError as e:
         raise ValueError(f'cannot read model file {path!r}: {e.strerror}') from None
-    if blob[:2] == b'\x80\x04' or blob[:1] == b'\x80':
+    if blob[:1] == b'\x80':
         raise ValueError(f'{path!r} is a pickle file (e.g. from the original GRU4Rec); pickles can run code '
                          'when loaded, so they are refused. Re-train, or export its weights with the original '
                          'code into a trusted format.')
     if blob[:len(MAGIC)] != MAGIC:
         raise ValueError(f'{path!r} is not a GRU4Rec model file (no {MAGIC!r} header)')
+    if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+        raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
     try:
         n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], 'little')
         meta = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + n])
-        body = blob[len(MAGIC) + 8 + n:]
+        body = blob[len(MAGIC) + 8 + n:-32]
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f'{path!r} is corrupted: its header cannot be read') from None
-    if meta.get('format') != MODEL_FORMAT:
+    if not isinstance(meta, dict) or meta.get('format') != MODEL_FORMAT or not isinstance(meta.get('version'), int):
         raise ValueError(f'{path!r} is not a GRU4Rec model file')
-    if meta.get('version', 0) > MODEL_FORMAT_VERSION:
-        raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta.get('version')}); "
+    if meta['version'] > MODEL_FORMAT_VERSION:
+        raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta['version']}); "
                          f'this one reads up to {MODEL_FORMAT_VERSION}: upgrade gru4rec')
-    if hashlib.sha256(body).hexdigest() != meta.get('sha256'):
-        raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -1159,6 +1178,9 @@ def validate_log(data, session_key, item_key, time_key, what='data'):
     if missing:
         raise ValueError(f'{what} has no column(s) {missing} (it has {list(data.columns)}); '
                          'rename them or set session_key / item_key / time_key')
+    repeated = [k for k in (session_key, item_key, time_key) if (data.columns == k).sum() > 1]
+    if repeated:
+        raise ValueError(f'{what} has more than one column named {repeated}')
     if len(data) == 0:
         raise ValueError(f'{what} is empty')
     for key in (session_key, item_key, time_key):
@@ -1171,7 +1193,8 @@ def validate_log(data, session_key, item_key, time_key, what='data'):
         raise ValueError(f'{what}: column {item_key!r} mixes integer and non-integer ids ({sorted(t.__name__ for t in types)}); '
                          'convert them to one type')
     times = data[time_key]
-    if not (pd.api.types.is_numeric_dtype(times) or pd.api.types.is_datetime64_any_dtype(times)):
+    if pd.api.types.is_complex_dtype(times) or not (pd.api.types.is_numeric_dtype(times)
+                                                    or pd.api.types.is_datetime64_any_dtype(times)):
         raise ValueError(f'{what}: column {time_key!r} must be numeric or datetime, got {times.dtype}')
     return data[[session_key, item_key, time_key]]
 
@@ -1186,6 +1209,9 @@ def session_arrays(data, itemidmap, session_key, item_key, time_key, time_sort=T
     item_idx = pd.Series(np.arange(len(itemidmap), dtype=np.int32), index=itemidmap)
     mapped = data[item_key].map(item_idx)
     known = mapped.notna().to_numpy()
+    if not known.any():
+        raise ValueError(f'{what} has no event of an item the model knows (none of its {item_key!r} values '
+                         'is in the training item map)')
     items = mapped[known].to_numpy(dtype=np.int32)
     sessions = data[session_key].to_numpy()[known]
     boundaries = np.flatnonzero(sessions[1:] != sessions[:-1]) + 1

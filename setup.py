@@ -19,6 +19,7 @@ setup(
     ],
     extras_require={
         'parquet': ['pyarrow>=12'],
+        'jax': ['jax>=0.4.30'],
         'paropt': ['optuna>=3.0'],
         'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=3.0'],
     },
