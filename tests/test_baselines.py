@@ -8,7 +8,7 @@ import pytest
 
 from baselines import BASELINES, ItemKNN, MarkovChain, Pop, SessionPop, make_baseline
 from evaluation import evaluate_gpu
-from sessionlogs import data_file, synthetic_log
+from sessionlogs import synthetic_log
 
 CUTOFFS = [1, 3, 5, 10]
 
@@ -164,8 +164,8 @@ def test_an_unfitted_baseline_says_so():
 
 
 @pytest.mark.parametrize('model, floor', [(MarkovChain(), (0.591, 0.344)), (Pop(), (0.089, 0.026))])
-def test_sanity_floors_on_rsc15_100k(model, floor):
-    train = pd.read_csv(data_file('rsc15_100k_train_full.tsv.gz'), sep='\t')
-    test = pd.read_csv(data_file('rsc15_100k_test.tsv.gz'), sep='\t')
+def test_sanity_floors_on_rsc15_100k(model, floor, data_dir):
+    train = pd.read_csv(data_dir / 'rsc15_100k_train_full.tsv.gz', sep='\t')
+    test = pd.read_csv(data_dir / 'rsc15_100k_test.tsv.gz', sep='\t')
     recall, mrr = evaluate_gpu(model.fit(train), test, cut_off=[20])
     assert (round(recall[20], 3), round(mrr[20], 3)) == floor
