@@ -29,6 +29,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import run
+from evaluation import TIE_MODES
 from gru4rec import BACKENDS, HYPERPARAMETERS, GRU4Rec
 
 PRIMARY = re.compile(r'^PRIMARY METRIC: (\S+)$', re.M)
@@ -104,7 +105,8 @@ def suggest(trial, space):
             params[name] = trial.suggest_int(name, values[0], values[1], step=entry.get('step') or 1,
                                              log=entry.get('log', False))
         else:
-            value = trial.suggest_float(name, values[0], values[1], step=entry.get('step'), log=entry.get('log', False))
+            value = trial.suggest_float(name, values[0], values[1], step=entry.get('step'),
+                                        log=entry.get('log', False))
             params[name] = round(value, 12)  # 0.15, not the 0.15000000000000002 of stepping by 0.05
     return params
 
@@ -151,10 +153,10 @@ def open_study(optuna, url, name, seed, attempts=5):
 
 
 def build_parser():
-    p = run.ArgumentParser(description='Hyper-parameter search for GRU4Rec with Optuna: every trial is a run.py process '
-                    'that trains on TRAIN and is evaluated on VALID.',
-                    epilog='The parameter space file and the storage are described in the docstring of paropt.py. '
-                    'Exit status: 0 on success, 2 on bad input.')
+    p = run.ArgumentParser(description='Hyper-parameter search for GRU4Rec with Optuna: every trial is a run.py '
+                           'process that trains on TRAIN and is evaluated on VALID.',
+                           epilog='The parameter space file and the storage are described in the docstring of '
+                           'paropt.py. Exit status: 0 on success, 2 on bad input.')
     p.add_argument('train', metavar='TRAIN', help='training data (e.g. the train_tr file of preprocess.py)')
     p.add_argument('valid', metavar='VALID', help='validation data the trials are scored on (e.g. train_valid)')
     p.add_argument('-opf', '--optuna-parameter-file', metavar='FILE', required=True,
@@ -168,7 +170,7 @@ def build_parser():
     p.add_argument('-m', '--measure', metavar='K', type=int, default=20, help='the cut-off k (default: 20)')
     p.add_argument('-pm', '--primary-metric', choices=('recall', 'mrr'), default='recall',
                    help='the metric to maximise at k (default: recall)')
-    p.add_argument('-e', '--eval-type', choices=('standard', 'conservative', 'median', 'tiebreaking'),
+    p.add_argument('-e', '--eval-type', choices=TIE_MODES,
                    default='standard', help='tie mode of the evaluation (see run.py; default: standard)')
     p.add_argument('--storage', default='paropt.db',
                    help='Optuna storage: an SQLite file path, or a database URL shared by several workers '

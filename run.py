@@ -230,8 +230,9 @@ def _make_model(args):
     try:
         if args.baseline:
             return make_baseline(args.baseline, **params)
-        return GRU4Rec().set_params(**params, session_key=args.session_key, item_key=args.item_key,
-                                    time_key=args.time_key)
+        # The column names come from -sk / -ik / -tk, which name the columns of every data file.
+        return GRU4Rec().set_params(**dict(params, session_key=args.session_key, item_key=args.item_key,
+                                           time_key=args.time_key))
     except ValueError as e:
         raise InputError(e) from None
 

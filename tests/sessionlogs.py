@@ -1,20 +1,6 @@
-"""Session logs for the command-line, baseline, preprocessing and search tests: small generated ones,
-and the real data in ../shared/data where it is present."""
-from pathlib import Path
-
+"""A generated session log with something to learn, for the command-line, baseline and search tests."""
 import numpy as np
 import pandas as pd
-import pytest
-
-DATA_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data'
-
-
-def data_file(name):
-    """Path of a file in the shared data folder; skips the test when it is absent."""
-    path = DATA_DIR / name
-    if not path.exists():
-        pytest.skip(f'{path} is absent: this test needs the real data in ../shared/data')
-    return path
 
 
 def synthetic_log(n_sessions, n_items=40, seed=0, first_session=1, first_time=0.0):

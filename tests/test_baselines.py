@@ -8,7 +8,7 @@ import pytest
 
 from baselines import BASELINES, ItemKNN, MarkovChain, Pop, SessionPop, make_baseline
 from evaluation import evaluate_gpu
-from sessionlogs import data_file, synthetic_log
+from sessionlogs import synthetic_log
 
 CUTOFFS = [1, 3, 5, 10]
 
@@ -24,7 +24,8 @@ def test():
 
 
 def sessions_of(log):
-    return [group.ItemId.tolist() for _, group in log.sort_values(['SessionId', 'Time']).groupby('SessionId', sort=False)]
+    ordered = log.sort_values(['SessionId', 'Time'])
+    return [group.ItemId.tolist() for _, group in ordered.groupby('SessionId', sort=False)]
 
 
 def reference_scorer(name, train, **params):
@@ -63,7 +64,8 @@ def reference_metrics(scorer, train, test, cutoffs, popularity_ties):
             ahead = sum(1 for i, v in scores.items() if v > s or (popularity_ties and v == s and support[i] > p))
             ranks.append(1 + ahead)
     ranks = np.asarray(ranks)
-    return ({k: np.mean(ranks <= k) for k in cutoffs}, {k: np.mean(np.where(ranks <= k, 1 / ranks, 0)) for k in cutoffs})
+    recall = {k: np.mean(ranks <= k) for k in cutoffs}
+    return recall, {k: np.mean(np.where(ranks <= k, 1 / ranks, 0)) for k in cutoffs}
 
 
 @pytest.mark.parametrize('name', sorted(BASELINES))
@@ -148,7 +150,8 @@ def test_make_baseline_reads_command_line_strings():
 
 
 @pytest.mark.parametrize('model, message', [(ItemKNN(n_sims=0), 'n_sims'), (ItemKNN(alpha=2), 'alpha'),
-                                            (MarkovChain(n_successors=0), 'n_successors'), (Pop(backend='gpu'), 'backend')])
+                                            (MarkovChain(n_successors=0), 'n_successors'),
+                                            (Pop(backend='gpu'), 'backend')])
 def test_bad_parameters_are_named_when_fitting(model, message, train):
     with pytest.raises(ValueError, match=message):
         model.fit(train)
@@ -161,8 +164,8 @@ def test_an_unfitted_baseline_says_so():
 
 
 @pytest.mark.parametrize('model, floor', [(MarkovChain(), (0.591, 0.344)), (Pop(), (0.089, 0.026))])
-def test_sanity_floors_on_rsc15_100k(model, floor):
-    train = pd.read_csv(data_file('rsc15_100k_train_full.tsv.gz'), sep='\t')
-    test = pd.read_csv(data_file('rsc15_100k_test.tsv.gz'), sep='\t')
+def test_sanity_floors_on_rsc15_100k(model, floor, data_dir):
+    train = pd.read_csv(data_dir / 'rsc15_100k_train_full.tsv.gz', sep='\t')
+    test = pd.read_csv(data_dir / 'rsc15_100k_test.tsv.gz', sep='\t')
     recall, mrr = evaluate_gpu(model.fit(train), test, cut_off=[20])
     assert (round(recall[20], 3), round(mrr[20], 3)) == floor

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 import run
-from sessionlogs import data_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / 'examples' / 'rsc15'
 DAY = 86400
@@ -66,8 +65,8 @@ def test_filters_and_splits_follow_the_rules(tmp_path):
     assert sorted(read['train_valid'].SessionId.unique()) == [6]  # the last day of train_full
 
 
-def test_the_rsc15_sample_yields_files_that_run_py_trains_on(tmp_path):
-    status, out, err = call(preprocess.main, data_file('raw/yoochoose-clicks-sample.dat'), tmp_path, '--gzip')
+def test_the_rsc15_sample_yields_files_that_run_py_trains_on(tmp_path, data_dir):
+    status, out, err = call(preprocess.main, data_dir / 'raw' / 'yoochoose-clicks-sample.dat', tmp_path, '--gzip')
     assert status == 0, err
     splits = {split: pd.read_csv(tmp_path / f'rsc15_{split}.tsv.gz', sep='\t') for split in preprocess.SPLITS}
     for train, test in (('train_full', 'test'), ('train_tr', 'train_valid')):
@@ -82,8 +81,8 @@ def test_the_rsc15_sample_yields_files_that_run_py_trains_on(tmp_path):
     assert 'Recall@20: ' in out
 
 
-def test_run_rsc15_trains_and_evaluates_the_preprocessed_files(tmp_path):
-    call(preprocess.main, data_file('raw/yoochoose-clicks-sample.dat'), tmp_path / 'rsc15')
+def test_run_rsc15_trains_and_evaluates_the_preprocessed_files(tmp_path, data_dir):
+    call(preprocess.main, data_dir / 'raw' / 'yoochoose-clicks-sample.dat', tmp_path / 'rsc15')
     status, out, err = call(load_example('run_rsc15').main, tmp_path / 'rsc15', '--epochs', '1')
     assert status == 0, err
     assert 'paramfiles/rsc15_xe_shared_100_best.py' in out.splitlines()[0]
@@ -97,8 +96,8 @@ def test_the_generated_fallback_log_is_in_the_data_format(tmp_path):
         assert list(pd.read_csv(path, sep='\t').columns) == ['SessionId', 'ItemId', 'Time']
 
 
-def test_refuses_to_overwrite_its_input(tmp_path):
-    source = data_file('raw/yoochoose-clicks-sample.dat')
+def test_refuses_to_overwrite_its_input(tmp_path, data_dir):
+    source = data_dir / 'raw' / 'yoochoose-clicks-sample.dat'
     raw = shutil.copy(source, tmp_path / 'x_test.tsv')
     status, out, err = call(preprocess.main, raw, tmp_path / 'x')
     assert status == 2 and 'refusing to overwrite the input' in err
