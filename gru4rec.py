@@ -995,7 +995,8 @@ class GRU4Rec:
         sessions: a DataFrame in the training format (session, item, time columns) or a dict
         {session id: [item ids in order]}. Items the model does not know are skipped; sessions with no
         known item get no recommendation. exclude_seen=True never recommends an item already in the
-        session. Returns a DataFrame with columns session key, 'rank' (1 = best), item key, 'score'.
+        session (so a session gets fewer than k items when fewer than k are unseen). Returns a DataFrame
+        with columns session key, 'rank' (1 = best), item key, 'score'.
         """
         self._require_trained()
         if int(k) < 1:
@@ -1035,7 +1036,10 @@ class GRU4Rec:
             results.append(pd.DataFrame({
                 self.session_key: np.repeat(session_ids[batch], k), 'rank': np.tile(np.arange(1, k + 1), len(batch)),
                 self.item_key: self.itemidmap[top.ravel()], 'score': np.take_along_axis(scores, top, 1).ravel()}))
-        return pd.concat(results, ignore_index=True)
+        result = pd.concat(results, ignore_index=True)
+        if exclude_seen:  # when k exceeds the unseen items, the seen ones (score -inf) filled the top k
+            result = result[result['score'] > -np.inf].reset_index(drop=True)
+        return result
 
     def _item_indices(self, item_ids, what):
         idx = self.itemidmap.get_indexer(np.asarray(item_ids))
