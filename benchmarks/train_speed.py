@@ -1,0 +1,108 @@
+"""Training speed of GRU4Rec: mini-batches/s, events/s, seconds per epoch, peak memory, compile time.
+
+    python benchmarks/train_speed.py --data yoochoose1_64_train_full -ps rsc15_xe_shared_100_best
+    python benchmarks/train_speed.py --data synthetic:10000000:300000 -ps rsc15_xe_shared_100_best --steps 20000
+    python benchmarks/train_speed.py -ps rsc15_xe_shared_100_best --steps 2000 --profile
+
+Trains one epoch, or the first --steps mini-batches of it (on the whole data set and item set; the
+seconds per epoch are then extrapolated and labelled so). The speed excludes the first step, which on
+the Numba and JAX backends also compiles the graph; that step is reported on its own. --profile prints
+the per-op profile of the training step: PyTensor's own for the C backend (in thread CPU time unless
+--wall-clock), node_profile.py's for Numba and JAX, which compile the whole graph into one function.
+"""
+import argparse
+import itertools
+import time
+
+from common import add_common_arguments, describe_blas, load_log, peak_rss_mb, read_params, threads
+
+import gru4rec
+from gru4rec import GRU4Rec
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument('--steps', type=int, help='train only this many mini-batches (default: one epoch)')
+    parser.add_argument('--sample-store', type=int, default=10000000)
+    parser.add_argument('--profile', action='store_true', help='print a per-op profile of the training step')
+    parser.add_argument('--wall-clock', action='store_true', help='profile in wall-clock time (default: thread CPU time)')
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    data = load_log(args.data)
+    load_seconds = time.perf_counter() - t0
+    rss_data = peak_rss_mb()
+    params = read_params(args)
+    params.update(n_epochs=1, verbose=False)
+    model = GRU4Rec()
+    model.set_params(**params)
+    c_profile = args.profile and model.backend == 'c'
+
+    timings = {'compile': 0.0, 'first_step': None}
+    build = GRU4Rec._build
+
+    def timed_build(self):
+        start = time.perf_counter()
+        build(self)
+        timings['compile'] += time.perf_counter() - start
+        train_fn = self._train_fn
+
+        def first_step(*inputs):
+            start = time.perf_counter()
+            cost = train_fn(*inputs)
+            timings['first_step'] = time.perf_counter() - start
+            timings['inputs'] = [i.copy() if hasattr(i, 'copy') else i for i in inputs]
+            self._train_fn = train_fn
+            return cost
+        self._train_fn = first_step
+    GRU4Rec._build = timed_build
+
+    counts = {'steps': 0, 'events': 0, 'epoch_steps': None}
+    batches = gru4rec.session_parallel_batches
+
+    def counted_batches(*a, **kw):
+        for batch in itertools.islice(batches(*a, **kw), args.steps):
+            counts['steps'] += 1
+            counts['events'] += len(batch[0])
+            yield batch
+        if args.steps:  # the length of a whole epoch, for the extrapolation
+            counts['epoch_steps'] = sum(1 for _ in batches(*a, **kw))
+    gru4rec.session_parallel_batches = counted_batches
+
+    import pytensor
+    if c_profile and not args.wall_clock:
+        # CPU time of the calling thread: on a busy machine wall-clock times charge whatever op was
+        # running when the scheduler switched away. (Threads that BLAS starts are then not counted.)
+        import types
+        import pytensor.link.vm as vm
+        vm.time = types.SimpleNamespace(perf_counter=time.thread_time)
+    t0 = time.perf_counter()
+    with pytensor.config.change_flags(profile=c_profile):
+        model.fit(data, sample_store=args.sample_store)
+    fit_seconds = time.perf_counter() - t0
+    seconds = model.history_[-1]['seconds'] - timings['first_step']
+    steps, events = counts['steps'] - 1, counts['events']
+    epoch_steps = counts['epoch_steps'] or counts['steps']
+
+    print(f'data: {args.data} ({len(data):,} events, {model.n_items:,} items, loaded in {load_seconds:.1f}s)')
+    print(f'params: {",".join(f"{k}={v}" for k, v in params.items())}')
+    print(f"backend: {model.backend} (mode {gru4rec.BACKENDS[model.backend]}); BLAS: {describe_blas(model.backend)}; "
+          f"threads: {threads()}")
+    print(f"graph compile: {timings['compile']:.2f}s; first step: {timings['first_step']:.2f}s")
+    print(f'trained: {counts["steps"]:,} mini-batches, {events:,} events (fit() total {fit_seconds:.2f}s)')
+    print(f'speed: {steps / seconds:.1f} mini-batches/s, {events * steps / counts["steps"] / seconds:,.0f} events/s')
+    label = ('seconds per epoch' if epoch_steps == counts['steps'] else
+             f'seconds per epoch (extrapolated from {counts["steps"]:,} of {epoch_steps:,} mini-batches)')
+    print(f'{label}: {epoch_steps / (steps / seconds):.1f}')
+    print(f'peak RSS: {peak_rss_mb():,.0f} MiB (after loading the data: {rss_data:,.0f} MiB)')
+    print(f"loss: {model.history_[-1]['loss']:.6f}")
+    if c_profile:
+        model._train_fn.profile.summary()
+    elif args.profile:
+        from node_profile import print_node_profile
+        print_node_profile(model._train_fn, timings['inputs'])
+
+
+if __name__ == '__main__':
+    main()
