@@ -8,7 +8,7 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt', 'synthetic'],
+    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt', 'synthetic', 'cbackend'],
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=2.30',
@@ -16,6 +16,7 @@ setup(
         'pandas>=2.0',
         'tqdm>=4.60',
         'scipy>=1.10',
+        'scipy-openblas32>=0.3.27',  # BLAS for the C backend (see cbackend.py)
     ],
     extras_require={
         'parquet': ['pyarrow>=12'],

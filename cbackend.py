@@ -1,0 +1,182 @@
+"""PyTensor's C backend set up for GRU4Rec's graphs on a CPU.
+
+A pip-installed PyTensor 3 runs much of these graphs slowly on its C backend (its default is now
+Numba, whose element-wise exp/log are scalar calls and whose BLAS threads, on a shared machine, spin).
+This module fixes each cause for the functions GRU4Rec compiles, leaving PyTensor's global
+configuration alone (compile_flags() is applied only around GRU4Rec's own compilations):
+
+1. No BLAS. PyTensor's C code calls BLAS through its Fortran names (sgemm_, ...) and links whatever
+   `blas__ldflags` names; pip installs none that it finds, so every matrix product is a Python call
+   into numpy. The scipy-openblas32 wheel ships OpenBLAS as a shared library whose symbols carry a
+   `scipy_` prefix: we link it and map the names with the preprocessor. One BLAS thread.
+2. Scalar math. The element-wise loops call expf, logf, ... one value at a time. glibc has vector
+   versions (libmvec) that gcc calls when `__FAST_MATH__` is defined and errno is not needed
+   (PyTensor already compiles with -fno-math-errno). Defining the macro alone turns them on without
+   the rest of -ffast-math: no reassociation, NaN and infinity kept; results within a few ulp.
+3. Row scatters in Python. Writing gathered rows back into a matrix (AdvancedIncSubtensor1 on a
+   matrix: the sparse updates of item embeddings and their optimiser state) has no C code in PyTensor 3
+   and runs numpy's np.add.at. `RowScatter` is a C loop over the rows, swapped in by a graph rewrite
+   for in-place scatters of matrices.
+4. Reductions. PyTensor's C reductions walk a generic strided loop one element at a time (a row sum
+   of a 32 x 2080 matrix took ~10x numpy's); large sums, maxima and minima run numpy's vectorised
+   loops instead (`NumpyReduce`), and element-wise work is not fused into them.
+5. Softmax, which PyTensor 3 recognises and turns into an op that the C backend runs in Python, stays
+   the element-wise graph it is written as; and a product whose gradient is used twice with different
+   constant factors is not computed twice (the dot22scalar rewrite folds each factor into its own copy).
+"""
+import ctypes
+import functools
+import os
+import re
+
+import numpy as np
+import pytensor
+from pytensor.compile.mode import get_mode
+from pytensor.graph.basic import Apply
+from pytensor.graph.rewriting.basic import in2out, node_rewriter
+from pytensor.graph.op import Op
+from pytensor.link.c.op import COp
+from pytensor.scalar import basic as ps
+from pytensor.tensor.elemwise import CAReduce
+from pytensor.tensor.type import TensorType
+from pytensor.tensor.subtensor import AdvancedIncSubtensor1
+
+@functools.cache
+def blas_ldflags():
+    """Link flags for BLAS: the user's (PYTENSOR_FLAGS or .pytensorrc), else scipy-openblas32's, else
+    whatever PyTensor finds by itself (often nothing)."""
+    try:
+        pytensor.config.fetch_val_for_key('blas__ldflags')
+        return pytensor.config.blas__ldflags
+    except KeyError:
+        pass
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return pytensor.config.blas__ldflags
+    from pytensor.tensor.blas_headers import blas_header_text
+    lib_dir = scipy_openblas32.get_lib_dir()
+    library = scipy_openblas32.get_library()
+    if 'OPENBLAS_NUM_THREADS' not in os.environ:
+        # The products are small (batch x layer x scored items). On a machine shared with other work,
+        # OpenBLAS's spinning worker threads made each of them many times slower than one thread.
+        ctypes.CDLL(os.path.join(lib_dir, f'lib{library}.so')).scipy_openblas_set_num_threads(1)
+    with pytensor.config.change_flags(blas__ldflags='-l' + library):
+        names = sorted(set(re.findall(r'\b([a-z][a-z0-9]*_)\s*\(', blas_header_text())))
+    renames = [f'-D{name}=scipy_{name}' for name in names]
+    return ' '.join([f'-L{lib_dir}', f'-l{library}', f'-Wl,-rpath,{lib_dir}'] + renames)
+
+
+def compile_flags():
+    """pytensor.config flags to compile GRU4Rec's functions with on the C backend."""
+    return {'blas__ldflags': blas_ldflags(),
+            'gcc__cxxflags': (pytensor.config.gcc__cxxflags + ' -D__FAST_MATH__').strip()}
+
+
+class RowScatter(COp):
+    """x[idx[i], :] += y[i, :] for every i in order (or = with set_instead_of_inc), in place on x."""
+
+    __props__ = ('set_instead_of_inc',)
+
+    def __init__(self, set_instead_of_inc):
+        self.set_instead_of_inc = set_instead_of_inc
+        self.destroy_map = {0: [0]}
+
+    def make_node(self, x, y, idx):
+        return Apply(self, [x, y, idx], [x.type()])
+
+    def perform(self, node, inputs, output_storage):
+        x, y, idx = inputs
+        if self.set_instead_of_inc:
+            x[idx] = y
+        else:
+            np.add.at(x, idx, y)
+        output_storage[0][0] = x
+
+    def c_code_cache_version(self):
+        return (1,)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        x, y, idx = inputs
+        (out,) = outputs
+        op = '=' if self.set_instead_of_inc else '+='
+        fail = sub['fail']
+        return f"""
+        {{
+            npy_intp n = PyArray_DIM({x}, 0), L = PyArray_DIM({x}, 1), k = PyArray_DIM({idx}, 0);
+            if (PyArray_DIM({y}, 0) != k || PyArray_DIM({y}, 1) != L) {{
+                PyErr_SetString(PyExc_ValueError, "RowScatter: y must have one row of x's width per index");
+                {fail}
+            }}
+            npy_intp xs0 = PyArray_STRIDE({x}, 0) / sizeof(dtype_{x}), xs1 = PyArray_STRIDE({x}, 1) / sizeof(dtype_{x});
+            npy_intp ys0 = PyArray_STRIDE({y}, 0) / sizeof(dtype_{y}), ys1 = PyArray_STRIDE({y}, 1) / sizeof(dtype_{y});
+            npy_intp is0 = PyArray_STRIDE({idx}, 0) / sizeof(dtype_{idx});
+            const dtype_{idx}* index = (const dtype_{idx}*)PyArray_DATA({idx});
+            for (npy_intp i = 0; i < k; i++) {{
+                npy_intp r = index[i * is0];
+                if (r < 0) r += n;
+                if (r < 0 || r >= n) {{
+                    PyErr_Format(PyExc_IndexError, "RowScatter: index %ld out of bounds for %ld rows", (long)index[i * is0], (long)n);
+                    {fail}
+                }}
+                dtype_{x}* __restrict__ xr = (dtype_{x}*)PyArray_DATA({x}) + r * xs0;
+                const dtype_{y}* __restrict__ yr = (const dtype_{y}*)PyArray_DATA({y}) + i * ys0;
+                if (xs1 == 1 && ys1 == 1) {{
+                    for (npy_intp j = 0; j < L; j++) xr[j] {op} yr[j];
+                }} else {{
+                    for (npy_intp j = 0; j < L; j++) xr[j * xs1] {op} yr[j * ys1];
+                }}
+            }}
+            Py_XDECREF({out});
+            {out} = {x};
+            Py_INCREF({out});
+        }}
+        """
+
+
+@node_rewriter([AdvancedIncSubtensor1])
+def local_row_scatter(fgraph, node):
+    x, y, idx = node.inputs
+    if node.op.inplace and x.ndim == 2 and y.ndim == 2 and x.dtype == y.dtype:
+        return [RowScatter(node.op.set_instead_of_inc)(x, y, idx)]
+    return None
+
+
+class NumpyReduce(Op):
+    """A sum, max or min over axes, computed by numpy's vectorised reduction loops."""
+
+    __props__ = ('ufunc', 'axis', 'acc_dtype', 'dtype')
+
+    def __init__(self, ufunc, axis, acc_dtype, dtype):
+        self.ufunc, self.axis, self.acc_dtype, self.dtype = ufunc, axis, acc_dtype, dtype
+
+    def make_node(self, x):
+        shape = [n for i, n in enumerate(x.type.shape) if i not in self.axis]
+        return Apply(self, [x], [TensorType(self.dtype, shape=shape)()])
+
+    def perform(self, node, inputs, output_storage):
+        (x,) = inputs
+        reduced = getattr(np, self.ufunc).reduce(x, axis=self.axis, dtype=self.acc_dtype)
+        output_storage[0][0] = np.asarray(reduced, dtype=self.dtype)
+
+
+REDUCE_UFUNCS = {ps.Add: 'add', ps.Maximum: 'maximum', ps.Minimum: 'minimum'}
+
+
+@node_rewriter([CAReduce])
+def local_numpy_reduce(fgraph, node):
+    (x,) = node.inputs
+    ufunc = REDUCE_UFUNCS.get(type(node.op.scalar_op))
+    size = np.prod(x.type.shape) if None not in x.type.shape else None
+    if ufunc is None or (size is not None and size < 4096):
+        return None
+    axis = tuple(range(x.ndim)) if node.op.axis is None else tuple(node.op.axis)
+    return [NumpyReduce(ufunc, axis, getattr(node.op, 'acc_dtype', None), node.outputs[0].dtype)(x)]
+
+
+@functools.cache
+def c_mode():
+    """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
+    op, nor element-wise work into (slow, scalar) C reductions."""
+    return (get_mode('CVM').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
+            .register((in2out(local_row_scatter), 99), (in2out(local_numpy_reduce), 99)))
