@@ -33,6 +33,8 @@ import pytensor.tensor as pt
 from pytensor.compile.mode import get_mode
 from tqdm import tqdm
 
+import cbackend
+
 FLOAT = 'float32'
 MODEL_FORMAT = 'gru4rec-npz'
 MODEL_FORMAT_VERSION = 1  # the file ends with a SHA-256 of everything before it
@@ -229,6 +231,10 @@ def session_parallel_batches(items, offsets, session_order, batch_size, min_slot
 def compile_function(inputs, outputs, updates=None, backend='c'):
     """pytensor.function in the compile mode of `backend` (a key of BACKENDS); GRU4Rec and the
     baselines compile every graph through it."""
+    if backend == 'c':
+        with pytensor.config.change_flags(**cbackend.compile_flags()):
+            return pytensor.function(inputs, outputs, updates=updates, mode=cbackend.c_mode(),
+                                     on_unused_input='ignore')
     return pytensor.function(inputs, outputs, updates=updates, mode=get_mode(BACKENDS[backend]),
                              on_unused_input='ignore')
 
