@@ -31,6 +31,7 @@ import pandas as pd
 import pytensor
 import pytensor.tensor as pt
 from pytensor.compile.mode import get_mode
+from pytensor.gradient import disconnected_grad
 from tqdm import tqdm
 
 import cbackend
@@ -64,8 +65,14 @@ def _selu(scale, alpha):
     return lambda x: scale * pt.switch(x >= 0, x, alpha * pt.expm1(x))
 
 
+def _row_max(x):
+    """Row maxima to subtract before exp so that it cannot overflow. The results do not depend on the
+    shift, so no gradient flows through it (autodiff would spend a pass and a reduction on a zero)."""
+    return disconnected_grad(x.max(axis=1, keepdims=True))
+
+
 def _softmax(x):
-    e = pt.exp(x - x.max(axis=1, keepdims=True))
+    e = pt.exp(x - _row_max(x))
     return e / e.sum(axis=1, keepdims=True)
 
 
@@ -119,7 +126,7 @@ def _softmax_negatives(Yhat, cols):
     negatives = pt.neq(pt.arange(Yhat.shape[0])[:, None], pt.arange(Yhat.shape[1])[None, :])  # M x N
     if cols is not None:
         negatives = negatives * cols
-    e = pt.exp(Yhat - Yhat.max(axis=1, keepdims=True)) * negatives
+    e = pt.exp(Yhat - _row_max(Yhat)) * negatives
     return e / e.sum(axis=1, keepdims=True)
 
 
@@ -140,8 +147,8 @@ def loss_cross_entropy(Yhat, smoothing=0.0, cols=None, **_):
 
 def loss_xe_logit(Yhat, smoothing=0.0, cols=None, **_):
     """Cross-entropy computed stably from logits (use with final_act='softmax_logit')."""
-    m = Yhat.max(axis=1)
-    logsumexp = m + pt.log(_row_sum(pt.exp(Yhat - m[:, None]), cols))
+    m = _row_max(Yhat)
+    logsumexp = m[:, 0] + pt.log(_row_sum(pt.exp(Yhat - m), cols))
     nll = logsumexp - _diag(Yhat)
     if smoothing == 0:
         return nll
@@ -603,23 +610,12 @@ class GRU4Rec:
         cols = pt.concatenate([active, pt.ones(self.n_sample, dtype=FLOAT)])  # N: the columns that count
 
         # Sparse path: gather the item rows a step touches, differentiate w.r.t. the gathered rows.
-        row_index = OrderedDict()
-        if self.constrained_embedding:
-            row_index['Wy'] = pt.concatenate([X, Y])
-        else:
-            row_index['Wy'] = Y
-            row_index['E' if 'E' in self.params else 'Wx0'] = X
-        row_index['By'] = Y
-        gathered = OrderedDict((name, self.params[name][idx]) for name, idx in row_index.items())
-        if self.constrained_embedding:
-            input_rows = {'Wy': gathered['Wy'][:B]}  # B x L_last
-            Wy_out = gathered['Wy'][B:]  # N x L_last
-        else:
-            input_rows = {n: gathered[n] for n in ('E', 'Wx0') if n in gathered}
-            Wy_out = gathered['Wy']  # N x L_last
+        input_table = 'Wy' if self.constrained_embedding else 'E' if 'E' in self.params else 'Wx0'
+        reads = [(input_table, X), ('Wy', Y), ('By', Y)]  # (parameter, item indices)
+        gathered = [self.params[name][idx] for name, idx in reads]
         H_prev = [H[prev_rows] * keep[:, None] for H in self.H]
-        H_new = self._forward(X, H_prev, training=True, item_rows=input_rows)
-        logits = self._output(H_new[-1], Wy_out, gathered['By'])  # B x N
+        H_new = self._forward(X, H_prev, training=True, item_rows={input_table: gathered[0]})
+        logits = self._output(H_new[-1], gathered[1], gathered[2])  # B x N
         if self.logq:
             log_q = pt.concatenate([self.P_target[T], self.P_sample[Y[B:]]])  # N
             logits = logits - np.float32(self.logq) * log_q
@@ -628,10 +624,17 @@ class GRU4Rec:
         row_loss = LOSSES[self.loss](Yhat, smoothing=np.float32(self.smoothing), bpreg=np.float32(self.bpreg), cols=cols)
         cost = (row_loss * active).sum() / np.float32(B)
 
-        dense = [v for n, v in self.params.items() if n not in row_index]
-        sparse = [(self.params[n], row_index[n]) for n in gathered]
-        grads = pytensor.grad(cost, dense + list(gathered.values()))
-        updates = self._optimizer_updates([(p, None) for p in dense] + sparse, grads)
+        dense = [v for n, v in self.params.items() if n not in dict(reads)]
+        grads = pytensor.grad(cost, dense + gathered)
+        # A parameter read twice (Wy under the constrained embedding: at X and at Y) is updated once,
+        # at the concatenated indices [X | Y] with the concatenated row gradients.
+        sparse = OrderedDict()
+        for (name, idx), grad in zip(reads, grads[len(dense):]):
+            sparse.setdefault(name, []).append((idx, grad))
+        targets = [(p, None) for p in dense] + [(self.params[n], pt.concatenate([i for i, _ in parts]))
+                                                for n, parts in sparse.items()]
+        grads = grads[:len(dense)] + [pt.concatenate([g for _, g in parts]) for parts in sparse.values()]
+        updates = self._optimizer_updates(targets, grads)
         for H, h in zip(self.H, H_new):
             updates[H] = h
         if self._rng_cursor is not self._dropout_rng:
