@@ -851,15 +851,19 @@ class GRU4Rec:
             total, n_steps, n_events = 0.0, 0, 0
             progress = tqdm(total=n_pairs, desc=f'Epoch{epoch}', leave=False, unit='e',
                             disable=None if self.verbose else True)
+            # The batches have exactly the graph's input types, so the per-call input checks (about
+            # 35 us, 10x the rest of the call's overhead) are skipped while training.
+            self._train_fn.trust_input = True
             try:
                 for X, T, prev_rows, keep in session_parallel_batches(items, offsets, session_order,
                                                                       self.batch_size, min_slots):
                     if self.n_sample and store_pos == n_store:
                         n_store, store_pos = self._refill_sample_store(), 0
+                    step = np.asarray(store_pos, dtype=np.int32)
                     if len(X) == self.batch_size:
-                        cost = self._train_fn(X, T, prev_rows, keep, all_active, store_pos)
+                        cost = self._train_fn(X, T, prev_rows, keep, all_active, step)
                     else:
-                        cost = self._train_fn(*self._padded_batch(X, T, prev_rows, keep), store_pos)
+                        cost = self._train_fn(*self._padded_batch(X, T, prev_rows, keep), step)
                     store_pos += 1 if self.n_sample else 0
                     if not np.isfinite(cost):
                         self._push_state()
@@ -880,6 +884,7 @@ class GRU4Rec:
                       f'{len(self.history_)} completed epoch(s).', file=sys.stderr, flush=True)
                 return
             finally:
+                self._train_fn.trust_input = False
                 progress.close()
             seconds = time.time() - t0
             record = {'epoch': len(self.history_) + 1, 'loss': float(total) / max(n_steps, 1), 'seconds': seconds}
