@@ -20,6 +20,28 @@ import gru4rec
 from gru4rec import GRU4Rec
 
 
+class FirstCallTimer:
+    """Stands in for the compiled training step until its first call, which it times (on Numba and
+    JAX that call compiles the graph) and whose inputs it keeps for the per-node profile."""
+
+    def __init__(self, model, fn, timings):
+        self.__dict__.update(model=model, fn=fn, timings=timings)
+
+    def __call__(self, *inputs):
+        start = time.perf_counter()
+        cost = self.fn(*inputs)
+        self.timings['first_step'] = time.perf_counter() - start
+        self.timings['inputs'] = [i.copy() if hasattr(i, 'copy') else i for i in inputs]
+        self.model._train_fn = self.fn
+        return cost
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.fn, name, value)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
@@ -46,16 +68,7 @@ def main():
         start = time.perf_counter()
         build(self)
         timings['compile'] += time.perf_counter() - start
-        train_fn = self._train_fn
-
-        def first_step(*inputs):
-            start = time.perf_counter()
-            cost = train_fn(*inputs)
-            timings['first_step'] = time.perf_counter() - start
-            timings['inputs'] = [i.copy() if hasattr(i, 'copy') else i for i in inputs]
-            self._train_fn = train_fn
-            return cost
-        self._train_fn = first_step
+        self._train_fn = FirstCallTimer(self, self._train_fn, timings)
     GRU4Rec._build = timed_build
 
     counts = {'steps': 0, 'events': 0, 'epoch_steps': None}
