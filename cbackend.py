@@ -20,9 +20,11 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
 4. Reductions. PyTensor's C reductions walk a generic strided loop one element at a time (a row sum
    of a 32 x 2080 matrix took ~10x numpy's); large sums, maxima and minima run numpy's vectorised
    loops instead (`NumpyReduce`), and element-wise work is not fused into them.
-5. Softmax, which PyTensor 3 recognises and turns into an op that the C backend runs in Python, stays
-   the element-wise graph it is written as; and a product whose gradient is used twice with different
-   constant factors is not computed twice (the dot22scalar rewrite folds each factor into its own copy).
+5. Softmax is an op that PyTensor 3's C backend runs in Python. `RowSoftmax` computes it in C, a row
+   at a time while the row is in cache. (PyTensor's rewrite that turns a written-out softmax into the
+   op is off: on a training graph it leaves the gradient recomputing the exponentials.)
+6. A product whose gradient is used twice with different constant factors is computed once (the
+   dot22scalar rewrite would fold each factor into its own copy of the product).
 """
 import ctypes
 import functools
@@ -38,6 +40,7 @@ from pytensor.graph.op import Op
 from pytensor.link.c.op import COp
 from pytensor.scalar import basic as ps
 from pytensor.tensor.elemwise import CAReduce
+from pytensor.tensor.special import Softmax
 from pytensor.tensor.type import TensorType
 from pytensor.tensor.subtensor import AdvancedIncSubtensor1
 
@@ -160,6 +163,76 @@ class NumpyReduce(Op):
         output_storage[0][0] = np.asarray(reduced, dtype=self.dtype)
 
 
+class RowSoftmax(COp):
+    """Softmax over the rows of a matrix, each row computed while it is in cache: the max, exp(x - max),
+    their sum (in float64) and the division, as PyTensor's element-wise graph of it does, in one go."""
+
+    __props__ = ()
+
+    def make_node(self, x):
+        return Apply(self, [x], [x.type()])
+
+    def perform(self, node, inputs, output_storage):
+        (x,) = inputs
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        output_storage[0][0] = e / e.sum(axis=1, keepdims=True, dtype=np.float64).astype(x.dtype)
+
+    def c_code_cache_version(self):
+        return (2,)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        (x,) = inputs
+        (out,) = outputs
+        fail = sub['fail']
+        return f"""
+        {{
+            npy_intp M = PyArray_DIM({x}, 0), N = PyArray_DIM({x}, 1);
+            if (!{out} || PyArray_DIM({out}, 0) != M || PyArray_DIM({out}, 1) != N || !PyArray_IS_C_CONTIGUOUS({out})) {{
+                Py_XDECREF({out});
+                npy_intp dims[2] = {{M, N}};
+                {out} = (PyArrayObject*)PyArray_EMPTY(2, dims, PyArray_TYPE({x}), 0);
+                if (!{out}) {{ {fail} }}
+            }}
+            npy_intp xs0 = PyArray_STRIDE({x}, 0) / sizeof(dtype_{x}), xs1 = PyArray_STRIDE({x}, 1) / sizeof(dtype_{x});
+            for (npy_intp i = 0; i < M; i++) {{
+                const dtype_{x}* __restrict__ xr = (const dtype_{x}*)PyArray_DATA({x}) + i * xs0;
+                dtype_{out}* __restrict__ o = (dtype_{out}*)PyArray_DATA({out}) + i * N;
+                // Eight running maxima and sums: independent chains the compiler can vectorise. (A NaN
+                // in the row is skipped by the max but still makes the whole row NaN, as before.)
+                dtype_{x} m8[8];
+                double s8[8];
+                for (int k = 0; k < 8; k++) {{ m8[k] = xr[0]; s8[k] = 0; }}
+                npy_intp j = 0;
+                for (; j + 8 <= N; j += 8)
+                    for (int k = 0; k < 8; k++) m8[k] = xr[(j + k) * xs1] > m8[k] ? xr[(j + k) * xs1] : m8[k];
+                for (; j < N; j++) m8[0] = xr[j * xs1] > m8[0] ? xr[j * xs1] : m8[0];
+                dtype_{x} m = m8[0];
+                for (int k = 1; k < 8; k++) m = m8[k] > m ? m8[k] : m;
+                if (xs1 == 1) {{
+                    for (j = 0; j < N; j++) o[j] = exp(xr[j] - m);
+                }} else {{
+                    for (j = 0; j < N; j++) o[j] = exp(xr[j * xs1] - m);
+                }}
+                for (j = 0; j + 8 <= N; j += 8)
+                    for (int k = 0; k < 8; k++) s8[k] += o[j + k];
+                for (; j < N; j++) s8[0] += o[j];
+                double sum = 0;
+                for (int k = 0; k < 8; k++) sum += s8[k];
+                dtype_{out} s = (dtype_{out})sum;
+                for (j = 0; j < N; j++) o[j] = o[j] / s;
+            }}
+        }}
+        """
+
+
+@node_rewriter([Softmax])
+def local_row_softmax(fgraph, node):
+    (x,) = node.inputs
+    if x.ndim == 2 and tuple(node.op.axis) == (1,) and x.dtype in ('float32', 'float64'):
+        return [RowSoftmax()(x)]
+    return None
+
+
 REDUCE_UFUNCS = {ps.Add: 'add', ps.Maximum: 'maximum', ps.Minimum: 'minimum'}
 
 
@@ -179,4 +252,5 @@ def c_mode():
     """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
     op, nor element-wise work into (slow, scalar) C reductions."""
     return (get_mode('CVM').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
-            .register((in2out(local_row_scatter), 99), (in2out(local_numpy_reduce), 99)))
+            .register((in2out(local_row_scatter), 99), (in2out(local_numpy_reduce), 99),
+                      (in2out(local_row_softmax), 99)))
