@@ -72,8 +72,12 @@ def peak_rss_mb():
 def describe_blas(backend):
     if backend != 'c':
         return "the backend's own"
-    import cbackend
-    flags = cbackend.blas_ldflags()
+    try:
+        import cbackend
+        flags = cbackend.blas_ldflags()
+    except ImportError:  # a version of GRU4Rec without it
+        import pytensor
+        flags = pytensor.config.blas__ldflags
     return ' '.join(f for f in flags.split() if not f.startswith('-D')) if flags else 'none'
 
 
