@@ -178,7 +178,7 @@ class RowSoftmax(COp):
         output_storage[0][0] = e / e.sum(axis=1, keepdims=True, dtype=np.float64).astype(x.dtype)
 
     def c_code_cache_version(self):
-        return (2,)
+        return (3,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         (x,) = inputs
@@ -187,15 +187,16 @@ class RowSoftmax(COp):
         return f"""
         {{
             npy_intp M = PyArray_DIM({x}, 0), N = PyArray_DIM({x}, 1);
+            PyArrayObject* contiguous = PyArray_GETCONTIGUOUS({x});  // a new reference (a copy if strided)
+            if (!contiguous) {{ {fail} }}
             if (!{out} || PyArray_DIM({out}, 0) != M || PyArray_DIM({out}, 1) != N || !PyArray_IS_C_CONTIGUOUS({out})) {{
                 Py_XDECREF({out});
                 npy_intp dims[2] = {{M, N}};
                 {out} = (PyArrayObject*)PyArray_EMPTY(2, dims, PyArray_TYPE({x}), 0);
                 if (!{out}) {{ {fail} }}
             }}
-            npy_intp xs0 = PyArray_STRIDE({x}, 0) / sizeof(dtype_{x}), xs1 = PyArray_STRIDE({x}, 1) / sizeof(dtype_{x});
             for (npy_intp i = 0; i < M; i++) {{
-                const dtype_{x}* __restrict__ xr = (const dtype_{x}*)PyArray_DATA({x}) + i * xs0;
+                const dtype_{x}* __restrict__ xr = (const dtype_{x}*)PyArray_DATA(contiguous) + i * N;
                 dtype_{out}* __restrict__ o = (dtype_{out}*)PyArray_DATA({out}) + i * N;
                 // Eight running maxima and sums: independent chains the compiler can vectorise. (A NaN
                 // in the row is skipped by the max but still makes the whole row NaN, as before.)
@@ -204,15 +205,11 @@ class RowSoftmax(COp):
                 for (int k = 0; k < 8; k++) {{ m8[k] = xr[0]; s8[k] = 0; }}
                 npy_intp j = 0;
                 for (; j + 8 <= N; j += 8)
-                    for (int k = 0; k < 8; k++) m8[k] = xr[(j + k) * xs1] > m8[k] ? xr[(j + k) * xs1] : m8[k];
-                for (; j < N; j++) m8[0] = xr[j * xs1] > m8[0] ? xr[j * xs1] : m8[0];
+                    for (int k = 0; k < 8; k++) m8[k] = xr[j + k] > m8[k] ? xr[j + k] : m8[k];
+                for (; j < N; j++) m8[0] = xr[j] > m8[0] ? xr[j] : m8[0];
                 dtype_{x} m = m8[0];
                 for (int k = 1; k < 8; k++) m = m8[k] > m ? m8[k] : m;
-                if (xs1 == 1) {{
-                    for (j = 0; j < N; j++) o[j] = exp(xr[j] - m);
-                }} else {{
-                    for (j = 0; j < N; j++) o[j] = exp(xr[j * xs1] - m);
-                }}
+                for (j = 0; j < N; j++) o[j] = exp(xr[j] - m);
                 for (j = 0; j + 8 <= N; j += 8)
                     for (int k = 0; k < 8; k++) s8[k] += o[j + k];
                 for (; j < N; j++) s8[0] += o[j];
@@ -221,6 +218,7 @@ class RowSoftmax(COp):
                 dtype_{out} s = (dtype_{out})sum;
                 for (j = 0; j < N; j++) o[j] = o[j] / s;
             }}
+            Py_DECREF(contiguous);
         }}
         """
 
