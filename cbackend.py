@@ -28,6 +28,7 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
 """
 import ctypes
 import functools
+import glob
 import os
 import re
 
@@ -63,7 +64,8 @@ def blas_ldflags():
     if 'OPENBLAS_NUM_THREADS' not in os.environ:
         # The products are small (batch x layer x scored items). On a machine shared with other work,
         # OpenBLAS's spinning worker threads made each of them many times slower than one thread.
-        ctypes.CDLL(os.path.join(lib_dir, f'lib{library}.so')).scipy_openblas_set_num_threads(1)
+        for path in glob.glob(os.path.join(lib_dir, f'lib{library}.*')):
+            ctypes.CDLL(path).scipy_openblas_set_num_threads(1)
     with pytensor.config.change_flags(blas__ldflags='-l' + library):
         names = sorted(set(re.findall(r'\b([a-z][a-z0-9]*_)\s*\(', blas_header_text())))
     renames = [f'-D{name}=scipy_{name}' for name in names]
