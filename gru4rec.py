@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 FLOAT = 'float32'
 MODEL_FORMAT = 'gru4rec-npz'
-MODEL_FORMAT_VERSION = 2  # 2: a SHA-256 of everything before it ends the file (1: it covered the arrays only)
+MODEL_FORMAT_VERSION = 1  # the file ends with a SHA-256 of everything before it
 BACKENDS = {'c': 'CVM', 'numba': 'NUMBA', 'jax': 'JAX'}
 
 
@@ -222,6 +222,15 @@ def session_parallel_batches(items, offsets, session_order, batch_size, min_slot
         keep[refill] = 0
         prev_rows, keep = prev_rows[alive], keep[alive]
         slot_session, start, end = slot_session[alive], start[alive], end[alive]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def compile_function(inputs, outputs, updates=None, backend='c'):
+    """pytensor.function in the compile mode of `backend` (a key of BACKENDS); GRU4Rec and the
+    baselines compile every graph through it."""
+    return pytensor.function(inputs, outputs, updates=updates, mode=get_mode(BACKENDS[backend]),
+                             on_unused_input='ignore')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -434,8 +443,6 @@ class GRU4Rec:
             return 0
         return p['layers'][0] if p['embedding'] == 'layersize' else p['embedding']
 
-    # -- data ----------------------------------------------------------------------------------------
-
     # -- parameters ----------------------------------------------------------------------------------
 
     def _init_matrix(self, rng, rows, cols, n_blocks=1):
@@ -511,6 +518,11 @@ class GRU4Rec:
             H.append(self._dropout(self._gru(l, x_proj, H_prev[l]), p_hidden))
         return H  # list of M x L
 
+    @staticmethod
+    def _output(h, Wy, By):
+        """Scores of the items whose output rows are Wy, By: o = h·Wyᵀ + By (M x number of rows)."""
+        return pt.dot(h, Wy.T) + By
+
     # The interface that evaluation.py scores a model through (the baselines implement it too).
 
     @property
@@ -527,7 +539,7 @@ class GRU4Rec:
         Wy, By = self.params['Wy'][:self.n_items], self.params['By'][:self.n_items]
         if candidates is not None:
             Wy, By = Wy[candidates], By[candidates]
-        return H, self._final_act(pt.dot(H[-1], Wy.T) + By)
+        return H, self._final_act(self._output(H[-1], Wy, By))
 
     # -- the training graph --------------------------------------------------------------------------
 
@@ -601,7 +613,7 @@ class GRU4Rec:
             Wy_out = gathered['Wy']  # N x L_last
         H_prev = [H[prev_rows] * keep[:, None] for H in self.H]
         H_new = self._forward(X, H_prev, training=True, item_rows=input_rows)
-        logits = pt.dot(H_new[-1], Wy_out.T) + gathered['By']  # B x N
+        logits = self._output(H_new[-1], Wy_out, gathered['By'])  # B x N
         if self.logq:
             log_q = pt.concatenate([self.P_target[T], self.P_sample[Y[B:]]])  # N
             logits = logits - np.float32(self.logq) * log_q
@@ -621,8 +633,7 @@ class GRU4Rec:
         return self.compile_function([X, T, prev_rows, keep, active, step], cost, updates)
 
     def compile_function(self, inputs, outputs, updates=None):
-        mode = get_mode(BACKENDS[self.backend])
-        return pytensor.function(inputs, outputs, updates=updates, mode=mode, on_unused_input='ignore')
+        return compile_function(inputs, outputs, updates, self.backend)
 
     # -- optimisation --------------------------------------------------------------------------------
 
@@ -1116,35 +1127,32 @@ def _itemids_to_array(itemidmap):
 
 
 def _read_model_file(path):
+    """(header dict, arrays) of a model file: MAGIC, header length, JSON header, npz arrays, and a
+    SHA-256 of all that, so that no corrupted hyper-parameter or weight loads silently."""
     try:
         with open(path, 'rb') as f:
             blob = f.read()
     except OSError as e:
         raise ValueError(f'cannot read model file {path!r}: {e.strerror}') from None
-    if blob[:2] == b'\x80\x04' or blob[:1] == b'\x80':
+    if blob[:1] == b'\x80':
         raise ValueError(f'{path!r} is a pickle file (e.g. from the original GRU4Rec); pickles can run code '
                          'when loaded, so they are refused. Re-train, or export its weights with the original '
                          'code into a trusted format.')
     if blob[:len(MAGIC)] != MAGIC:
         raise ValueError(f'{path!r} is not a GRU4Rec model file (no {MAGIC!r} header)')
+    if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+        raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
     try:
         n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], 'little')
         meta = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + n])
-        body = blob[len(MAGIC) + 8 + n:]
+        body = blob[len(MAGIC) + 8 + n:-32]
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f'{path!r} is corrupted: its header cannot be read') from None
     if not isinstance(meta, dict) or meta.get('format') != MODEL_FORMAT or not isinstance(meta.get('version'), int):
         raise ValueError(f'{path!r} is not a GRU4Rec model file')
-    if meta.get('version', 0) > MODEL_FORMAT_VERSION:
-        raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta.get('version')}); "
+    if meta['version'] > MODEL_FORMAT_VERSION:
+        raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta['version']}); "
                          f'this one reads up to {MODEL_FORMAT_VERSION}: upgrade gru4rec')
-    if meta.get('version', 0) >= 2:  # the checksum covers the header too: no corrupted parameter loads silently
-        intact = hashlib.sha256(blob[:-32]).digest() == blob[-32:]
-        body = body[:-32]
-    else:
-        intact = hashlib.sha256(body).hexdigest() == meta.get('sha256')
-    if not intact:
-        raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

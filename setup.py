@@ -8,14 +8,19 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['gru4rec', 'evaluation'],
+    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt'],
+    entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=2.30',
         'numpy>=1.26',
         'pandas>=2.0',
         'tqdm>=4.60',
+        'scipy>=1.10',
     ],
     extras_require={
-        'test': ['pytest>=7', 'hypothesis>=6.0'],
+        'parquet': ['pyarrow>=12'],
+        'jax': ['jax>=0.4.30'],
+        'paropt': ['optuna>=3.0'],
+        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=3.0'],
     },
 )

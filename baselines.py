@@ -1,0 +1,235 @@
+"""Simple session-based baselines, evaluated by evaluation.evaluate_gpu exactly as GRU4Rec is.
+
+- Pop: global item popularity, the same list for every session.
+- SessionPop: items already clicked in the session by how often, ties broken by global popularity.
+- ItemKNN: items similar to the session's last item by co-occurrence in training sessions
+  (the item-kNN baseline of the GRU4Rec papers).
+- MarkovChain: first-order Markov chain, successors of the last item by transition count.
+
+Each baseline is fitted on a session log (same format as GRU4Rec's training data) and then exposes the
+interface evaluate_gpu scores a model through: `itemidmap`, `state_sizes`, `symbolic_step` and
+`compile_function`. Scores are float32 and compiled in GRU4Rec's mode (see gru4rec.compile_function),
+so a baseline runs on the same backend as the model it is compared with.
+
+    >>> from baselines import MarkovChain
+    >>> from evaluation import evaluate_gpu
+    >>> recall, mrr = evaluate_gpu(MarkovChain().fit(train), test, cut_off=[20])
+
+Ties: SessionPop, ItemKNN and MarkovChain rank the items their own score leaves tied (most items:
+those not clicked in the session, or not neighbours of the last item) by global popularity. Without
+that, evaluate_gpu's default 'standard' tie mode would rank a target that the model knows nothing
+about ahead of all its ties, e.g. first of all items after an item that was never followed.
+"""
+import inspect
+
+import numpy as np
+import pandas as pd
+import pytensor
+import pytensor.tensor as pt
+import scipy.sparse as sp
+
+from gru4rec import BACKENDS, FLOAT, compile_function, session_arrays, validate_log
+
+
+class Baseline:
+    """Common part of the baselines: the item map, item supports and the compile mode.
+
+    Subclasses implement `_fit(items, offsets)` (item indices of all events sorted by session then
+    time, and session start offsets) and `_scores(X, H_prev)`, returning the new states and the
+    scores of all items.
+    """
+
+    def __init__(self, backend='c'):
+        self.backend = backend
+
+    def get_params(self):
+        """The constructor's parameters and their current values."""
+        return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
+
+    def _check_params(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f'backend={self.backend!r}: use one of {sorted(BACKENDS)}')
+
+    def fit(self, data, session_key='SessionId', item_key='ItemId', time_key='Time'):
+        """Fits on a session log (a DataFrame with session, item and time columns); returns self."""
+        self._check_params()
+        data = validate_log(data, session_key, item_key, time_key, what='training data')
+        self.itemidmap = pd.Index(pd.unique(data[item_key]))
+        items, offsets, _ = session_arrays(data, self.itemidmap, session_key, item_key, time_key,
+                                           what='training data')
+        self.support = np.bincount(items, minlength=len(self.itemidmap)).astype(FLOAT)
+        self._fit(items, offsets)
+        return self
+
+    @property
+    def n_items(self):
+        return len(self.itemidmap)
+
+    @property
+    def state_sizes(self):
+        """Widths of the per-session states carried between steps. Most baselines look at the last item
+        only: they carry one state of width 0 (evaluate_gpu sizes its batch from the states)."""
+        return [0]
+
+    def symbolic_step(self, X, H_prev, candidates=None):
+        """New states and the scores (M x C) of all items, or of the item indices `candidates`,
+        for sessions reading items X (M)."""
+        if getattr(self, 'itemidmap', None) is None:
+            raise ValueError(f'this {type(self).__name__} is not fitted yet: call fit(data) first')
+        H, scores = self._scores(X, H_prev)
+        return H, scores if candidates is None else scores[:, candidates]
+
+    def compile_function(self, inputs, outputs, updates=None):
+        return compile_function(inputs, outputs, updates, self.backend)
+
+
+def _popularity_tiebreak(support, scale):
+    """Popularity scaled into [0, scale): added to scores that differ by at least `scale` where they
+    differ, it orders items only among equal scores."""
+    return pytensor.shared((support / (support.max() + 1) * scale).astype(FLOAT), name='tiebreak')
+
+
+class Pop(Baseline):
+    """Most popular items (by number of training events), the same list for every session."""
+
+    def _fit(self, items, offsets):
+        self._support = pytensor.shared(self.support, name='support')
+
+    def _scores(self, X, H_prev):
+        return H_prev, pt.broadcast_to(self._support[None, :], (X.shape[0], self.n_items))
+
+
+class SessionPop(Baseline):
+    """Items by how often the session clicked them so far; ties (unclicked items included) by global
+    popularity. The state is each session's item counts (width n_items)."""
+
+    def _fit(self, items, offsets):
+        self._tiebreak = _popularity_tiebreak(self.support, 1.0)
+
+    @property
+    def state_sizes(self):
+        return [self.n_items]
+
+    def _scores(self, X, H_prev):
+        counts = H_prev[0] + pt.eq(X[:, None], pt.arange(self.n_items)[None, :]).astype(FLOAT)  # M x n_items
+        return [counts], counts + self._tiebreak[None, :]
+
+
+class _NeighbourTable(Baseline):
+    """Scores from a sparse item x item table: the row of the session's last item, of which only the
+    `n_neighbours` largest entries are kept; ties (the items outside them) are broken by popularity.
+    Truncation changes no rank within the first n_neighbours, so neither Recall nor MRR at cut-offs up
+    to n_neighbours."""
+
+    def _fit(self, items, offsets):
+        table = self._table(items, offsets).tocoo()
+        table.sum_duplicates()
+        keep = table.data > 0
+        rows, cols, values = table.row[keep], table.col[keep], table.data[keep]
+        order = np.lexsort((cols, -self.support[cols], -values, rows))  # by row, then as ranked when scoring
+        rows, cols, values = rows[order], cols[order], values[order]
+        row_start = np.searchsorted(rows, np.arange(self.n_items))
+        place = np.arange(len(rows)) - row_start[rows]  # rank of the entry within its row
+        kept = place < self.n_neighbours
+        width = int(place[kept].max()) + 1 if kept.any() else 1
+        # Padding points at item 0 with value 0: scattered by addition, it leaves the scores unchanged.
+        index = np.zeros((self.n_items, width), dtype=np.int32)
+        value = np.zeros((self.n_items, width), dtype=FLOAT)
+        index[rows[kept], place[kept]] = cols[kept]
+        value[rows[kept], place[kept]] = values[kept]
+        self._index = pytensor.shared(index, name='neighbour_index')
+        self._value = pytensor.shared(value, name='neighbour_value')
+        # The tie-break stays below the smallest gap between stored scores (0 included), so that it only
+        # orders equal scores.
+        levels = np.unique(np.concatenate([[0], value.ravel()]))
+        self._tiebreak = _popularity_tiebreak(self.support, np.diff(levels).min() if len(levels) > 1 else 1.0)
+
+    def _scores(self, X, H_prev):
+        M = X.shape[0]
+        flat = (pt.arange(M)[:, None] * self.n_items + self._index[X]).flatten()  # M * width
+        scores = pt.inc_subtensor(pt.zeros(M * self.n_items, dtype=FLOAT)[flat], self._value[X].flatten())
+        return H_prev, scores.reshape((M, self.n_items)) + self._tiebreak[None, :]
+
+
+class ItemKNN(_NeighbourTable):
+    """Item-to-item kNN over session co-occurrence (the item-kNN baseline of the GRU4Rec papers).
+
+    sim(i, j) = cooc(i, j) / ((supp(i) + lmbd)^alpha * (supp(j) + lmbd)^(1 - alpha)), where cooc(i, j)
+    sums count_i * count_j over the training sessions and supp is an item's number of events; lmbd
+    damps the similarity of rare items. The n_sims most similar items of each item are kept, and a
+    session is scored by the similarities to its last item.
+    """
+
+    def __init__(self, n_sims=100, lmbd=20.0, alpha=0.5, backend='c'):
+        super().__init__(backend)
+        self.n_sims = n_sims
+        self.lmbd = lmbd
+        self.alpha = alpha
+
+    @property
+    def n_neighbours(self):
+        return self.n_sims
+
+    def _check_params(self):
+        super()._check_params()
+        if self.n_sims < 1:
+            raise ValueError(f'n_sims={self.n_sims!r}: must be positive')
+        if self.lmbd < 0:
+            raise ValueError(f'lmbd={self.lmbd!r}: must not be negative')
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f'alpha={self.alpha!r}: must be in [0, 1]')
+
+    def _table(self, items, offsets):
+        session = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        counts = sp.csr_matrix((np.ones(len(items)), (session, items)), shape=(len(offsets) - 1, self.n_items))
+        cooc = (counts.T @ counts).tocoo()
+        supp = self.support.astype(np.float64) + self.lmbd  # >= 1: every item has a training event
+        sim = cooc.data / (supp[cooc.row] ** self.alpha * supp[cooc.col] ** (1 - self.alpha))
+        sim[cooc.row == cooc.col] = 0
+        return sp.coo_matrix((sim, (cooc.row, cooc.col)), shape=cooc.shape)
+
+
+class MarkovChain(_NeighbourTable):
+    """First-order Markov chain: items by how often they followed the session's last item in the
+    training sessions. The n_successors most frequent successors of each item are kept."""
+
+    def __init__(self, n_successors=100, backend='c'):
+        super().__init__(backend)
+        self.n_successors = n_successors
+
+    @property
+    def n_neighbours(self):
+        return self.n_successors
+
+    def _check_params(self):
+        super()._check_params()
+        if self.n_successors < 1:
+            raise ValueError(f'n_successors={self.n_successors!r}: must be positive')
+
+    def _table(self, items, offsets):
+        follows = np.ones(len(items), dtype=bool)
+        follows[offsets[:-1]] = False  # a session's first event follows nothing
+        source, target = items[np.flatnonzero(follows) - 1], items[follows]
+        return sp.coo_matrix((np.ones(len(target)), (source, target)), shape=(self.n_items, self.n_items))
+
+
+BASELINES = {'pop': Pop, 'spop': SessionPop, 'itemknn': ItemKNN, 'markov': MarkovChain}
+
+
+def make_baseline(name, **params):
+    """A baseline by name (a key of BASELINES), with parameters given as values or as command-line
+    strings ('20', '0.5'), each read as the type of the parameter's default."""
+    if name not in BASELINES:
+        raise ValueError(f'unknown baseline {name!r}; use one of {sorted(BASELINES)}')
+    cls = BASELINES[name]
+    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items()}
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f'unknown parameter(s) {unknown} for baseline {name!r}; it takes {sorted(defaults)}')
+    parsed = {}
+    for key, value in params.items():
+        try:
+            parsed[key] = type(defaults[key])(value)
+        except (TypeError, ValueError):
+            raise ValueError(f'{name} parameter {key}={value!r}: expected a {type(defaults[key]).__name__}') from None
+    return cls(**parsed)

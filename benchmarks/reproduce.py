@@ -1,0 +1,97 @@
+"""Reproduction table: GRU4Rec with the published settings and the baselines on the benchmark data.
+
+    python benchmarks/reproduce.py                       # all data sets found in ../shared/data
+    python benchmarks/reproduce.py --data rsc15_100k --output results.md
+
+Every row is one run.py command (printed in the table, relative to the repository root), run in its
+own process: train on DATA_train_full, evaluate on DATA_test against all items (standard ties),
+Recall@k and MRR@k for k = 5, 10, 20. 'train s' is the whole fit; 's/epoch' is GRU4Rec's mean epoch
+time (the baselines have no epochs). Progress and each command's output go to stderr as they come.
+"""
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path('..') / 'shared' / 'data'  # relative to the repository root, as in the printed commands
+CUTOFFS = (5, 10, 20)
+SETTINGS = {  # data set -> GRU4Rec parameter files
+    'rsc15_100k': ['rsc15_xe_shared_100_best', 'rsc15_topk_bprmax'],
+    'yoochoose1_64': ['rsc15_xe_shared_100_best'],
+    'diginetica': ['diginetica_bprmax_shared_best'],
+    'retailrocket': ['retailrocket_bprmax_shared_best'],
+}
+BASELINES = ['pop', 'spop', 'itemknn', 'markov']
+RESULT = re.compile(r'^Recall@(\d+): (\S+) MRR@\d+: (\S+)$')
+TRAINED = re.compile(r'^Trained in (\S+)s(?:, (\S+)s per epoch)?$')
+
+
+def rows(data, backend=None, epochs=None):
+    """(model name, run.py arguments) for every row of one data set."""
+    base = [str(DATA / f'{data}_train_full.tsv.gz'), '-t', str(DATA / f'{data}_test.tsv.gz'),
+            '-m', *map(str, CUTOFFS)]
+    extra = (['--backend', backend] if backend else [])
+    for setting in SETTINGS[data]:
+        params = ['-ps', f'n_epochs={epochs}'] if epochs else []
+        yield f'GRU4Rec {setting}', base + ['-pf', f'paramfiles/{setting}.py'] + params + extra
+    for name in BASELINES:
+        yield name, base + ['-b', name] + extra
+
+
+def run_row(arguments):
+    """Runs run.py, echoing its output to stderr; returns (metrics by cut-off, train s, s/epoch, error)."""
+    proc = subprocess.Popen([sys.executable, 'run.py', *arguments], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics, train_s, epoch_s, last = {}, None, None, ''
+    for line in proc.stdout:
+        print('    ' + line.rstrip(), file=sys.stderr, flush=True)
+        line = line.strip()
+        last = line or last
+        if match := RESULT.match(line):
+            metrics[int(match.group(1))] = (float(match.group(2)), float(match.group(3)))
+        elif match := TRAINED.match(line):
+            train_s, epoch_s = match.group(1), match.group(2)
+    error = None if proc.wait() == 0 and metrics else f'failed: {last}'
+    return metrics, train_s, epoch_s, error
+
+
+def table_row(data, model, arguments, metrics, train_s, epoch_s, error):
+    command = '`python ' + shlex.join(['run.py', *arguments]) + '`'
+    if error:
+        return f'| {data} | {model} | {error} |' + ' |' * 7 + f' {command} |'
+    figures = [f'{metrics[k][0]:.4f}' for k in CUTOFFS] + [f'{metrics[k][1]:.4f}' for k in CUTOFFS]
+    return f'| {data} | {model} | ' + ' | '.join(figures) + f' | {train_s} | {epoch_s or "—"} | {command} |'
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--data', nargs='+', choices=sorted(SETTINGS), default=sorted(SETTINGS),
+                        help='data sets (default: all of them that are present)')
+    parser.add_argument('--backend', choices=('c', 'numba', 'jax'), help='PyTensor compile mode')
+    parser.add_argument('--epochs', type=int, help="override the settings' number of epochs (quick checks)")
+    parser.add_argument('--output', help='also write the markdown table to this file')
+    parser.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
+    args = parser.parse_args(argv)
+    header = ['data', 'model'] + [f'R@{k}' for k in CUTOFFS] + [f'MRR@{k}' for k in CUTOFFS] + \
+        ['train s', 's/epoch', 'command']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for data in args.data:
+        if not (REPO / DATA / f'{data}_train_full.tsv.gz').exists():
+            print(f'{REPO / DATA}/{data}_* not found: skipped', file=sys.stderr)
+            continue
+        for model, arguments in rows(data, args.backend, args.epochs):
+            print(f'{data} / {model}: python run.py {shlex.join(arguments)}', file=sys.stderr, flush=True)
+            if not args.dry_run:
+                lines.append(table_row(data, model, arguments, *run_row(arguments)))
+    table = '\n'.join(lines) + '\n'
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

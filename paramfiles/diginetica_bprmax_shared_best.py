@@ -1,0 +1,22 @@
+# diginetica_bprmax_shared_best: tuned hyper-parameters of the original GRU4Rec (its paramfiles/).
+# Read by run.py -pf without being executed: keep it a literal OrderedDict.
+from collections import OrderedDict
+
+gru4rec_params = OrderedDict([
+    ('loss', 'bpr-max'),
+    ('final_act', 'elu-1'),
+    ('constrained_embedding', True),
+    ('embedding', 0),
+    ('layers', [512]),
+    ('batch_size', 128),
+    ('dropout_p_embed', 0.5),
+    ('dropout_p_hidden', 0.3),
+    ('learning_rate', 0.05),
+    ('momentum', 0.15),
+    ('sample_alpha', 0.3),
+    ('bpreg', 0.9),
+    ('logq', 0.0),
+    ('n_epochs', 10),
+    ('n_sample', 2048),
+    ('adapt', 'adagrad'),
+])

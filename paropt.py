@@ -1,0 +1,252 @@
+"""Hyper-parameter search for GRU4Rec with Optuna: each trial trains and evaluates in its own run.py
+process (a crash or a diverging model fails that trial only), optimising Recall@k or MRR@k.
+
+    python paropt.py rsc15_train_tr.tsv rsc15_train_valid.tsv -pf paramfiles/rsc15_xe_shared_100_best.py \\
+        -opf paramspaces/gru4rec_xe_shared_parspace.json -nt 100 -pm mrr -m 20 --storage rsc15.db
+
+The trials live in an Optuna storage: an SQLite file by default, so an interrupted search resumes
+where it stopped when started again with the same storage and study name; any Optuna database URL
+(e.g. postgresql://...) works too, and several workers (processes, machines) started with the same
+storage and study name share one search. -nt is the number of finished trials of the whole study.
+
+The parameter space file lists one parameter per line as JSON (or a JSON list of them), as in the
+original's paropt: {"name": "learning_rate", "dtype": "float", "values": [0.01, 0.25], "step": 0.005}
+with dtype int or float (values: [low, high]; optional "step" and "log") or categorical (values: the
+choices, e.g. ["elu-0.5", "elu-1"], or "200/200" for two layers). Fixed parameters come from -pf and
+-ps as in run.py; the searched ones override them.
+
+Requires optuna: pip install 'gru4rec[paropt]'.
+"""
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import run
+from evaluation import TIE_MODES
+from gru4rec import BACKENDS, HYPERPARAMETERS, GRU4Rec
+
+PRIMARY = re.compile(r'^PRIMARY METRIC: (\S+)$', re.M)
+DTYPES = ('int', 'float', 'categorical')
+
+
+class TrialError(RuntimeError):
+    """A trial whose run.py process failed (bad parameters, divergence, timeout)."""
+
+
+def read_space(path):
+    """The search space: a list of dicts (name, dtype, values, optional step and log), checked."""
+    try:
+        text = Path(path).read_text(encoding='utf-8')
+    except (OSError, UnicodeDecodeError) as e:
+        raise run.InputError(f'cannot read parameter space file {path}: {getattr(e, "strerror", None) or e}') from None
+    if text.lstrip().startswith('['):
+        space = _json(text, path, 0)
+    else:
+        space = [_json(line, path, number) for number, line in enumerate(text.splitlines()) if line.strip()]
+    if not space:
+        raise run.InputError(f'parameter space file {path} names no parameter')
+    for entry in space:
+        _check_space_entry(path, entry)
+    names = [entry['name'] for entry in space]
+    if len(set(names)) < len(names):
+        raise run.InputError(f'parameter space file {path} names a parameter twice')
+    return space
+
+
+def _json(text, path, first_line):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise run.InputError(f'parameter space file {path} is not JSON (line {first_line + e.lineno}): '
+                             f'{e.msg}') from None
+
+
+def _check_space_entry(path, entry):
+    def fail(what):
+        raise run.InputError(f'parameter space file {path}: {json.dumps(entry)}: {what}')
+    if not isinstance(entry, dict) or not {'name', 'dtype', 'values'} <= set(entry):
+        fail('each parameter needs "name", "dtype" and "values"')
+    unknown = set(entry) - {'name', 'dtype', 'values', 'step', 'log'}
+    if unknown:
+        fail(f'unknown key(s) {sorted(unknown)}')
+    if entry['name'] not in HYPERPARAMETERS:
+        fail('not a GRU4Rec hyper-parameter')
+    if entry['dtype'] not in DTYPES:
+        fail(f'dtype must be one of {list(DTYPES)}')
+    values = entry['values']
+    if entry['dtype'] == 'categorical':
+        if not isinstance(values, list) or not values or \
+                not all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
+            fail('values must be a non-empty list of choices (strings, numbers, booleans)')
+        return
+    number = int if entry['dtype'] == 'int' else (int, float)
+    if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, number) for v in values)
+            and values[0] <= values[1]):
+        fail(f'values must be [low, high] with {entry["dtype"]} low <= high')
+    if entry.get('step') is not None and entry.get('log'):
+        fail('give either step or log, not both')
+
+
+def suggest(trial, space):
+    """The trial's values for the searched parameters."""
+    params = OrderedDict()
+    for entry in space:
+        name, values = entry['name'], entry['values']
+        if entry['dtype'] == 'categorical':
+            params[name] = trial.suggest_categorical(name, values)
+        elif entry['dtype'] == 'int':
+            params[name] = trial.suggest_int(name, values[0], values[1], step=entry.get('step') or 1,
+                                             log=entry.get('log', False))
+        else:
+            value = trial.suggest_float(name, values[0], values[1], step=entry.get('step'),
+                                        log=entry.get('log', False))
+            params[name] = round(value, 12)  # 0.15, not the 0.15000000000000002 of stepping by 0.05
+    return params
+
+
+def run_command(args, params):
+    """The run.py arguments that train with `params` on the training file and report the primary metric."""
+    command = [args.train, '-ps', run.format_param_string(params), '-t', args.valid, '-m', str(args.measure),
+               '-pm', args.primary_metric, '-e', args.eval_type, '-lpm', '-ss', str(args.sample_store),
+               '-sk', args.session_key, '-ik', args.item_key, '-tk', args.time_key]
+    return command + (['--backend', args.backend] if args.backend else [])
+
+
+def evaluate_trial(command, timeout=None):
+    """Runs run.py with `command` in a new process; returns the primary metric it printed."""
+    try:
+        proc = subprocess.run([sys.executable, run.__file__, *command], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TrialError(f'the trial ran longer than {timeout} s') from None
+    found = PRIMARY.findall(proc.stdout)
+    if proc.returncode != 0 or not found:
+        lines = proc.stderr.strip().splitlines() or ['no output']
+        raise TrialError(f'run.py exited with status {proc.returncode}: {lines[-1]}')
+    return float(found[-1])
+
+
+def storage_url(storage):
+    """An Optuna database URL; a plain path means an SQLite file."""
+    return storage if '://' in storage else f'sqlite:///{Path(storage).resolve()}'
+
+
+def open_study(optuna, url, name, seed, attempts=5):
+    """Creates or loads the study. Workers started together on a new database race to create its
+    tables; the losers see an integrity or locking error and try again."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(storage=url, study_name=name, direction='maximize', load_if_exists=True,
+                                       sampler=optuna.samplers.TPESampler(seed=seed))
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def build_parser():
+    p = run.ArgumentParser(description='Hyper-parameter search for GRU4Rec with Optuna: every trial is a run.py '
+                           'process that trains on TRAIN and is evaluated on VALID.',
+                           epilog='The parameter space file and the storage are described in the docstring of '
+                           'paropt.py. Exit status: 0 on success, 2 on bad input.')
+    p.add_argument('train', metavar='TRAIN', help='training data (e.g. the train_tr file of preprocess.py)')
+    p.add_argument('valid', metavar='VALID', help='validation data the trials are scored on (e.g. train_valid)')
+    p.add_argument('-opf', '--optuna-parameter-file', metavar='FILE', required=True,
+                   help='the search space: JSON, one parameter per line (see paramspaces/)')
+    p.add_argument('-pf', '--parameter-file', metavar='FILE',
+                   help='fixed hyper-parameters, a run.py parameter file (the searched ones override it)')
+    p.add_argument('-ps', '--parameter-string', metavar='PARAMS',
+                   help='fixed hyper-parameters as name=value,... (override -pf)')
+    p.add_argument('-nt', '--n-trials', metavar='N', type=int, default=50,
+                   help='finished trials the study should reach, all workers together (default: 50)')
+    p.add_argument('-m', '--measure', metavar='K', type=int, default=20, help='the cut-off k (default: 20)')
+    p.add_argument('-pm', '--primary-metric', choices=('recall', 'mrr'), default='recall',
+                   help='the metric to maximise at k (default: recall)')
+    p.add_argument('-e', '--eval-type', choices=TIE_MODES,
+                   default='standard', help='tie mode of the evaluation (see run.py; default: standard)')
+    p.add_argument('--storage', default='paropt.db',
+                   help='Optuna storage: an SQLite file path, or a database URL shared by several workers '
+                   '(default: paropt.db)')
+    p.add_argument('--study', default='gru4rec', help='study name within the storage (default: gru4rec)')
+    p.add_argument('--seed', type=int, help="seed of Optuna's sampler (give each worker its own)")
+    p.add_argument('--trial-timeout', metavar='SECONDS', type=float,
+                   help='fail a trial that runs longer than this (default: no limit)')
+    p.add_argument('-ss', '--sample-store', metavar='N', type=int, default=10000000,
+                   help='sample store size passed to run.py (default: 10000000)')
+    p.add_argument('-sk', '--session-key', metavar='NAME', default='SessionId', help='session id column')
+    p.add_argument('-ik', '--item-key', metavar='NAME', default='ItemId', help='item id column')
+    p.add_argument('-tk', '--time-key', metavar='NAME', default='Time', help='timestamp column')
+    p.add_argument('--backend', choices=sorted(BACKENDS), help='PyTensor compile mode of the trials')
+    return p
+
+
+def search(args):
+    """Runs (or resumes) the study; raises run.InputError on bad input."""
+    try:
+        import optuna
+    except ImportError:
+        raise run.InputError("paropt needs optuna: pip install 'gru4rec[paropt]'") from None
+    space = read_space(args.optuna_parameter_file)
+    fixed = run.read_paramfile(args.parameter_file) if args.parameter_file else OrderedDict()
+    if args.parameter_string:
+        fixed.update(run.parse_param_string(args.parameter_string))
+    try:
+        GRU4Rec().set_params(**fixed)
+        run.format_param_string(fixed)
+    except ValueError as e:
+        raise run.InputError(e) from None
+    for path in (args.train, args.valid):
+        if not Path(path).is_file():
+            raise run.InputError(f'no such data file: {path}')
+    try:
+        study = open_study(optuna, storage_url(args.storage), args.study, args.seed)
+    except Exception as e:  # SQLAlchemy and Optuna raise many kinds for a bad URL or an unusable database
+        raise run.InputError(f'cannot open the Optuna storage {args.storage}: {str(e).splitlines()[0]}') from None
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+
+    def objective(trial):
+        command = run_command(args, OrderedDict(fixed, **suggest(trial, space)))
+        trial.set_user_attr('command', command)
+        trial.set_user_attr('worker', f'{socket.gethostname()}:{os.getpid()}')
+        try:
+            return evaluate_trial(command, args.trial_timeout)
+        except TrialError as e:
+            trial.set_user_attr('error', str(e))
+            print(f'Trial {trial.number} failed: {e}', file=sys.stderr, flush=True)
+            return None  # Optuna marks the trial failed and goes on
+
+    remaining = args.n_trials - len(study.get_trials(deepcopy=False, states=finished))
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining,
+                       callbacks=[optuna.study.MaxTrialsCallback(args.n_trials, states=finished)])
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        print('No trial has completed yet.')
+        return
+    best = study.best_trial
+    print(f'Best trial #{best.number}: {args.primary_metric}@{args.measure} = {best.value:.6f}')
+    print('Train with them: python run.py', shlex.join(best.user_attrs['command'][:3]), '-t TEST ...')
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.n_trials < 1:
+        parser.error(f'-nt must be positive, got {args.n_trials}')
+    try:
+        search(args)
+    except run.InputError as e:
+        print(f'{parser.prog}: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Baselines: fitted tables checked by hand, metrics from evaluate_gpu checked against a plain
+per-event reference, and the sanity floors on the real data."""
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from baselines import BASELINES, ItemKNN, MarkovChain, Pop, SessionPop, make_baseline
+from evaluation import evaluate_gpu
+from sessionlogs import synthetic_log
+
+CUTOFFS = [1, 3, 5, 10]
+
+
+@pytest.fixture(scope='module')
+def train():
+    return synthetic_log(150, seed=1)
+
+
+@pytest.fixture(scope='module')
+def test():
+    return synthetic_log(40, seed=2, first_session=1001)
+
+
+def sessions_of(log):
+    ordered = log.sort_values(['SessionId', 'Time'])
+    return [group.ItemId.tolist() for _, group in ordered.groupby('SessionId', sort=False)]
+
+
+def reference_scorer(name, train, **params):
+    """score(history) -> {item: score} for every training item, written from the definitions."""
+    sessions = sessions_of(train)
+    support = Counter(train.ItemId)
+    items = sorted(support)
+    if name == 'pop':
+        return lambda history: dict(support)
+    if name == 'spop':
+        return lambda history: {i: history.count(i) for i in items}
+    if name == 'markov':
+        follows = Counter((a, b) for s in sessions for a, b in zip(s, s[1:]))
+        return lambda history: {i: follows[history[-1], i] for i in items}
+    lmbd, alpha = params.get('lmbd', 20.0), params.get('alpha', 0.5)
+    counts = [Counter(s) for s in sessions]
+
+    def knn(history):
+        last = history[-1]
+        return {j: 0.0 if j == last else sum(c[last] * c[j] for c in counts)
+                / ((support[last] + lmbd) ** alpha * (support[j] + lmbd) ** (1 - alpha)) for j in items}
+    return knn
+
+
+def reference_metrics(scorer, train, test, cutoffs, popularity_ties):
+    """Recall and MRR with every next event ranked among all training items: 1 + #(higher score),
+    plus, where the model breaks ties by popularity, #(same score and more popular)."""
+    support = Counter(train.ItemId)
+    known = test[test.ItemId.isin(support)]
+    ranks = []
+    for session in sessions_of(known):
+        for t in range(1, len(session)):
+            scores = scorer(session[:t])
+            target = session[t]
+            s, p = scores[target], support[target]
+            ahead = sum(1 for i, v in scores.items() if v > s or (popularity_ties and v == s and support[i] > p))
+            ranks.append(1 + ahead)
+    ranks = np.asarray(ranks)
+    recall = {k: np.mean(ranks <= k) for k in cutoffs}
+    return recall, {k: np.mean(np.where(ranks <= k, 1 / ranks, 0)) for k in cutoffs}
+
+
+@pytest.mark.parametrize('name', sorted(BASELINES))
+def test_evaluate_gpu_scores_baselines_as_their_definition_ranks(name, train, test):
+    model = make_baseline(name).fit(train)
+    recall, mrr = evaluate_gpu(model, test, cut_off=CUTOFFS, batch_size=16)
+    expected_recall, expected_mrr = reference_metrics(reference_scorer(name, train), train, test, CUTOFFS,
+                                                      popularity_ties=name != 'pop')
+    for k in CUTOFFS:
+        assert recall[k] == pytest.approx(expected_recall[k], abs=1e-9), k
+        assert mrr[k] == pytest.approx(expected_mrr[k], abs=1e-6), k
+
+
+def test_truncated_neighbourhoods_keep_the_metrics_up_to_their_size(train, test):
+    full = evaluate_gpu(MarkovChain().fit(train), test, cut_off=[1, 2, 3])
+    top3 = MarkovChain(n_successors=3).fit(train)
+    assert top3._index.get_value().shape[1] == 3
+    assert evaluate_gpu(top3, test, cut_off=[1, 2, 3]) == full
+
+
+def test_markov_chain_counts_transitions_within_sessions_only():
+    log = pd.DataFrame({'SessionId': [1, 1, 1, 2, 2, 3, 3], 'ItemId': ['a', 'b', 'a', 'a', 'b', 'c', 'a'],
+                        'Time': range(7)})
+    model = MarkovChain().fit(log)
+    index, value = model._index.get_value(), model._value.get_value()
+    table = {(model.itemidmap[i], model.itemidmap[j]): v for i in range(3) for j, v in zip(index[i], value[i]) if v}
+    assert table == {('a', 'b'): 2, ('b', 'a'): 1, ('c', 'a'): 1}  # no b -> a across sessions 1 and 2
+
+
+def test_item_knn_similarity_follows_the_formula():
+    log = pd.DataFrame({'SessionId': [1, 1, 2, 2, 2, 3], 'ItemId': [1, 2, 1, 2, 3, 3], 'Time': range(6)})
+    model = ItemKNN(lmbd=1.0, alpha=0.25).fit(log)
+    index, value = model._index.get_value(), model._value.get_value()
+    one, two, three = model.itemidmap.get_indexer([1, 2, 3])
+    sims = dict(zip(index[one], value[one]))
+    # supports: item 1 twice, item 2 twice, item 3 twice; cooc(1, 2) = 2, cooc(1, 3) = 1
+    assert sims[two] == pytest.approx(2 / ((2 + 1) ** 0.25 * (2 + 1) ** 0.75))
+    assert sims[three] == pytest.approx(1 / 3)
+    assert one not in index[one][value[one] > 0]
+
+
+def test_session_popularity_resets_between_sessions():
+    train = pd.DataFrame({'SessionId': [1, 1, 2, 2], 'ItemId': [1, 2, 2, 3], 'Time': range(4)})
+    # With one slot, session 11 follows session 10 in it: carried over, item 1 would outrank item 3.
+    test = pd.DataFrame({'SessionId': [10, 10, 10, 11, 11], 'ItemId': [1, 1, 1, 3, 3], 'Time': range(5)})
+    recall, mrr = evaluate_gpu(SessionPop().fit(train), test, cut_off=[1], batch_size=1)
+    assert recall[1] == 1.0 and mrr[1] == 1.0
+
+
+def test_baselines_rank_against_candidate_items(train, test):
+    candidates = sorted(set(train.ItemId))[::2]
+    model = MarkovChain().fit(train)
+    recall, mrr = evaluate_gpu(model, test, items=candidates, cut_off=[5])
+    restricted = test[test.ItemId.isin(candidates)]
+    scorer = reference_scorer('markov', train)
+
+    def on_candidates(history):
+        return {i: v for i, v in scorer(history).items() if i in set(candidates)}
+    expected_recall, expected_mrr = reference_metrics(on_candidates, train, restricted, [5], popularity_ties=True)
+    assert recall[5] == pytest.approx(expected_recall[5]) and mrr[5] == pytest.approx(expected_mrr[5])
+
+
+def test_scores_are_float32(train):
+    import pytensor.tensor as pt
+    model = ItemKNN().fit(train)
+    X = pt.ivector('X')
+    (H,), scores = model.symbolic_step(X, [pt.fmatrix('H')])
+    assert scores.dtype == 'float32'
+    assert model.compile_function([X], scores)(np.arange(3, dtype=np.int32)).shape == (3, model.n_items)
+
+
+def test_make_baseline_reads_command_line_strings():
+    model = make_baseline('itemknn', n_sims='50', lmbd='10', alpha='0.75')
+    assert (model.n_sims, model.lmbd, model.alpha) == (50, 10.0, 0.75)
+    assert model.get_params() == {'n_sims': 50, 'lmbd': 10.0, 'alpha': 0.75, 'backend': 'c'}
+    with pytest.raises(ValueError, match='unknown baseline'):
+        make_baseline('svd')
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['n_sim'\]"):
+        make_baseline('itemknn', n_sim=5)
+    with pytest.raises(ValueError, match='expected a int'):
+        make_baseline('markov', n_successors='many')
+
+
+@pytest.mark.parametrize('model, message', [(ItemKNN(n_sims=0), 'n_sims'), (ItemKNN(alpha=2), 'alpha'),
+                                            (MarkovChain(n_successors=0), 'n_successors'),
+                                            (Pop(backend='gpu'), 'backend')])
+def test_bad_parameters_are_named_when_fitting(model, message, train):
+    with pytest.raises(ValueError, match=message):
+        model.fit(train)
+
+
+def test_an_unfitted_baseline_says_so():
+    import pytensor.tensor as pt
+    with pytest.raises(ValueError, match='not fitted'):
+        Pop().symbolic_step(pt.ivector(), [])
+
+
+@pytest.mark.parametrize('model, floor', [(MarkovChain(), (0.591, 0.344)), (Pop(), (0.089, 0.026))])
+def test_sanity_floors_on_rsc15_100k(model, floor, data_dir):
+    train = pd.read_csv(data_dir / 'rsc15_100k_train_full.tsv.gz', sep='\t')
+    test = pd.read_csv(data_dir / 'rsc15_100k_test.tsv.gz', sep='\t')
+    recall, mrr = evaluate_gpu(model.fit(train), test, cut_off=[20])
+    assert (round(recall[20], 3), round(mrr[20], 3)) == floor

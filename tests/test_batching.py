@@ -1,0 +1,97 @@
+"""Session-parallel mini-batches (SPEC section 3): every (input, next item) pair of every session once
+per epoch, and each slot's state carried exactly within its session.
+
+Event e has item id e, so an item identifies its event, and a slot's state is modelled as the tuple of
+events it has read: carried through prev_rows / keep exactly as the training graph does with H.
+"""
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gru4rec import session_parallel_batches
+
+
+def run_epoch(lengths, order, batch_size, min_slots=1):
+    """Checks the state carried into every step; returns the (input, target) pairs fed."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    session_of = np.repeat(np.arange(len(lengths)), lengths)
+    state = [()] * batch_size  # the hidden state starts as batch_size zero rows
+    pairs, entered = [], []
+    for X, T, prev_rows, keep in session_parallel_batches(np.arange(offsets[-1]), offsets, np.asarray(order),
+                                                          batch_size, min_slots):
+        assert len(X) == len(T) == len(prev_rows) == len(keep) >= min_slots
+        assert set(np.unique(keep)) <= {0, 1}
+        assert ((0 <= prev_rows) & (prev_rows < len(state))).all()
+        new_state = []
+        for x, t, row, k in zip(X, T, prev_rows, keep):
+            carried = state[row] if k else ()
+            s = session_of[x]
+            # The carried state holds exactly the session's events before x: nothing from an earlier
+            # session (reset at the boundary) and nothing of this session lost (carried within it).
+            assert carried == tuple(range(offsets[s], x)), (x, carried)
+            assert t == x + 1 and session_of[t] == s
+            if not carried:
+                entered.append(s)
+            new_state.append(carried + (x,))
+            pairs.append((x, t))
+        state = new_state
+    return pairs, entered, offsets
+
+
+def all_pairs(lengths):
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return [(e, e + 1) for s in range(len(lengths)) for e in range(offsets[s], offsets[s + 1] - 1)]
+
+
+LENGTHS = [2, 5, 3, 2, 4, 6, 2, 3]
+ORDER = [3, 0, 7, 1, 5, 2, 6, 4]
+
+
+@pytest.mark.parametrize('batch_size', [1, 2, 3, len(LENGTHS), 20])
+def test_every_pair_once_and_state_carried_within_sessions(batch_size):
+    pairs, entered, _ = run_epoch(LENGTHS, ORDER, batch_size)
+    assert Counter(pairs) == Counter(all_pairs(LENGTHS))
+    assert entered == ORDER  # slots take the unused sessions in the given order
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(2, 7), min_size=1, max_size=15), batch_size=st.integers(1, 18),
+       seed=st.integers(0, 1000))
+def test_every_pair_once_for_any_sessions(lengths, batch_size, seed):
+    order = list(np.random.default_rng(seed).permutation(len(lengths)))
+    pairs, entered, _ = run_epoch(lengths, order, batch_size)
+    assert Counter(pairs) == Counter(all_pairs(lengths))
+    assert entered == order
+
+
+@pytest.mark.parametrize('batch_size', [2, 3, 20])
+def test_min_slots_stops_when_one_slot_is_left(batch_size):
+    """Without extra samples a single row has no negatives: the epoch ends when one slot is left, and
+    only the tail of that last session goes untrained."""
+    pairs, _, offsets = run_epoch(LENGTHS, ORDER, batch_size, min_slots=2)
+    assert len(set(pairs)) == len(pairs)
+    missing = sorted(set(all_pairs(LENGTHS)) - set(pairs))
+    assert missing, 'the sessions do not end together, so the last one has an untrained tail'
+    last = np.searchsorted(offsets, missing[0][0], side='right') - 1
+    assert missing == [(e, e + 1) for e in range(missing[0][0], offsets[last + 1] - 1)]
+
+
+@pytest.mark.parametrize('batch_size', [1, 2, 3, 20])
+def test_sessions_of_one_event_are_skipped_without_disturbing_other_slots(batch_size):
+    """A session can be left with one event, e.g. in evaluation after unknown items are dropped."""
+    lengths = [3, 1, 4, 2, 1, 5, 1, 2, 3]
+    pairs, entered, _ = run_epoch(lengths, range(len(lengths)), batch_size)
+    assert Counter(pairs) == Counter(all_pairs(lengths))
+    assert sorted(entered) == [s for s, n in enumerate(lengths) if n > 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 5), min_size=1, max_size=15), batch_size=st.integers(1, 18),
+       seed=st.integers(0, 1000))
+def test_every_pair_once_for_any_sessions_including_single_events(lengths, batch_size, seed):
+    order = list(np.random.default_rng(seed).permutation(len(lengths)))
+    pairs, entered, _ = run_epoch(lengths, order, batch_size)
+    assert Counter(pairs) == Counter(all_pairs(lengths))
+    assert sorted(entered) == sorted(s for s in order if lengths[s] > 1)

@@ -1,0 +1,127 @@
+"""evaluate_gpu against a brute-force numpy ranking of predict_next_batch scores (SPEC section 8),
+on a model whose scores tie on purpose: with final_act relu, items with a very negative bias always
+score exactly 0, and two items share their output row and bias."""
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import INPUT_MODES, ITEM_IDS, fit_small, make_log
+from evaluation import evaluate_gpu
+
+CUTOFFS = [1, 2, 3, 5, 8, 20]
+ZERO_SCORED = [0, 3, 5, 8, 10]  # dense indices; 0 is the most frequent item
+TWINS = (1, 2)
+UNKNOWN_ITEM = 99
+CANDIDATES = ITEM_IDS[[6, 0, 10, 2, 5, 1, 9, 3]]  # not in index order, so index mix-ups show
+_runs = itertools.count()
+
+
+@pytest.fixture(scope='module')
+def model():
+    model = fit_small(final_act='relu', **INPUT_MODES['onehot'])
+    Wy, By = model.params['Wy'].get_value(), model.params['By'].get_value()
+    By[ZERO_SCORED] = -100
+    Wy[TWINS[1]], By[TWINS[1]] = Wy[TWINS[0]], By[TWINS[0]]
+    model.params['Wy'].set_value(Wy)
+    model.params['By'].set_value(By)
+    return model
+
+
+@pytest.fixture
+def eval_log(test_log):
+    """test_log with an unknown item inside every third session: evaluation drops it and its
+    neighbours become adjacent (no session is left with a single event)."""
+    rows = []
+    for i, (sid, session) in enumerate(test_log.groupby('SessionId', sort=False)):
+        rows.append(session)
+        if i % 3 == 0:
+            rows.append(pd.DataFrame({'SessionId': [sid], 'ItemId': [UNKNOWN_ITEM],
+                                      'Time': [session.Time.iloc[0] + 1.0]}))
+    return pd.concat(rows).sort_values(['SessionId', 'Time'], kind='stable').reset_index(drop=True)
+
+
+def brute_force_counts(model, log, candidates=None):
+    """For every prediction: how many scores are greater than, and equal to, the target's score
+    (the target included), from predict_next_batch run one session at a time."""
+    known = model.itemidmap if candidates is None else candidates
+    log = log[log.ItemId.isin(known)]
+    run = next(_runs)  # fresh session ids: predict_next_batch keeps a state per session id
+    greater, equal = [], []
+    for sid, session in log.groupby('SessionId', sort=False):
+        items = session.sort_values('Time', kind='stable').ItemId.to_numpy()
+        for t in range(len(items) - 1):
+            scores = model.predict_next_batch(np.array([f'{run}-{sid}'], dtype=object), items[t:t + 1],
+                                              predict_for_item_ids=candidates, batch=1).iloc[:, 0]
+            target = scores.loc[items[t + 1]]
+            greater.append(int((scores > target).sum()))
+            equal.append(int((scores == target).sum()))
+    return np.array(greater), np.array(equal)
+
+
+def ranks(greater, equal, mode):
+    if mode == 'standard':
+        return 1.0 + greater
+    if mode == 'conservative':
+        return 1.0 * greater + equal
+    assert mode == 'median'
+    return 1 + greater + (equal - 1) / 2
+
+
+def metrics(rank):
+    recall = {k: np.mean(rank <= k) for k in CUTOFFS}
+    mrr = {k: np.mean(np.where(rank <= k, 1 / rank, 0)) for k in CUTOFFS}
+    return recall, mrr
+
+
+def assert_metrics_equal(got, expected):
+    for got_metric, expected_metric in zip(got, expected):
+        assert list(got_metric) == CUTOFFS
+        np.testing.assert_allclose([got_metric[k] for k in CUTOFFS], [expected_metric[k] for k in CUTOFFS],
+                                   rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize('mode', ['standard', 'conservative', 'median'])
+@pytest.mark.parametrize('candidates,batch_size', [(None, 3), (None, 512), (CANDIDATES, 4)],
+                         ids=['all-items-batch-3', 'all-items-batch-512', 'candidates-batch-4'])
+def test_ranks_match_brute_force(model, eval_log, mode, candidates, batch_size):
+    greater, equal = brute_force_counts(model, eval_log, candidates)
+    assert (equal > 1).sum() >= len(equal) // 4, 'the test needs many targets that tie with other items'
+    got = evaluate_gpu(model, eval_log, items=candidates, cut_off=CUTOFFS, batch_size=batch_size, mode=mode)
+    assert_metrics_equal(got, metrics(ranks(greater, equal, mode)))
+
+
+def test_tiebreaking_ranks_uniformly_among_ties(model):
+    """tiebreaking puts the target uniformly among its ties: the metrics lie between the
+    standard and conservative ones and match their expectation within 4 standard errors."""
+    log = make_log([4] * 100, seed=3, first_session=1001)
+    greater, equal = brute_force_counts(model, log)
+    assert (equal > 1).sum() >= len(equal) // 4, 'the test needs many targets that tie with other items'
+    recall, mrr = evaluate_gpu(model, log, cut_off=CUTOFFS, batch_size=64, mode='tiebreaking')
+    low_recall, low_mrr = metrics(ranks(greater, equal, 'conservative'))
+    high_recall, high_mrr = metrics(ranks(greater, equal, 'standard'))
+    n = len(greater)
+    for k in CUTOFFS:
+        assert low_recall[k] <= recall[k] + 1e-6 and recall[k] <= high_recall[k] + 1e-6
+        assert low_mrr[k] <= mrr[k] + 1e-6 and mrr[k] <= high_mrr[k] + 1e-6
+        # Each prediction's rank is uniform over greater + 1 .. greater + equal.
+        possible = [np.arange(g + 1, g + e + 1) for g, e in zip(greater, equal)]
+        hit = np.array([np.mean(r <= k) for r in possible])
+        rr = [np.where(r <= k, 1 / r, 0) for r in possible]
+        rr_mean = np.array([x.mean() for x in rr])
+        rr_var = np.array([x.var() for x in rr])
+        assert abs(recall[k] - hit.mean()) <= 4 * np.sqrt((hit * (1 - hit)).sum()) / n + 1e-6, k
+        assert abs(mrr[k] - rr_mean.mean()) <= 4 * np.sqrt(rr_var.sum()) / n + 1e-6, k
+
+
+def test_sessions_left_with_one_event_do_not_leak_state(models):
+    """Session lengths [3, 3, 2, 3] * 10, the second event of every third session unknown, batch_size 2:
+    the pattern that makes slots take a new session right after a one-event one."""
+    model = models('onehot')
+    log = make_log([3, 3, 2, 3] * 10, seed=4, first_session=2001)
+    log.loc[log.SessionId.duplicated() & (log.SessionId % 4 == 3), 'ItemId'] = UNKNOWN_ITEM
+    assert (log[log.ItemId != UNKNOWN_ITEM].groupby('SessionId').size() == 1).sum() == 10
+    greater, equal = brute_force_counts(model, log)
+    got = evaluate_gpu(model, log, cut_off=CUTOFFS, batch_size=2)
+    assert_metrics_equal(got, metrics(ranks(greater, equal, 'standard')))

@@ -1,0 +1,114 @@
+"""paropt.py: search space files, trial commands, and two workers sharing one SQLite study."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import paropt
+import run
+from sessionlogs import synthetic_log
+
+optuna = pytest.importorskip('optuna')
+REPO = Path(__file__).resolve().parents[1]
+SPACE = [{'name': 'layers', 'dtype': 'int', 'values': [4, 8], 'step': 4},
+         {'name': 'learning_rate', 'dtype': 'float', 'values': [0.05, 0.2], 'step': 0.05},
+         {'name': 'final_act', 'dtype': 'categorical', 'values': ['elu-1', 'linear']}]
+
+
+def write_space(path, entries, lines=True):
+    path.write_text('\n'.join(json.dumps(e) for e in entries) if lines else json.dumps(entries))
+    return path
+
+
+@pytest.mark.parametrize('lines', [True, False])
+def test_space_files_as_json_lines_or_a_list(tmp_path, lines):
+    assert paropt.read_space(write_space(tmp_path / 'space.json', SPACE, lines)) == SPACE
+
+
+@pytest.mark.parametrize('entry, message', [
+    ({'name': 'layer', 'dtype': 'int', 'values': [1, 2]}, 'not a GRU4Rec hyper-parameter'),
+    ({'name': 'layers', 'dtype': 'integer', 'values': [1, 2]}, 'dtype must be one of'),
+    ({'name': 'layers', 'dtype': 'int', 'values': [2, 1]}, r'values must be \[low, high\]'),
+    ({'name': 'layers', 'dtype': 'int', 'values': [1.5, 2]}, r'values must be \[low, high\]'),
+    ({'name': 'loss', 'dtype': 'categorical', 'values': []}, 'non-empty list of choices'),
+    ({'name': 'momentum', 'dtype': 'float', 'values': [0, 1], 'step': 0.1, 'log': True}, 'either step or log'),
+    ({'name': 'momentum', 'values': [0, 1]}, 'needs "name", "dtype" and "values"'),
+    ({'name': 'momentum', 'dtype': 'float', 'values': [0, 1], 'stride': 1}, r"unknown key\(s\) \['stride'\]"),
+])
+def test_bad_space_entries_are_named(tmp_path, entry, message):
+    with pytest.raises(run.InputError, match=message):
+        paropt.read_space(write_space(tmp_path / 'space.json', [entry]))
+
+
+def test_bad_space_files(tmp_path):
+    with pytest.raises(run.InputError, match='cannot read parameter space file'):
+        paropt.read_space(tmp_path / 'missing.json')
+    (tmp_path / 'bad.json').write_text(json.dumps(SPACE[0]) + '\n{oops}')
+    with pytest.raises(run.InputError, match=r'is not JSON \(line 2\)'):
+        paropt.read_space(tmp_path / 'bad.json')
+    with pytest.raises(run.InputError, match='names a parameter twice'):
+        paropt.read_space(write_space(tmp_path / 'twice.json', [SPACE[0], SPACE[0]]))
+
+
+def test_trials_suggest_rounded_values_and_run_py_reads_their_command():
+    trial = optuna.trial.FixedTrial({'layers': 8, 'learning_rate': 0.15000000000000002, 'final_act': 'linear'})
+    params = paropt.suggest(trial, SPACE)
+    assert dict(params) == {'layers': 8, 'learning_rate': 0.15, 'final_act': 'linear'}
+    args = paropt.build_parser().parse_args(['train.tsv', 'valid.tsv', '-opf', 'space.json', '-pm', 'mrr', '-m', '10'])
+    command = paropt.run_command(args, dict(params, n_epochs=1))
+    parsed = run.build_parser().parse_args(command)
+    assert (parsed.path, parsed.test, parsed.measure) == ('train.tsv', ['valid.tsv'], [10])
+    assert parsed.primary_metric == 'mrr'
+    assert parsed.log_primary_metric
+    assert run.parse_param_string(parsed.parameter_string) == {
+        'layers': '8', 'learning_rate': '0.15', 'final_act': 'linear', 'n_epochs': '1'}
+
+
+def test_a_failing_trial_reports_run_py_error_line(tmp_path):
+    with pytest.raises(paropt.TrialError, match='status 2: run.py: error: cannot read test data file'):
+        paropt.evaluate_trial([str(tmp_path / 'train.tsv'), '-ps', 'n_epochs=1', '-t', 'missing.tsv', '-lpm'])
+
+
+def test_storage_paths_become_sqlite_urls(tmp_path):
+    assert paropt.storage_url(str(tmp_path / 's.db')) == f'sqlite:///{tmp_path / "s.db"}'
+    assert paropt.storage_url('postgresql://user@host/db') == 'postgresql://user@host/db'
+
+
+def test_bad_input_exits_with_status_2(tmp_path, capsys):
+    space = write_space(tmp_path / 'space.json', SPACE)
+    assert paropt.main([str(tmp_path / 'missing.tsv'), 'v.tsv', '-opf', str(space)]) == 2
+    assert 'no such data file' in capsys.readouterr().err
+    assert paropt.main(['t.tsv', 'v.tsv', '-opf', str(space), '-ps', 'loss=xe']) == 2
+    assert 'unknown loss' in capsys.readouterr().err
+
+
+def test_two_workers_share_one_sqlite_study_and_a_finished_search_resumes(tmp_path):
+    synthetic_log(60, seed=1).to_csv(tmp_path / 'train.tsv', sep='\t', index=False)
+    synthetic_log(20, seed=2, first_session=501, first_time=1e5).to_csv(tmp_path / 'valid.tsv', sep='\t', index=False)
+    command = [sys.executable, str(REPO / 'paropt.py'), 'train.tsv', 'valid.tsv',
+               '-opf', str(write_space(tmp_path / 'space.json', SPACE)),
+               '-ps', 'n_epochs=1,batch_size=8,n_sample=4,loss=bpr-max', '-nt', '2', '-pm', 'mrr',
+               '--storage', 'search.db', '--study', 'shared']
+    workers = [subprocess.Popen(command + ['--seed', str(seed)], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err
+        assert 'Best trial #' in out
+    study = optuna.load_study(study_name='shared', storage=f'sqlite:///{tmp_path / "search.db"}')
+    trials = study.get_trials()
+    # Each worker stops once the study has 2 finished trials; one may start another while the other
+    # still runs its first.
+    assert 2 <= len(trials) <= 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and 0 <= t.value <= 1 for t in trials)
+    assert {t.user_attrs['worker'].split(':')[1] for t in trials} == {str(w.pid) for w in workers}
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0 and f'Best trial #{study.best_trial.number}' in resumed.stdout
+    assert len(study.get_trials()) == len(trials)  # already finished: no new trial
+
+
+@pytest.mark.parametrize('path', sorted((REPO / 'paramspaces').glob('*.json')), ids=lambda p: p.name)
+def test_shipped_search_spaces_are_valid(path):
+    assert paropt.read_space(path)

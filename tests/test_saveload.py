@@ -1,0 +1,48 @@
+"""savemodel -> loadmodel keeps everything that predictions depend on; training is reproducible."""
+import numpy as np
+import pytest
+
+from conftest import MODELS, fit_small
+from evaluation import evaluate_gpu
+from gru4rec import GRU4Rec
+
+
+def predictions(model, prefix):
+    """Scores of three steps over two slots, with a session change in slot 0 at the last step."""
+    ids = model.itemidmap.to_numpy()
+    calls = [([f'{prefix}1', f'{prefix}2'], [0, 4]), ([f'{prefix}1', f'{prefix}2'], [9, 4]),
+             ([f'{prefix}3', f'{prefix}2'], [2, 11])]
+    return [model.predict_next_batch(np.array(s, dtype=object), ids[i], batch=2).to_numpy() for s, i in calls]
+
+
+@pytest.mark.parametrize('name', sorted(MODELS))
+def test_loaded_model_predicts_identically(models, name, tmp_path, test_log):
+    model = models(name)
+    path = tmp_path / 'model.gru4rec'
+    model.savemodel(path)
+    loaded = GRU4Rec.loadmodel(path)
+    assert loaded.get_params() == model.get_params()
+    assert list(loaded.itemidmap) == list(model.itemidmap)
+    np.testing.assert_array_equal(loaded.support, model.support)
+    assert loaded.params.keys() == model.params.keys()
+    for n in model.params:
+        np.testing.assert_array_equal(loaded.params[n].get_value(), model.params[n].get_value())
+    assert loaded.opt_values.keys() == model.opt_values.keys()
+    for n in model.opt_values:
+        np.testing.assert_array_equal(loaded.opt_values[n], model.opt_values[n])
+    for got, expected in zip(predictions(loaded, 'saved'), predictions(model, 'saved')):
+        np.testing.assert_array_equal(got, expected)
+    evaluate = dict(test_data=test_log, cut_off=[1, 5, 10], batch_size=3)
+    assert evaluate_gpu(loaded, **evaluate) == evaluate_gpu(model, **evaluate)
+
+
+def test_same_seed_and_data_give_the_same_model():
+    """Every source of randomness at once: initialisation, sampling, both dropouts, session order."""
+    params = dict(embedding=5, dropout_p_hidden=0.3, dropout_p_embed=0.2, train_random_order=True)
+    first, second = fit_small(**params), fit_small(**params)
+    other_seed = fit_small(seed=8, **params)
+    assert first.params.keys() == second.params.keys()
+    for n in first.params:
+        np.testing.assert_array_equal(first.params[n].get_value(), second.params[n].get_value())
+        assert not np.array_equal(first.params[n].get_value(), other_seed.params[n].get_value()) or n.startswith('B')
+    assert [h['loss'] for h in first.history_] == [h['loss'] for h in second.history_]

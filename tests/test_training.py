@@ -1,0 +1,114 @@
+"""The training step: one SGD step against a float64 numpy reference (cost, gradients, sparse updates,
+logQ, samples from the store, carried states), float32 graphs under floatX=float64, and the tail of an
+epoch that shrinks to a single slot."""
+import numpy as np
+import pandas as pd
+import pytensor
+import pytest
+
+import evaluation
+from conftest import (ACTIVATIONS, INPUT_MODES, fit_small, hidden_reference, loss_reference,
+                      make_log, make_train_log, weights64)
+from gru4rec import session_arrays, session_parallel_batches
+
+STEP_CASES = {
+    'xe-logq-smoothing-constrained': dict(loss='cross-entropy', final_act='softmax', logq=1.0, smoothing=0.1,
+                                          **INPUT_MODES['constrained']),
+    'bpr-max-two-layers-onehot': dict(loss='bpr-max', final_act='elu-0.5', bpreg=0.5, layers=[8, 6],
+                                      **INPUT_MODES['onehot']),
+    'top1-embedding': dict(loss='top1', final_act='tanh', **INPUT_MODES['embedding']),
+}
+
+
+def step_cost(model, W, X, T, samples, H_prev):
+    """The SPEC's training cost of one step with weights W, without dropout."""
+    H = hidden_reference(model, W, X, H_prev)
+    Y = np.concatenate([T, samples])
+    logits = H[-1] @ W['Wy'][Y].T + W['By'][Y]
+    if model.logq:
+        q = np.concatenate([model.support[T], model.support[samples] ** model.sample_alpha])
+        logits = logits - model.logq * np.log(q)
+    Yhat = ACTIVATIONS[model.final_act](logits)
+    return loss_reference(model.loss, Yhat, model.smoothing, model.bpreg).sum() / model.batch_size, H
+
+
+@pytest.mark.parametrize('case', sorted(STEP_CASES))
+def test_sgd_step_matches_numpy(case):
+    """Three of four slots active (cost still divided by batch_size 4), one of them reset, the states
+    taken from permuted rows, a sample equal to a target and an item that is both input and target:
+    every parameter must move by -learning_rate times the numeric gradient, untouched rows not at all."""
+    model = fit_small(adapt=None, momentum=0.0, n_epochs=1, **STEP_CASES[case])
+    rng = np.random.default_rng(0)
+    H_state = [rng.normal(0, 0.5, size=(model.batch_size, L)).astype(np.float32) for L in model.layers]
+    for shared, value in zip(model.H, H_state):
+        shared.set_value(value)
+    X, T = np.array([3, 0, 7], dtype=np.int32), np.array([5, 3, 0], dtype=np.int32)
+    prev_rows, keep = np.array([2, 0, 3], dtype=np.int32), np.array([1, 0, 1], dtype=np.float32)
+    store = rng.integers(0, model.n_items, size=(3, model.n_sample)).astype(np.int32)
+    store[1, 0] = T[1]
+    model.sample_store.set_value(store)
+    H_prev = [h.astype(np.float64)[prev_rows] * keep[:, None] for h in H_state]
+    W = weights64(model)
+
+    cost = model._train_fn(*model._padded_batch(X, T, prev_rows, keep), 1)
+
+    expected_cost, expected_H = step_cost(model, W, X, T, store[1], H_prev)
+    np.testing.assert_allclose(cost, expected_cost, rtol=1e-4)
+    for shared, h in zip(model.H, expected_H):  # the padding row after the three active ones is not compared
+        np.testing.assert_allclose(shared.get_value()[:len(X)], h, rtol=1e-4, atol=1e-6)
+    h = 1e-6
+    for name, w in W.items():
+        grad = np.zeros_like(w)
+        for idx in np.ndindex(*w.shape):
+            w[idx] += h
+            up = step_cost(model, W, X, T, store[1], H_prev)[0]
+            w[idx] -= 2 * h
+            down = step_cost(model, W, X, T, store[1], H_prev)[0]
+            w[idx] += h
+            grad[idx] = (up - down) / (2 * h)
+        delta = model.params[name].get_value()[:len(w)].astype(np.float64) - w
+        np.testing.assert_allclose(delta, -model.learning_rate * grad, rtol=2e-3, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize('adapt', ['adadelta', 'adam'])  # the others' arithmetic is a subset of these
+def test_graphs_are_float32_under_float64_floatx(adapt):
+    """Every feature that adds arithmetic to the training graph is on, so a float64 constant or
+    upcast anywhere shows."""
+    assert pytensor.config.floatX == 'float64'
+    model = fit_small(loss='cross-entropy', final_act='softmax', logq=1.0, smoothing=0.1, adapt=adapt,
+                      momentum=0.5, grad_cap=1.0, lmbd=0.01, dropout_p_hidden=0.2, dropout_p_embed=0.1,
+                      **INPUT_MODES['embedding'])
+    shared = (list(model.params.values()) + model.H + list(model.opt_state.values())
+              + [model.opt_step, model.P_target, model.P_sample])
+    assert {v.name: v.get_value().dtype for v in shared} == {v.name: np.float32 for v in shared}
+    assert model.sample_store.get_value().dtype == np.int32
+    cost = model._train_fn(*model._padded_batch(np.array([1, 2], np.int32), np.array([3, 4], np.int32),
+                                                np.array([0, 1], np.int32), np.ones(2, np.float32)), 0)
+    assert cost.dtype == np.float32
+    model.predict_next_batch(np.array([1, 2]), model.itemidmap[[0, 1]], batch=2)
+    H = [pytensor.shared(np.zeros((4, L), np.float32)) for L in model.layers]
+    compiled = [model._train_fn, model._fns[('predict_next_batch', 2, False)][1],
+                evaluation._compile_eval_step(model, H, [5, 20], 'tiebreaking', True, 0)]
+    for fn in compiled:
+        dtypes = {v.dtype for v in fn.maker.fgraph.variables if hasattr(v, 'dtype')}
+        assert 'float64' not in dtypes
+
+
+@pytest.mark.parametrize('mode', ['onehot',
+                                  'embedding',
+                                  'layersize', 'constrained'])
+def test_fit_when_the_epoch_tail_shrinks_to_one_slot(mode):
+    log = make_log([2, 5, 3, 6, 2, 4, 3, 2, 5, 4, 3, 7], seed=5)
+    items, offsets, order = session_arrays(log, pd.Index(np.sort(log.ItemId.unique())),
+                                           'SessionId', 'ItemId', 'Time')
+    assert min(len(X) for X, *_ in session_parallel_batches(items, offsets, order, 4)) == 1
+    model = fit_small(log, n_epochs=1, **INPUT_MODES[mode])
+    assert np.isfinite(model.history_[0]['loss'])
+
+
+def test_fit_does_not_modify_the_callers_data():
+    log = make_train_log()
+    shuffled = log.sample(frac=1.0, random_state=0)
+    before = shuffled.copy()
+    fit_small(shuffled, n_epochs=1)
+    pd.testing.assert_frame_equal(shuffled, before)
