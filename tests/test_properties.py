@@ -14,9 +14,9 @@ from gru4rec import GRU4Rec
 
 ITEMS = [11, 12, 13, 14, 15, 16]
 CUTOFFS = [1, 2, 3, 5, 10]
-# Each example compiles its own graphs (about a second each): few examples, no deadline.
-FEW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-               print_blob=True)
+# Each example compiles its own graphs (seconds each): few examples, no deadline.
+FEW = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+STORE = 300  # sample ids drawn ahead (the default 10M takes a second to draw): refilled several times per epoch
 
 
 @st.composite
@@ -66,7 +66,7 @@ def hyperparameters(draw):
 def quiet_fit(model, log, **options):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', UserWarning)  # duplicate events are allowed here
-        return model.fit(log, **options)
+        return model.fit(log, sample_store=STORE, **options)
 
 
 def in_library_order(log):
@@ -87,9 +87,6 @@ def test_training_never_crashes_and_predictions_are_finite(log, test, params):
     assert set(model.itemidmap) == set(log.ItemId)
     known = in_library_order(test[test.ItemId.isin(model.itemidmap)])
     assume(len(known) > 0)
-    recs = model.recommend(known, k=3)
-    assert np.isfinite(recs.score).all()
-    assert set(recs.SessionId) == set(known.SessionId)
     for sid, item in zip(known.SessionId, known.ItemId):
         scores = model.predict_next_batch([sid], [item], batch=1)
         assert scores.shape == (model.n_items, 1)
@@ -105,8 +102,8 @@ def trained():
                         'Time': np.arange(lengths.sum())})
     common = dict(layers=[6], batch_size=4, n_sample=3, n_epochs=2, verbose=False, seed=1)
     return {'xe-shared': GRU4Rec(loss='cross-entropy', final_act='softmax', constrained_embedding=True,
-                                 **common).fit(log),
-            'bprmax-onehot': GRU4Rec(loss='bpr-max', final_act='elu-1', **common).fit(log)}
+                                 **common).fit(log, sample_store=STORE),
+            'bprmax-onehot': GRU4Rec(loss='bpr-max', final_act='elu-1', **common).fit(log, sample_store=STORE)}
 
 
 def brute_force_rank_bounds(model, test, tolerance=1e-5):
