@@ -1009,7 +1009,8 @@ class GRU4Rec:
         {session id: [item ids in order]}. Items the model does not know are skipped; sessions with no
         known item get no recommendation. exclude_seen=True never recommends an item already in the
         session (so a session gets fewer than k items when fewer than k are unseen). Returns a DataFrame
-        with columns session key, 'rank' (1 = best), item key, 'score'.
+        with columns session key, 'rank' (1 = best), item key, 'score', the sessions in the order of the
+        input (the dict's, or the log's when its sessions are contiguous and in time order, else by session id).
         """
         self._require_trained()
         if int(k) < 1:
@@ -1041,6 +1042,8 @@ class GRU4Rec:
                 if n_active > n_going_on:
                     scores[ending] = score(X, *H)[ending]
                 H = step(X, *H)
+            back = np.argsort(batch)  # the sessions in the order of the log again
+            batch, scores = batch[back], scores[back]
             if exclude_seen:
                 for row, s in enumerate(batch):
                     scores[row, items[offsets[s]:offsets[s + 1]]] = -np.inf

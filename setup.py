@@ -22,6 +22,7 @@ setup(
         'parquet': ['pyarrow>=12'],
         'jax': ['jax>=0.4.30'],
         'paropt': ['optuna>=3.0'],
-        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=3.0'],
+        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=3.0',
+                 'nbclient>=0.7', 'nbformat>=5.7', 'ipykernel>=6', 'matplotlib>=3.7'],
     },
 )
