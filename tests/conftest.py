@@ -85,6 +85,14 @@ def read_log(path):
     return pd.read_csv(path, sep='\t', dtype={'SessionId': np.int64, 'ItemId': np.int64, 'Time': np.float64})
 
 
+def real_log(name):
+    """A log from ../shared/data by file name; skips the test where the data is absent."""
+    path = DATA_DIR / name
+    if not path.exists():
+        pytest.skip(f'real data not found: {path} (../shared/data from the repository root) is absent')
+    return read_log(path)
+
+
 def sigmoid(x):
     return 0.5 * (1 + np.tanh(0.5 * x))
 

@@ -4,16 +4,15 @@ save/load round trip: the same model) knows every item, recommends the items new
 3% of the MRR@20 of a model fitted on A+B from scratch with as many epochs in all. Also the errors of
 retrain on small synthetic logs. Skips the real-data part when ../shared/data is absent."""
 import copy
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import real_log
 from evaluation import evaluate_gpu
 from gru4rec import GRU4Rec
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 # Close to rsc15_xe_shared_100_best, but smaller and with fewer epochs so that the test stays cheap.
 SETTINGS = dict(loss='cross-entropy', final_act='softmax', constrained_embedding=True, embedding=0, layers=[64],
                 batch_size=32, n_sample=512, sample_alpha=0.5, logq=1.0, learning_rate=0.2, momentum=0.2,
@@ -21,17 +20,11 @@ SETTINGS = dict(loss='cross-entropy', final_act='softmax', constrained_embedding
 EPOCHS = 2  # on A, then on B; the model fitted on A+B gets 2 * EPOCHS
 
 
-def read(name):
-    path = DATA_DIR / name
-    if not path.exists():
-        pytest.skip(f'real data not found: {path} (../shared/data from the repository root) is absent')
-    return pd.read_csv(path, sep='\t')
-
 
 @pytest.fixture(scope='module')
 def halves():
-    train = read('rsc15_100k_train_full.tsv.gz')
-    test = read('rsc15_100k_test.tsv.gz')
+    train = real_log('rsc15_100k_train_full.tsv.gz')
+    test = real_log('rsc15_100k_test.tsv.gz')
     start = train.groupby('SessionId').Time.transform('min')
     cut = train.groupby('SessionId').Time.min().median()
     return train[start <= cut], train[start > cut], train, test

@@ -2,31 +2,24 @@
 early stopping and keep_best, recommend(), progress output. Uses ../shared/data/rsc15_100k_*; skips
 when that folder is absent."""
 import copy
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import real_log
 from evaluation import evaluate_gpu
 from gru4rec import GRU4Rec
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 SETTINGS = dict(loss='cross-entropy', final_act='softmax', constrained_embedding=True, layers=[32], batch_size=32,
                 n_sample=128, learning_rate=0.2, sample_alpha=0.5, logq=1.0, seed=1, verbose=False)
 
 
-def read(name):
-    path = DATA_DIR / name
-    if not path.exists():
-        pytest.skip(f'real data not found: {path} (../shared/data from the repository root) is absent')
-    return pd.read_csv(path, sep='\t')
-
 
 @pytest.fixture(scope='module')
 def data():
-    train = read('rsc15_100k_train_tr.tsv.gz')
-    valid = read('rsc15_100k_train_valid.tsv.gz')
+    train = real_log('rsc15_100k_train_tr.tsv.gz')
+    valid = real_log('rsc15_100k_train_valid.tsv.gz')
     part = train[train.SessionId.isin(train.SessionId.unique()[-3000:])]  # the latest 3,000 sessions
     valid = valid[valid.SessionId.isin(valid.SessionId.unique()[:1000])]
     return part, valid
