@@ -576,8 +576,6 @@ class GRU4Rec:
                       for l, L in enumerate(self.layers_)]
             self.P_target = _static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_target')
             self.P_sample = _static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_sample')
-            self.sample_store = pytensor.shared(np.zeros((1, self.n_sample), dtype=np.int32), name='sample_store',
-                                                shape=(None, self.n_sample))
             self.opt_state = OrderedDict()
             self.opt_step = pytensor.shared(np.float32(0), name='t')
             self._train_fn = self._compile_train()
@@ -598,23 +596,31 @@ class GRU4Rec:
         return np.append(alpha * np.log(np.maximum(self.support, 1)), 0).astype(FLOAT)
 
     def _compile_train(self):
-        B = self.batch_size
+        B, N = self.batch_size, self.batch_size + self.n_sample
         X = pt.tensor('X', dtype='int32', shape=(B,))  # input items (padded rows read the pad item)
         T = pt.tensor('T', dtype='int32', shape=(B,))  # target items
         prev_rows = pt.tensor('prev_rows', dtype='int32', shape=(B,))  # rows of the previous state to carry
         keep = pt.tensor('keep', dtype=FLOAT, shape=(B,))  # 0 resets a slot's state
         active = pt.tensor('active', dtype=FLOAT, shape=(B,))  # 1 for the M sessions in the batch, 0 for padding
-        step = pt.iscalar('step')  # row of the sample store
-        Y = pt.concatenate([T, self.sample_store[step]])  # N = B + n_sample scored items
+        # The item rows a step reads, each listed once (see _step_inputs), so that a row read several
+        # times gets one optimiser step with its summed gradient.
+        rows_Y = pt.tensor('rows_Y', dtype='int32', shape=(N,))  # distinct items of Y = [T | samples]
+        inv_Y = pt.tensor('inv_Y', dtype='int32', shape=(N,))  # Y = rows_Y[inv_Y]
+        rows_X = pt.tensor('rows_X', dtype='int32', shape=(B,))  # distinct input items (not in rows_Y)
+        inv_X = pt.tensor('inv_X', dtype='int32', shape=(B,))  # X = input rows[inv_X]
+        Y = rows_Y[inv_Y]  # N scored items
         cols = pt.concatenate([active, pt.ones(self.n_sample, dtype=FLOAT)])  # N: the columns that count
 
         # Sparse path: gather the item rows a step touches, differentiate w.r.t. the gathered rows.
         input_table = 'Wy' if self.constrained_embedding else 'E' if 'E' in self.params else 'Wx0'
-        reads = [(input_table, X), ('Wy', Y), ('By', Y)]  # (parameter, item indices)
-        gathered = [self.params[name][idx] for name, idx in reads]
+        if self.constrained_embedding:  # the inputs' rows are Wy rows: in rows_Y, or after it
+            reads = OrderedDict([('Wy', pt.concatenate([rows_Y, rows_X])), ('By', rows_Y)])
+        else:
+            reads = OrderedDict([(input_table, rows_X), ('Wy', rows_Y), ('By', rows_Y)])
+        gathered = OrderedDict((name, self.params[name][idx]) for name, idx in reads.items())
         H_prev = [H[prev_rows] * keep[:, None] for H in self.H]
-        H_new = self._forward(X, H_prev, training=True, item_rows={input_table: gathered[0]})
-        logits = self._output(H_new[-1], gathered[1], gathered[2])  # B x N
+        H_new = self._forward(X, H_prev, training=True, item_rows={input_table: gathered[input_table][inv_X]})
+        logits = self._output(H_new[-1], gathered['Wy'][inv_Y], gathered['By'][inv_Y])  # B x N
         if self.logq:
             log_q = pt.concatenate([self.P_target[T], self.P_sample[Y[B:]]])  # N
             logits = logits - np.float32(self.logq) * log_q
@@ -623,22 +629,15 @@ class GRU4Rec:
         row_loss = LOSSES[self.loss](Yhat, smoothing=np.float32(self.smoothing), bpreg=np.float32(self.bpreg), cols=cols)
         cost = (row_loss * active).sum() / np.float32(B)
 
-        dense = [v for n, v in self.params.items() if n not in dict(reads)]
-        grads = pytensor.grad(cost, dense + gathered)
-        # A parameter read twice (Wy under the constrained embedding: at X and at Y) is updated once,
-        # at the concatenated indices [X | Y] with the concatenated row gradients.
-        sparse = OrderedDict()
-        for (name, idx), grad in zip(reads, grads[len(dense):]):
-            sparse.setdefault(name, []).append((idx, grad))
-        targets = [(p, None) for p in dense] + [(self.params[n], pt.concatenate([i for i, _ in parts]))
-                                                for n, parts in sparse.items()]
-        grads = grads[:len(dense)] + [pt.concatenate([g for _, g in parts]) for parts in sparse.values()]
+        dense = [v for n, v in self.params.items() if n not in reads]
+        grads = pytensor.grad(cost, dense + list(gathered.values()))
+        targets = [(p, None) for p in dense] + [(self.params[n], idx) for n, idx in reads.items()]
         updates = self._optimizer_updates(targets, grads)
         for H, h in zip(self.H, H_new):
             updates[H] = h
         if self._rng_cursor is not self._dropout_rng:
             updates[self._dropout_rng] = self._rng_cursor
-        return self.compile_function([X, T, prev_rows, keep, active, step], cost, updates)
+        return self.compile_function([X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X], cost, updates)
 
     def compile_function(self, inputs, outputs, updates=None):
         return compile_function(inputs, outputs, updates, self.backend)
@@ -735,7 +734,7 @@ class GRU4Rec:
         n_steps = max(1, self.sample_store_size // self.n_sample)
         draws = np.searchsorted(self._cdf, self._rng.random(n_steps * self.n_sample), side='right')
         np.minimum(draws, self.n_items - 1, out=draws)
-        self.sample_store.set_value(draws.astype(np.int32).reshape(n_steps, self.n_sample), borrow=True)
+        self.sample_store = draws.astype(np.int32).reshape(n_steps, self.n_sample)
         return n_steps
 
     # -- training ------------------------------------------------------------------------------------
@@ -840,10 +839,10 @@ class GRU4Rec:
         self._cdf = self._sample_cdf()
         n_store = self._refill_sample_store() if self.n_sample else 1
         store_pos = 0
+        no_samples = np.zeros(0, dtype=np.int32)
         min_slots = 1 if self.n_sample else 2  # without samples a lone session has no negative
         n_pairs = len(items) - (len(offsets) - 1)
         best, since_best = None, 0
-        all_active = np.ones(self.batch_size, dtype=FLOAT)
         for epoch in range(1, n_epochs + 1):
             t0 = time.time()
             session_order = self._rng.permutation(order) if self.train_random_order else order
@@ -858,11 +857,8 @@ class GRU4Rec:
                                                                       self.batch_size, min_slots):
                     if self.n_sample and store_pos == n_store:
                         n_store, store_pos = self._refill_sample_store(), 0
-                    step = np.asarray(store_pos, dtype=np.int32)
-                    if len(X) == self.batch_size:
-                        cost = self._train_fn(X, T, prev_rows, keep, all_active, step)
-                    else:
-                        cost = self._train_fn(*self._padded_batch(X, T, prev_rows, keep), step)
+                    samples = self.sample_store[store_pos] if self.n_sample else no_samples
+                    cost = self._train_fn(*self._step_inputs(X, T, prev_rows, keep, samples))
                     store_pos += 1 if self.n_sample else 0
                     if not np.isfinite(cost):
                         self._push_state()
@@ -915,11 +911,28 @@ class GRU4Rec:
             if self.verbose:
                 print(f'Keeping the weights of epoch {best_epoch} (best valid {valid_metric}@{valid_cutoff})')
 
-    def _padded_batch(self, X, T, prev_rows, keep):
-        """A tail mini-batch of M < batch_size sessions, padded to the graph's fixed size."""
-        M, B = len(X), self.batch_size
-        return (pad(X, B, self._pad_item), pad(T, B, self._pad_item), pad(prev_rows, B, 0), pad(keep, B, 0),
-                pad(np.ones(M, dtype=FLOAT), B, 0))
+    def _step_inputs(self, X, T, prev_rows, keep, samples):
+        """The training step's inputs for a mini-batch of M <= batch_size sessions and the step's samples.
+
+        The batch is padded to the graph's fixed size. Every item row the step reads is listed once,
+        with where each read finds it, so a row read several times (an item sampled twice, or both a
+        target and a sample) gets its summed gradient and ONE optimiser step: the exact sparse
+        gradient. The original applied adagrad and momentum once per read, which slows and destabilises
+        the rows that are read most often."""
+        M, B, N, pad_item = len(X), self.batch_size, self.batch_size + self.n_sample, self._pad_item
+        active = np.ones(B, dtype=FLOAT)
+        if M < B:
+            X, T, prev_rows, keep = pad(X, B, pad_item), pad(T, B, pad_item), pad(prev_rows, B, 0), pad(keep, B, 0)
+            active[M:] = 0
+        rows_Y, inv_Y = np.unique(np.concatenate([T, samples]), return_inverse=True)
+        rows_X, inv_X = np.unique(X, return_inverse=True)
+        if self.constrained_embedding:  # an input row already in rows_Y is read from there
+            at = np.minimum(np.searchsorted(rows_Y, rows_X), len(rows_Y) - 1)
+            new = rows_Y[at] != rows_X
+            at[new] = N + np.arange(new.sum())
+            rows_X, inv_X = rows_X[new], at[inv_X]
+        return (X, T, prev_rows, keep, active, pad(rows_Y, N, pad_item), inv_Y.astype(np.int32),
+                pad(rows_X, B, pad_item), inv_X.astype(np.int32))
 
     def _pull_state(self):
         """Copies weights and optimiser state out of the compiled graph (self.weights, self.opt_values):

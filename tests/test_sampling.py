@@ -38,7 +38,7 @@ def test_samples_follow_support_to_the_power_alpha(model, alpha):
     model._cdf = model._sample_cdf()
     model.sample_store_size = N_DRAWS
     n_steps = model._refill_sample_store()
-    store = model.sample_store.get_value()
+    store = model.sample_store
     assert n_steps == N_DRAWS // model.n_sample
     assert store.shape == (n_steps, model.n_sample) and store.dtype == np.int32
     counts = np.bincount(store.ravel(), minlength=model.n_items)

@@ -46,28 +46,80 @@ def test_sgd_step_matches_numpy(case):
     prev_rows, keep = np.array([2, 0, 3], dtype=np.int32), np.array([1, 0, 1], dtype=np.float32)
     store = rng.integers(0, model.n_items, size=(3, model.n_sample)).astype(np.int32)
     store[1, 0] = T[1]
-    model.sample_store.set_value(store)
     H_prev = [h.astype(np.float64)[prev_rows] * keep[:, None] for h in H_state]
     W = weights64(model)
 
-    cost = model._train_fn(*model._padded_batch(X, T, prev_rows, keep), 1)
+    cost = model._train_fn(*model._step_inputs(X, T, prev_rows, keep, store[1]))
 
     expected_cost, expected_H = step_cost(model, W, X, T, store[1], H_prev)
     np.testing.assert_allclose(cost, expected_cost, rtol=1e-4)
     for shared, h in zip(model.H, expected_H):  # the padding row after the three active ones is not compared
         np.testing.assert_allclose(shared.get_value()[:len(X)], h, rtol=1e-4, atol=1e-6)
-    h = 1e-6
+    for name, grad in numeric_gradients(model, W, X, T, store[1], H_prev).items():
+        delta = model.params[name].get_value()[:len(W[name])].astype(np.float64) - W[name]
+        np.testing.assert_allclose(delta, -model.learning_rate * grad, rtol=2e-3, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize('mode', ['constrained', 'onehot'])
+def test_adagrad_momentum_step_sums_the_gradient_of_a_row_read_several_times(mode):
+    """An item sampled three times, also a target and (constrained) an input, and an input read by
+    two slots: each row gets its summed gradient G and one step, acc += G^2,
+    velocity = momentum * velocity - lr * G / sqrt(acc + 1e-6), w += velocity; rows the step does not
+    read keep weights and optimiser state. (Once per read, as the original did, fails this.)"""
+    model = fit_small(adapt='adagrad', momentum=0.3, n_epochs=1, loss='cross-entropy', final_act='softmax',
+                      **INPUT_MODES[mode])
+    rng = np.random.default_rng(1)
+    state = {}
+    for key, shared in model.opt_state.items():
+        state[key] = rng.uniform(0.1, 1.0, size=shared.get_value().shape).astype(np.float32)
+        if key.startswith('velocity'):
+            state[key] -= 0.5
+        shared.set_value(state[key])
+    for shared in model.H:
+        shared.set_value(np.zeros_like(shared.get_value()))
+    X, T = np.array([3, 3, 7], dtype=np.int32), np.array([5, 3, 0], dtype=np.int32)
+    prev_rows, keep = np.array([0, 1, 2], dtype=np.int32), np.zeros(3, dtype=np.float32)
+    samples = np.array([5, 9, 5, 5, 1, 0], dtype=np.int32)[:model.n_sample]
+    W = weights64(model)
+    H_prev = [np.zeros((len(X), L)) for L in model.layers]
+
+    model._train_fn(*model._step_inputs(X, T, prev_rows, keep, samples))
+
+    read = {'Wy': np.concatenate([T, samples] + ([X] if mode == 'constrained' else [])),
+            'By': np.concatenate([T, samples])}  # the rows each item-indexed parameter reads
+    if mode == 'onehot':
+        read['Wx0'] = X
+    for name, G in numeric_gradients(model, W, X, T, samples, H_prev).items():
+        acc, vel = (state[f'{kind}_{name}'][:len(G)].astype(np.float64) for kind in ('adagrad', 'velocity'))
+        touched = np.ones(len(G), bool)
+        if name in read:
+            touched[:] = False
+            touched[read[name]] = True
+        touched = touched.reshape((-1,) + (1,) * (G.ndim - 1))
+        acc_new = np.where(touched, acc + G ** 2, acc)
+        vel_new = np.where(touched, model.momentum * vel - model.learning_rate * G / np.sqrt(acc_new + 1e-6), vel)
+        w_new = np.where(touched, W[name] + vel_new, W[name])
+        for got, expected, what in [(model.opt_state[f'adagrad_{name}'], acc_new, 'accumulator'),
+                                    (model.opt_state[f'velocity_{name}'], vel_new, 'velocity'),
+                                    (model.params[name], w_new, 'weights')]:
+            np.testing.assert_allclose(got.get_value()[:len(G)], expected, rtol=2e-3, atol=1e-6,
+                                       err_msg=f'{name} {what}')
+
+
+def numeric_gradients(model, W, X, T, samples, H_prev, h=1e-6):
+    """Central differences of step_cost w.r.t. every weight (float64)."""
+    grads = {}
     for name, w in W.items():
         grad = np.zeros_like(w)
         for idx in np.ndindex(*w.shape):
             w[idx] += h
-            up = step_cost(model, W, X, T, store[1], H_prev)[0]
+            up = step_cost(model, W, X, T, samples, H_prev)[0]
             w[idx] -= 2 * h
-            down = step_cost(model, W, X, T, store[1], H_prev)[0]
+            down = step_cost(model, W, X, T, samples, H_prev)[0]
             w[idx] += h
             grad[idx] = (up - down) / (2 * h)
-        delta = model.params[name].get_value()[:len(w)].astype(np.float64) - w
-        np.testing.assert_allclose(delta, -model.learning_rate * grad, rtol=2e-3, atol=1e-6, err_msg=name)
+        grads[name] = grad
+    return grads
 
 
 @pytest.mark.parametrize('adapt', ['adadelta', 'adam'])  # the others' arithmetic is a subset of these
@@ -81,9 +133,10 @@ def test_graphs_are_float32_under_float64_floatx(adapt):
     shared = (list(model.params.values()) + model.H + list(model.opt_state.values())
               + [model.opt_step, model.P_target, model.P_sample])
     assert {v.name: v.get_value().dtype for v in shared} == {v.name: np.float32 for v in shared}
-    assert model.sample_store.get_value().dtype == np.int32
-    cost = model._train_fn(*model._padded_batch(np.array([1, 2], np.int32), np.array([3, 4], np.int32),
-                                                np.array([0, 1], np.int32), np.ones(2, np.float32)), 0)
+    assert model.sample_store.dtype == np.int32
+    cost = model._train_fn(*model._step_inputs(np.array([1, 2], np.int32), np.array([3, 4], np.int32),
+                                               np.array([0, 1], np.int32), np.ones(2, np.float32),
+                                               model.sample_store[0]))
     assert cost.dtype == np.float32
     model.predict_next_batch(np.array([1, 2]), model.itemidmap[[0, 1]], batch=2)
     H = [pytensor.shared(np.zeros((4, L), np.float32)) for L in model.layers]
