@@ -711,6 +711,11 @@ class GRU4Rec:
         for (param, rows), grad in zip(targets, grads):
             if self.lmbd:
                 grad = grad + np.float32(self.lmbd) * (param if rows is None else param[rows])
+            if rows is not None and self.adapt == 'adagrad' and self.backend == 'c':  # the same step, fused
+                vel = self._state(f'velocity_{param.name}', param) if self.momentum else None
+                updates.update(cbackend.row_adagrad_updates(param, self._state(f'adagrad_{param.name}', param), vel,
+                                                            rows, grad, self.learning_rate, self.momentum, 1e-6))
+                continue
             step, opt_updates = self._adapted_step(param.name, grad, rows)
             updates.update(opt_updates)
             delta = -lr * step
