@@ -495,10 +495,13 @@ class GRU4Rec:
     # -- the network ---------------------------------------------------------------------------------
 
     def _dropout(self, x, p):
-        """Inverted dropout; the draws chain through one random generator updated by the training step."""
+        """Inverted dropout: keeps the entries whose uniform draw u is below 1 - p. The draws are an input
+        of the training step, drawn by numpy from the model's seed (see _step_inputs): as fast as a
+        random op in the graph on the C backend, and reproducible on every backend."""
         if p == 0:
             return x
-        self._rng_cursor, u = self._rng_cursor.uniform(0, 1, size=x.shape)
+        u = pt.tensor(f'dropout_draws{len(self._dropout_draws)}', dtype=FLOAT, shape=x.type.shape)
+        self._dropout_draws.append(u)
         return x * pt.lt(u, np.float32(1 - p)).astype(FLOAT) / np.float32(1 - p)
 
     def _gru(self, l, x_proj, h):
@@ -568,8 +571,7 @@ class GRU4Rec:
         self._pad_item = self.n_items
         self._hidden_act = parse_activation(self.hidden_act)
         self._final_act = parse_activation(self.final_act, final=True)
-        self._dropout_rng = pt.random.shared_rng(seed=self.seed, name='dropout_rng')
-        self._rng_cursor = self._dropout_rng
+        self._dropout_draws = []  # the training step's inputs of uniform draws, one per dropout
         with pytensor.config.change_flags(floatX=FLOAT):
             self.params = OrderedDict((n, _static_shared(self._with_pad_row(n, w), n)) for n, w in self.weights.items())
             self.H = [_static_shared(np.zeros((self.batch_size, L), dtype=FLOAT), f'H{l}')
@@ -635,9 +637,8 @@ class GRU4Rec:
         updates = self._optimizer_updates(targets, grads)
         for H, h in zip(self.H, H_new):
             updates[H] = h
-        if self._rng_cursor is not self._dropout_rng:
-            updates[self._dropout_rng] = self._rng_cursor
-        return self.compile_function([X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X], cost, updates)
+        return self.compile_function([X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X]
+                                     + self._dropout_draws, cost, updates)
 
     def compile_function(self, inputs, outputs, updates=None):
         return compile_function(inputs, outputs, updates, self.backend)
@@ -810,7 +811,7 @@ class GRU4Rec:
             self._build()
         else:
             self._push_state()
-        self._dropout_rng.set_value(np.random.default_rng([self.seed, len(self.history_), 1]))
+        self._dropout_rng = np.random.default_rng([self.seed, len(self.history_), 1])
         self.sample_store_size = sample_store
         try:
             self._train(items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best, patience)
@@ -936,8 +937,9 @@ class GRU4Rec:
             new = rows_Y[at] != rows_X
             at[new] = N + np.arange(new.sum())
             rows_X, inv_X = rows_X[new], at[inv_X]
+        draws = [self._dropout_rng.random(u.type.shape, dtype=np.float32) for u in self._dropout_draws]
         return (X, T, prev_rows, keep, active, pad(rows_Y, N, pad_item), inv_Y.astype(np.int32),
-                pad(rows_X, B, pad_item), inv_X.astype(np.int32))
+                pad(rows_X, B, pad_item), inv_X.astype(np.int32), *draws)
 
     def _pull_state(self):
         """Copies weights and optimiser state out of the compiled graph (self.weights, self.opt_values):

@@ -1,8 +1,7 @@
 """The same graphs compiled by PyTensor's C backend and by JAX train and evaluate alike.
 
-Dropout is off (JAX draws its own random numbers); the negative samples come from the same numpy
-store, so both backends see identical mini-batches and must end with the same parameters up to
-float32 rounding.
+The negative samples and the dropout draws come from numpy, seeded by the model, so both backends see
+identical mini-batches and must end with the same parameters up to float32 rounding.
 """
 import numpy as np
 import pandas as pd
@@ -73,6 +72,16 @@ def test_each_input_mode_trains_alike_on_c_and_jax(mode):
 def test_two_layers_train_alike_on_c_and_jax():
     settings = dict(LOSS_SETTINGS['cross-entropy'], layers=[8, 6], constrained_embedding=True)
     assert_same_model(trained('c', **settings), trained('jax', **settings))
+
+
+def test_dropout_trains_alike_on_c_and_jax_and_a_refit_repeats_it():
+    settings = dict(LOSS_SETTINGS['bpr-max'], layers=[8, 6], embedding=6, dropout_p_embed=0.3, dropout_p_hidden=0.2)
+    jax_model = trained('jax', **settings)
+    assert_same_model(trained('c', **settings), jax_model)
+    first = {name: w.copy() for name, w in jax_model.weights.items()}
+    jax_model.fit(session_log(), sample_store=70)  # the same compiled graph, reseeded
+    for name, w in first.items():
+        np.testing.assert_array_equal(jax_model.weights[name], w, err_msg=name)
 
 
 def test_jax_predictions_equal_c_predictions():
