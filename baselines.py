@@ -71,9 +71,9 @@ class Baseline:
         only: they carry one state of width 0 (evaluate_gpu sizes its batch from the states)."""
         return [0]
 
-    def symbolic_step(self, X, H_prev, candidates=None):
+    def symbolic_step(self, X, H_prev, candidates=None, ranking=False):
         """New states and the scores (M x C) of all items, or of the item indices `candidates`,
-        for sessions reading items X (M)."""
+        for sessions reading items X (M). (ranking: see GRU4Rec.symbolic_step; no effect here.)"""
         if getattr(self, 'itemidmap', None) is None:
             raise ValueError(f'this {type(self).__name__} is not fitted yet: call fit(data) first')
         H, scores = self._scores(X, H_prev)

@@ -25,6 +25,8 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    op is off: on a training graph it leaves the gradient recomputing the exponentials.)
 6. A product whose gradient is used twice with different constant factors is computed once (the
    dot22scalar rewrite would fold each factor into its own copy of the product).
+8. Ranking. Evaluation counts, per row, the scores above (or equal to) the target's: as a graph, a
+   boolean matrix of all items and a reduction over it. `RowCount` counts in one pass.
 7. The sparse Adagrad step of the item matrices. As a graph it gathers the step's rows of the weights,
    of the accumulator and of the velocity, computes the step on the copies, and scatters three
    results back: about half of a training step on RSC15, mostly memory traffic and a fused
@@ -46,7 +48,7 @@ from pytensor.graph.rewriting.basic import in2out, node_rewriter
 from pytensor.graph.op import Op
 from pytensor.link.c.op import COp
 from pytensor.scalar import basic as ps
-from pytensor.tensor.elemwise import CAReduce
+from pytensor.tensor.elemwise import CAReduce, DimShuffle, Elemwise
 from pytensor.tensor.special import Softmax
 from pytensor.tensor.type import TensorType
 from pytensor.tensor.subtensor import AdvancedIncSubtensor1
@@ -364,6 +366,76 @@ def local_row_softmax(fgraph, node):
     return None
 
 
+class RowCount(COp):
+    """Per row i of a matrix x, the number of entries greater than (or equal to) t[i]."""
+
+    __props__ = ('relation', 'dtype')
+    RELATIONS = {ps.GT: 'greater', ps.EQ: 'equal'}
+    RELATIONS_C = {'greater': '>', 'equal': '=='}
+
+    def __init__(self, relation, dtype):
+        self.relation, self.dtype = relation, dtype
+
+    def make_node(self, x, t):
+        return Apply(self, [x, t], [TensorType(self.dtype, shape=(x.type.shape[0],))()])
+
+    def perform(self, node, inputs, output_storage):
+        x, t = inputs
+        output_storage[0][0] = getattr(np, self.relation)(x, t[:, None]).sum(axis=1).astype(self.dtype)
+
+    def c_code_cache_version(self):
+        return (1,)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        x, t = inputs
+        (out,) = outputs
+        fail = sub['fail']
+        op = self.RELATIONS_C[self.relation]
+        return f"""
+        {{
+            npy_intp M = PyArray_DIM({x}, 0), N = PyArray_DIM({x}, 1);
+            if (PyArray_DIM({t}, 0) != M) {{
+                PyErr_SetString(PyExc_ValueError, "RowCount: one threshold per row");
+                {fail}
+            }}
+            PyArrayObject* contiguous = PyArray_GETCONTIGUOUS({x});  // a new reference (a copy if strided)
+            if (!contiguous) {{ {fail} }}
+            if (!{out} || PyArray_DIM({out}, 0) != M) {{
+                Py_XDECREF({out});
+                npy_intp dims[1] = {{M}};
+                {out} = (PyArrayObject*)PyArray_EMPTY(1, dims, {node.outputs[0].type.dtype_specs()[2]}, 0);
+                if (!{out}) {{ Py_DECREF(contiguous); {fail} }}
+            }}
+            npy_intp ts = PyArray_STRIDE({t}, 0) / sizeof(dtype_{t}), os = PyArray_STRIDE({out}, 0) / sizeof(dtype_{out});
+            for (npy_intp i = 0; i < M; i++) {{
+                const dtype_{x}* __restrict__ xr = (const dtype_{x}*)PyArray_DATA(contiguous) + i * N;
+                const dtype_{x} threshold = ((const dtype_{t}*)PyArray_DATA({t}))[i * ts];
+                npy_int32 count = 0;
+                for (npy_intp j = 0; j < N; j++) count += xr[j] {op} threshold;
+                ((dtype_{out}*)PyArray_DATA({out}))[i * os] = count;
+            }}
+            Py_DECREF(contiguous);
+        }}
+        """
+
+
+@node_rewriter([CAReduce])
+def local_row_count(fgraph, node):
+    """sum(x > t[:, None], axis=1) (or ==) -> RowCount."""
+    (compared,) = node.inputs
+    if (not isinstance(node.op.scalar_op, ps.Add) or tuple(node.op.axis or ()) != (1,) or compared.owner is None
+            or not isinstance(compared.owner.op, Elemwise) or len(fgraph.clients[compared]) != 1):
+        return None
+    relation = RowCount.RELATIONS.get(type(compared.owner.op.scalar_op))
+    x, column = compared.owner.inputs
+    if (relation is None or x.ndim != 2 or x.type.broadcastable != (False, False)
+            or column.type.broadcastable != (False, True) or column.owner is None
+            or not isinstance(column.owner.op, DimShuffle) or column.owner.op.new_order != (0, 'x')
+            or x.dtype not in ('float32', 'float64') or column.dtype != x.dtype):
+        return None
+    return [RowCount(relation, node.outputs[0].dtype)(x, column.owner.inputs[0])]
+
+
 REDUCE_UFUNCS = {ps.Add: 'add', ps.Maximum: 'maximum', ps.Minimum: 'minimum'}
 
 
@@ -383,5 +455,5 @@ def c_mode():
     """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
     op, nor element-wise work into (slow, scalar) C reductions."""
     return (get_mode('CVM').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
-            .register((in2out(local_row_scatter), 99), (in2out(local_numpy_reduce), 99),
+            .register((in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_numpy_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99)))

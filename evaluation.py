@@ -37,8 +37,9 @@ def rank_of_target(scores, target_scores, mode, uniform=None):
 
 
 def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
-    """Compiled step: (X, T, prev_rows, keep, active, candidates) -> metric sums for each cut-off."""
-    B = H[0].get_value(borrow=True).shape[0]  # a fixed batch, padded at the tail (static shapes for JAX)
+    """Compiled step: (X, T, prev_rows, keep, active, candidates) -> metric sums for each cut-off.
+    The batch has H's static size (JAX needs static shapes: the tail is padded), or shrinks at the tail."""
+    B = H[0].type.shape[0]
     X = pt.tensor('X', dtype='int32', shape=(B,))
     T = pt.tensor('T', dtype='int32', shape=(B,))  # target positions among the scored items
     prev_rows = pt.tensor('prev_rows', dtype='int32', shape=(B,))
@@ -47,7 +48,7 @@ def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
     candidates = pt.ivector('candidates')
     with pytensor.config.change_flags(floatX=FLOAT):
         H_new, scores = model.symbolic_step(X, [h[prev_rows] * keep[:, None] for h in H],
-                                            candidates if with_candidates else None)  # M x C
+                                            candidates if with_candidates else None, ranking=True)  # M x C
         target_scores = scores[pt.arange(X.shape[0]), T]  # M
         updates = OrderedDict(zip(H, H_new))
         uniform = None
@@ -66,8 +67,9 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     """Recall@k and MRR@k of a trained GRU4Rec (or of a baseline) on test sessions.
 
     The model provides `itemidmap` (item ids in index order), `state_sizes` (widths of the states it
-    carries along a session) and `symbolic_step(X, H_prev, candidates)`, returning the new states and
-    the scores of all items (or of the candidate indices), and `compile_function`.
+    carries along a session) and `symbolic_step(X, H_prev, candidates, ranking=True)`, returning the
+    new states and scores of all items (or of the candidate indices) in the order of the final scores
+    (GRU4Rec ranks by the scores before a strictly increasing final activation), and `compile_function`.
 
     items: optional candidate item ids to rank against (default: every training item); test events
     of other items are dropped. cut_off: one k or a list. mode: how ties with the target are ranked
@@ -94,22 +96,26 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     if len(targets) - (len(offsets) - 1) <= 0:
         raise ValueError('the test data has no event to predict: no session has two or more events of items '
                          'the model knows')
+    B = int(batch_size)
+    static = getattr(gru, 'backend', 'c') == 'jax'
+
     def make():
-        H = [pytensor.shared(np.zeros((int(batch_size), L), dtype=FLOAT), shape=(int(batch_size), L))
-             for L in state_sizes]
-        return _compile_eval_step(gru, H, cutoffs, mode, items is not None, seed)
+        H = [pytensor.shared(np.zeros((B, L), dtype=FLOAT), shape=(B if static else None, L)) for L in state_sizes]
+        return _compile_eval_step(gru, H, cutoffs, mode, items is not None, seed), H
     compiled = getattr(gru, 'compiled', lambda key, make: make())
-    step = compiled(('evaluate', int(batch_size), tuple(cutoffs), mode, items is not None, seed), make)
+    step, H = compiled(('evaluate', B, tuple(cutoffs), mode, items is not None, seed), make)
+    for h, L in zip(H, state_sizes):
+        h.set_value(np.zeros((B, L), dtype=FLOAT))
     recall_sum = np.zeros(len(cutoffs))
     mrr_sum = np.zeros(len(cutoffs))
     n = 0
     positions = np.arange(len(targets))
 
-    for pos_in, pos_out, prev_rows, keep in session_parallel_batches(positions, offsets, order, int(batch_size)):
+    for pos_in, pos_out, prev_rows, keep in session_parallel_batches(positions, offsets, order, B):
         M = len(pos_in)
-        B = int(batch_size)  # padding rows read item 0 and are masked out of the sums
-        hits, rr = step(pad(inputs[pos_in], B, 0), pad(targets[pos_out], B, 0), pad(prev_rows, B, 0), pad(keep, B, 0),
-                        pad(np.ones(M, dtype=FLOAT), B, 0), candidates)
+        size = B if static else M  # padding rows read item 0 and are masked out of the sums
+        hits, rr = step(pad(inputs[pos_in], size, 0), pad(targets[pos_out], size, 0), pad(prev_rows, size, 0),
+                        pad(keep, size, 0), pad(np.ones(M, dtype=FLOAT), size, 0), candidates)
         recall_sum += hits
         mrr_sum += rr
         n += len(pos_in)

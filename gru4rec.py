@@ -100,6 +100,14 @@ def parse_activation(name, final=False):
     raise ValueError(f'unknown activation {name!r}; use one of {allowed}')
 
 
+def is_strictly_increasing(name):
+    """Whether the activation (a valid name) keeps the order of the scores, row by row for softmax."""
+    head, *args = name.split('-')
+    if head in PARAMETRIC_ACTIVATIONS:
+        return all(float(a) > 0 for a in args)
+    return head != 'relu'  # relu ties every negative score at zero
+
+
 # ---------------------------------------------------------------------------------------------------
 # Losses over the score matrix Yhat (M x N, after the final activation). Row i's target is column i;
 # the other columns are the other rows' targets and the shared samples. Each returns the per-row loss
@@ -546,15 +554,21 @@ class GRU4Rec:
         self._require_trained()
         return list(self.layers_)
 
-    def symbolic_step(self, X, H_prev, candidates=None):
+    def symbolic_step(self, X, H_prev, candidates=None, ranking=False):
         """One step of the trained network: the new states and the final scores of all items (or of
-        the item indices `candidates`) for sessions reading items X (M). Scores: M x C."""
+        the item indices `candidates`) for sessions reading items X (M). Scores: M x C.
+        ranking=True: scores in the same order are enough, so a strictly increasing final activation
+        (all but relu) is skipped; this also avoids ties that only float32 rounding of the activation
+        makes (e.g. softmax probabilities that underflow to 0)."""
         self._require_trained()
         H = self._forward(X, H_prev, training=False)
         Wy, By = self.params['Wy'][:self.n_items], self.params['By'][:self.n_items]
         if candidates is not None:
             Wy, By = Wy[candidates], By[candidates]
-        return H, self._final_act(self._output(H[-1], Wy, By))
+        scores = self._output(H[-1], Wy, By)
+        if ranking and is_strictly_increasing(self.final_act):
+            return H, scores
+        return H, self._final_act(scores)
 
     # -- the training graph --------------------------------------------------------------------------
 

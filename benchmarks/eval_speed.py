@@ -68,7 +68,7 @@ def main():
     print(f'peak RSS: {peak_rss_mb():,.0f} MiB')
     print('  '.join(f'Recall@{k}: {recall[k]:.4f} MRR@{k}: {mrr[k]:.4f}' for k in args.cutoffs))
     if c_profile:
-        step = [fn for key, fn in model._fns.items() if key[0] == 'evaluate'][0]
+        step, _ = [fn for key, fn in model._fns.items() if key[0] == 'evaluate'][0]
         step.profile.summary()
 
 
