@@ -39,6 +39,7 @@ import functools
 import glob
 import os
 import re
+import warnings
 
 import numpy as np
 import pytensor
@@ -74,8 +75,12 @@ def blas_ldflags():
         # OpenBLAS's spinning worker threads made each of them many times slower than one thread.
         for path in glob.glob(os.path.join(lib_dir, f'lib{library}.*')):
             ctypes.CDLL(path).scipy_openblas_set_num_threads(1)
-    with pytensor.config.change_flags(blas__ldflags='-l' + library):
-        names = sorted(set(re.findall(r'\b([a-z][a-z0-9]*_)\s*\(', blas_header_text())))
+    with warnings.catch_warnings():
+        # Reading the flag's default makes PyTensor look for a BLAS of its own and warn that it found
+        # none, which no longer matters: we link this one.
+        warnings.filterwarnings('ignore', 'PyTensor could not link to a BLAS installation')
+        with pytensor.config.change_flags(blas__ldflags='-l' + library):
+            names = sorted(set(re.findall(r'\b([a-z][a-z0-9]*_)\s*\(', blas_header_text())))
     renames = [f'-D{name}=scipy_{name}' for name in names]
     return ' '.join([f'-L{lib_dir}', f'-l{library}', f'-Wl,-rpath,{lib_dir}'] + renames)
 

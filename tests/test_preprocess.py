@@ -91,9 +91,11 @@ def test_run_rsc15_trains_and_evaluates_the_preprocessed_files(tmp_path, data_di
 
 
 def test_the_generated_fallback_log_is_in_the_data_format(tmp_path):
-    train, test = load_example('run_rsc15').write_synthetic(tmp_path, n_sessions=50)
-    for path in (train, test):
-        assert list(pd.read_csv(path, sep='\t').columns) == ['SessionId', 'ItemId', 'Time']
+    train, test = (pd.read_csv(path, sep='\t') for path in load_example('run_rsc15').write_synthetic(tmp_path, 2000))
+    for log in (train, test):
+        assert list(log.columns) == ['SessionId', 'ItemId', 'Time'] and len(log) > 0
+    assert train.groupby('SessionId').Time.min().max() <= test.groupby('SessionId').Time.min().min()
+    assert not set(train.SessionId) & set(test.SessionId)
 
 
 def test_refuses_to_overwrite_its_input(tmp_path, data_dir):

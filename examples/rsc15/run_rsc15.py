@@ -15,10 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 import run
+from synthetic import generate_sessions
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_PREFIX = REPO.parent / 'shared' / 'data' / 'rsc15_100k'
@@ -34,20 +32,12 @@ def find_split(prefix, split):
     return None
 
 
-def write_synthetic(folder, n_sessions=4000, n_items=500, seed=0):
-    """A generated log split into train and test files: sessions mostly walk to one of a few
-    preferred successors of each item, so next-item prediction is learnable."""
-    rng = np.random.default_rng(seed)
-    successors = rng.integers(n_items, size=(n_items, 3))
-    rows = []
-    for session in range(n_sessions):
-        item = rng.integers(n_items)
-        for _ in range(rng.integers(2, 10)):
-            rows.append((session, item))
-            item = successors[item, rng.integers(3)] if rng.random() < 0.8 else rng.integers(n_items)
-    log = pd.DataFrame(rows, columns=['SessionId', 'ItemId'])
-    log['Time'] = np.arange(len(log), dtype=np.float64)
-    is_test = log.SessionId >= n_sessions * 0.9
+def write_synthetic(folder, n_events=40000, n_items=1000, seed=0):
+    """A generated session log (synthetic.generate_sessions) split by session start into train and test
+    files: the sessions of the last tenth of the time span are the test set."""
+    log = generate_sessions(n_events, n_items, seed=seed)
+    starts = log.groupby('SessionId').Time.transform('min')
+    is_test = starts > starts.quantile(0.9)
     paths = Path(folder) / 'synthetic_train_full.tsv', Path(folder) / 'synthetic_test.tsv'
     log[~is_test].to_csv(paths[0], sep='\t', index=False)
     log[is_test].to_csv(paths[1], sep='\t', index=False)
