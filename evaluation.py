@@ -116,9 +116,9 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
         size = B if static else M  # padding rows read item 0 and are masked out of the sums
         hits, rr = step(pad(inputs[pos_in], size, 0), pad(targets[pos_out], size, 0), pad(prev_rows, size, 0),
                         pad(keep, size, 0), pad(np.ones(M, dtype=FLOAT), size, 0), candidates)
-        recall_sum += hits
-        mrr_sum += rr
+        recall_sum += np.asarray(hits)  # JAX returns its own arrays
+        mrr_sum += np.asarray(rr)
         n += len(pos_in)
-    recall = OrderedDict((k, recall_sum[i] / n) for i, k in enumerate(cutoffs))
-    mrr = OrderedDict((k, mrr_sum[i] / n) for i, k in enumerate(cutoffs))
+    recall = OrderedDict((k, float(recall_sum[i] / n)) for i, k in enumerate(cutoffs))
+    mrr = OrderedDict((k, float(mrr_sum[i] / n)) for i, k in enumerate(cutoffs))
     return recall, mrr

@@ -53,8 +53,9 @@ def assert_same_model(c_model, jax_model):
         c_recall, c_mrr = evaluate_gpu(c_model, test, cut_off=[1, 5, 10], batch_size=4, mode=mode)
         jax_recall, jax_mrr = evaluate_gpu(jax_model, test, cut_off=[1, 5, 10], batch_size=4, mode=mode)
         for k in c_recall:
-            assert float(jax_recall[k]) == pytest.approx(c_recall[k], abs=1e-6)
-            assert float(jax_mrr[k]) == pytest.approx(c_mrr[k], abs=1e-6)
+            assert type(jax_recall[k]) is float and type(jax_mrr[k]) is float
+            assert jax_recall[k] == pytest.approx(c_recall[k], abs=1e-6)
+            assert jax_mrr[k] == pytest.approx(c_mrr[k], abs=1e-6)
 
 
 @pytest.mark.parametrize('loss', sorted(LOSS_SETTINGS))
