@@ -622,7 +622,7 @@ class GRU4Rec:
         # times gets one optimiser step with its summed gradient.
         rows_Y = pt.tensor('rows_Y', dtype='int32', shape=(N,))  # distinct items of Y = [T | samples]
         inv_Y = pt.tensor('inv_Y', dtype='int32', shape=(N,))  # Y = rows_Y[inv_Y]
-        rows_X = pt.tensor('rows_X', dtype='int32', shape=(B,))  # distinct input items (not in rows_Y)
+        rows_X = pt.tensor('rows_X', dtype='int32', shape=(B,))  # distinct inputs (constrained: those not in rows_Y)
         inv_X = pt.tensor('inv_X', dtype='int32', shape=(B,))  # X = input rows[inv_X]
         Y = rows_Y[inv_Y]  # N scored items
         cols = pt.concatenate([active, pt.ones(self.n_sample, dtype=FLOAT)])  # N: the columns that count
@@ -1176,9 +1176,9 @@ def distinct(ids, slot):
     positions = np.arange(len(ids), dtype=np.int32)
     slot[ids] = positions  # of repeated ids, the last position is kept
     representative = slot[ids]
-    is_first = representative == positions
-    index = np.cumsum(is_first, dtype=np.int32) - 1
-    return ids[is_first], index[representative]
+    is_kept = representative == positions
+    index = np.cumsum(is_kept, dtype=np.int32) - 1
+    return ids[is_kept], index[representative]
 
 
 def inverse_cdf(cdf, u, max_steps=4):
