@@ -1,0 +1,65 @@
+"""The C backend's own ops (cbackend.py) against float64 numpy, on the shapes and memory layouts that
+GRU4Rec's graphs give them, and the check that the rewrites really put them into compiled graphs."""
+import numpy as np
+import pytensor.tensor as pt
+import pytest
+
+from cbackend import MatrixReduce
+from gru4rec import compile_function
+
+REDUCTIONS = {'add': (pt.sum, np.sum), 'maximum': (pt.max, np.max), 'minimum': (pt.min, np.min)}
+
+
+def compiled_reduction(ufunc, x, axis):
+    fn = compile_function([x], REDUCTIONS[ufunc][0](x, axis=axis), backend='c')
+    ops = [type(node.op) for node in fn.maker.fgraph.toposort()]
+    assert MatrixReduce in ops, f'the reduction was not rewritten into MatrixReduce: {ops}'
+    return fn
+
+
+@pytest.mark.parametrize('ufunc', sorted(REDUCTIONS))
+@pytest.mark.parametrize('axis', [0, 1, None])
+@pytest.mark.parametrize('layout', ['contiguous', 'transposed', 'every other column'])
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+def test_matrix_reduce_equals_numpy(ufunc, axis, layout, dtype):
+    rng = np.random.default_rng(0)
+    source = pt.matrix('source', dtype=dtype)
+    view = {'contiguous': source, 'transposed': source.T, 'every other column': source[:, ::2]}[layout]
+    fn = compile_function([source], REDUCTIONS[ufunc][0](view, axis=axis), backend='c')
+    assert MatrixReduce in [type(node.op) for node in fn.maker.fgraph.toposort()]
+    for shape in [(32, 2080), (3, 7), (1, 5)]:
+        values = (rng.standard_normal(shape) * 100).astype(dtype)
+        expected = REDUCTIONS[ufunc][1](np.asarray({'contiguous': values, 'transposed': values.T,
+                                                    'every other column': values[:, ::2]}[layout], np.float64),
+                                        axis=axis)
+        np.testing.assert_allclose(fn(values), expected, rtol=1e-6 if dtype == 'float32' else 1e-12)
+
+
+@pytest.mark.parametrize('ufunc', sorted(REDUCTIONS))
+def test_vector_reduce_equals_numpy(ufunc):
+    values = np.random.default_rng(1).standard_normal(4097).astype('float32')
+    fn = compiled_reduction(ufunc, pt.vector('v', dtype='float32'), None)
+    np.testing.assert_allclose(fn(values), REDUCTIONS[ufunc][1](values.astype(np.float64)), rtol=1e-6)
+
+
+def test_float32_sums_accumulate_in_float64():
+    values = np.full((2, 2 ** 25 // 2), 1.0, dtype=np.float32)
+    values[0, 0] = 2.0 ** 25  # a float32 accumulator would stop counting the ones
+    fn = compiled_reduction('add', pt.matrix('x', dtype='float32'), None)
+    assert fn(values) == 2.0 ** 25 + values.size - 1
+
+
+@pytest.mark.parametrize('ufunc', ['maximum', 'minimum'])
+@pytest.mark.parametrize('axis', [0, 1, None])
+def test_max_and_min_propagate_nan(ufunc, axis):
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    values[1, 2] = np.nan
+    fn = compiled_reduction(ufunc, pt.matrix('x', dtype='float32'), axis)
+    np.testing.assert_array_equal(np.isnan(fn(values)), np.isnan(REDUCTIONS[ufunc][1](values, axis=axis)))
+
+
+def test_max_of_nothing_is_an_error():
+    fn = compiled_reduction('maximum', pt.matrix('x', dtype='float32'), 1)
+    assert fn(np.zeros((0, 3), np.float32)).shape == (0,)
+    with pytest.raises(ValueError, match='zero-size array to reduction operation maximum'):
+        fn(np.zeros((3, 0), np.float32))
