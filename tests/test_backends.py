@@ -1,6 +1,6 @@
 """The same graphs compiled by PyTensor's C backend and by JAX train and evaluate alike.
 
-The negative samples and the dropout draws come from numpy, seeded by the model, so both backends see
+The negative samples and the dropout masks come from numpy, seeded by the model, so both backends see
 identical mini-batches and must end with the same parameters up to float32 rounding.
 """
 import numpy as np

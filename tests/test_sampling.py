@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import ITEM_IDS, fit_small, make_train_log
+from gru4rec import SampleStore, inverse_cdf
 
 SUPPORT = np.array([1, 2, 3, 5, 8, 13, 40, 100, 1, 7, 20, 60], dtype=np.float64)
 N_DRAWS = 240000
@@ -35,12 +36,9 @@ def test_support_counts_the_training_events(model):
 def test_samples_follow_support_to_the_power_alpha(model, alpha):
     model.support = SUPPORT.copy()
     model.sample_alpha = alpha
-    model._cdf = model._sample_cdf()
-    model.sample_store_size = N_DRAWS
-    n_steps = model._refill_sample_store()
-    store = model.sample_store
-    assert n_steps == N_DRAWS // model.n_sample
-    assert store.shape == (n_steps, model.n_sample) and store.dtype == np.int32
+    with SampleStore(model._sample_cdf(), model.n_sample, N_DRAWS, np.random.default_rng(0)) as samples:
+        store = samples.draw()
+    assert store.shape == (N_DRAWS // model.n_sample, model.n_sample) and store.dtype == np.int32
     counts = np.bincount(store.ravel(), minlength=model.n_items)
     assert len(counts) == model.n_items
     critical = chi_square_critical(model.n_items - 1)
@@ -49,3 +47,31 @@ def test_samples_follow_support_to_the_power_alpha(model, alpha):
     # The test has the power to tell a neighbouring alpha apart.
     wrong = SUPPORT ** (alpha + 0.1)
     assert chi_square(counts, wrong / wrong.sum()) > critical
+
+
+def test_inverse_cdf_is_searchsorted():
+    rng = np.random.default_rng(5)
+    for p in [SUPPORT, rng.pareto(1.0, 50000) * (rng.random(50000) < 0.7), np.ones(3)]:  # some zero-probability items
+        cdf = np.cumsum(p) / p.sum()
+        u = np.concatenate([rng.random(200000), cdf[:-1], np.nextafter(cdf[:-1], 0), [0.0]])
+        np.testing.assert_array_equal(inverse_cdf(cdf, u), np.searchsorted(cdf, u, side='right'))
+
+
+def test_sample_store_walks_its_blocks_in_order_and_refills_reproducibly():
+    cdf = np.cumsum(SUPPORT) / SUPPORT.sum()
+    n_sample, size = 7, 7 * 5
+    with SampleStore(cdf, n_sample, size, np.random.default_rng(3)) as samples:
+        steps = np.array([samples.next() for _ in range(12)])  # two refills, the third block started
+    reference = SampleStore(cdf, n_sample, size, np.random.default_rng(3))
+    with reference:
+        blocks = np.concatenate([reference.pending.result()] + [reference.draw() for _ in range(2)])
+    np.testing.assert_array_equal(steps, blocks[:12])
+    assert steps.dtype == np.int32 and len(np.unique(steps)) > 1
+
+
+def test_sample_store_sizes():
+    cdf = np.cumsum(SUPPORT) / SUPPORT.sum()
+    with SampleStore(cdf, 4, 0, np.random.default_rng(0)) as per_step:  # size 0: a block per step
+        assert per_step.next().shape == (4,) and per_step.n_steps == 1
+    with SampleStore(cdf, 0, 1000, np.random.default_rng(0)) as none:
+        assert none.next().shape == (0,) and none.worker is None

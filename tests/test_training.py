@@ -133,10 +133,9 @@ def test_graphs_are_float32_under_float64_floatx(adapt):
     shared = (list(model.params.values()) + model.H + list(model.opt_state.values())
               + [model.opt_step, model.P_target, model.P_sample])
     assert {v.name: v.get_value().dtype for v in shared} == {v.name: np.float32 for v in shared}
-    assert model.sample_store.dtype == np.int32
     cost = model._train_fn(*model._step_inputs(np.array([1, 2], np.int32), np.array([3, 4], np.int32),
                                                np.array([0, 1], np.int32), np.ones(2, np.float32),
-                                               model.sample_store[0]))
+                                               np.arange(model.n_sample, dtype=np.int32)))
     assert cost.dtype == np.float32
     model.predict_next_batch(np.array([1, 2]), model.itemidmap[[0, 1]], batch=2)
     H = [pytensor.shared(np.zeros((4, L), np.float32)) for L in model.layers]
