@@ -529,8 +529,10 @@ def local_row_count(fgraph, node):
             or not isinstance(compared.owner.op, Elemwise) or len(fgraph.clients[compared]) != 1):
         return None
     relation = RowCount.RELATIONS.get(type(compared.owner.op.scalar_op))
+    if relation is None or len(compared.owner.inputs) != 2:
+        return None
     x, column = compared.owner.inputs
-    if (relation is None or x.ndim != 2 or x.type.broadcastable != (False, False)
+    if (x.ndim != 2 or x.type.broadcastable != (False, False)
             or column.type.broadcastable != (False, True) or column.owner is None
             or not isinstance(column.owner.op, DimShuffle) or column.owner.op.new_order != (0, 'x')
             or x.dtype not in ('float32', 'float64') or column.dtype != x.dtype):

@@ -63,3 +63,13 @@ def test_max_of_nothing_is_an_error():
     assert fn(np.zeros((0, 3), np.float32)).shape == (0,)
     with pytest.raises(ValueError, match='zero-size array to reduction operation maximum'):
         fn(np.zeros((3, 0), np.float32))
+
+
+def test_rewrites_leave_other_row_sums_alone(caplog):
+    """A row sum of a product of three matrices is no comparison to count (RowCount) and must compile
+    without a rewrite failing on it."""
+    a, b, c = (pt.matrix(name, dtype='float32') for name in 'abc')
+    fn = compile_function([a, b, c], (a * b * c).sum(axis=1), backend='c')
+    values = np.random.default_rng(2).standard_normal((3, 3, 40)).astype(np.float32)
+    np.testing.assert_allclose(fn(*values), (values.astype(np.float64).prod(axis=0)).sum(axis=1), rtol=1e-5)
+    assert not [r for r in caplog.records if 'Rewrite failure' in r.getMessage()], caplog.text
