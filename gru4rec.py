@@ -27,6 +27,7 @@ import zipfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import pandas as pd
 import pytensor
@@ -929,25 +930,15 @@ class GRU4Rec:
         target and a sample) gets its summed gradient and ONE optimiser step: the exact sparse
         gradient. The original applied adagrad and momentum once per read, which slows and destabilises
         the rows that are read most often."""
-        M, B, N, pad_item = len(X), self.batch_size, self.batch_size + self.n_sample, self._pad_item
+        M, B, pad_item = len(X), self.batch_size, self._pad_item
         active = np.ones(B, dtype=FLOAT)
         if M < B:
             X, T, prev_rows, keep = pad(X, B, pad_item), pad(T, B, pad_item), pad(prev_rows, B, 0), pad(keep, B, 0)
             active[M:] = 0
-        slot = self._slot
-        rows_Y, inv_Y = distinct(np.concatenate([T, samples]), slot)
-        if self.constrained_embedding:  # an input row already in rows_Y is read from there
-            slot[rows_Y] = np.arange(len(rows_Y), dtype=np.int32)
-            inv_X = np.minimum(slot[X], len(rows_Y) - 1)  # right where X is in rows_Y
-            new = rows_Y[inv_X] != X
-            rows_X, inv_new = distinct(X[new], slot)
-            inv_X[new] = N + inv_new
-        else:
-            rows_X, inv_X = distinct(X, slot)
+        rows_Y, inv_Y, rows_X, inv_X = distinct_rows(X, T, samples, self.constrained_embedding, self._slot, pad_item)
         masks = [(self._dropout_rng.random(mask.type.shape, dtype=np.float32) < np.float32(1 - p))
                  * np.float32(1 / (1 - p)) for mask, p in self._dropout_masks]
-        return (X, T, prev_rows, keep, active, pad(rows_Y, N, pad_item), inv_Y, pad(rows_X, B, pad_item), inv_X,
-                *masks)
+        return X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X, *masks
 
     def _pull_state(self):
         """Copies weights and optimiser state out of the compiled graph (self.weights, self.opt_values):
@@ -1160,15 +1151,38 @@ def pad(values, size, fill):
     return padded
 
 
-def distinct(ids, slot):
-    """The distinct values of the int32 vector ids and where each entry finds its value:
-    ids == rows[inverse]. O(len(ids)), without sorting; slot is scratch space indexed by id."""
-    positions = np.arange(len(ids), dtype=np.int32)
-    slot[ids] = positions  # of repeated ids, the last position is kept
-    representative = slot[ids]
-    is_kept = representative == positions
-    index = np.cumsum(is_kept, dtype=np.int32) - 1
-    return ids[is_kept], index[representative]
+@numba.njit(cache=True)
+def distinct_rows(X, T, samples, constrained, slot, pad_item):
+    """The item rows a training step reads, each listed once, and where each read finds its row.
+
+    Y = [T | samples] (N items) is read from rows_Y (padded to N with pad_item): Y == rows_Y[inv_Y].
+    The inputs X (B items) are read from rows_X (padded to B): X == rows_X[inv_X]; with a constrained
+    embedding they are Wy rows, read from [rows_Y | rows_X], where rows_X holds only the inputs not in
+    rows_Y. slot is scratch space indexed by item, its entries for the step's items set before use.
+    O(N) in a compiled loop: numpy needed ~100 us a step (9% of an RSC15 step) for the same."""
+    B, N = len(X), len(T) + len(samples)
+    rows_Y, inv_Y = np.full(N, pad_item, np.int32), np.empty(N, np.int32)
+    rows_X, inv_X = np.full(B, pad_item, np.int32), np.empty(B, np.int32)
+    for i in range(N):
+        slot[T[i] if i < B else samples[i - B]] = -1
+    n_Y = 0
+    for i in range(N):
+        item = T[i] if i < B else samples[i - B]
+        if slot[item] < 0:
+            slot[item], rows_Y[n_Y] = n_Y, item
+            n_Y += 1
+        inv_Y[i] = slot[item]
+    for item in X:  # an input that is in rows_Y keeps its slot there when the embedding is constrained
+        if not (constrained and 0 <= slot[item] < n_Y and rows_Y[slot[item]] == item):
+            slot[item] = -1
+    offset, n_X = N if constrained else 0, 0
+    for i in range(B):
+        item = X[i]
+        if slot[item] < 0:
+            slot[item], rows_X[n_X] = offset + n_X, item
+            n_X += 1
+        inv_X[i] = slot[item]
+    return rows_Y, inv_Y, rows_X, inv_X
 
 
 class SampleStore:

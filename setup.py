@@ -12,6 +12,7 @@ setup(
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=2.30',
+        'numba>=0.57',  # the training loop's host side (distinct_rows)
         'numpy>=1.26',
         'pandas>=2.0',
         'tqdm>=4.60',

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gru4rec import session_parallel_batches
+from gru4rec import distinct_rows, session_parallel_batches
 
 
 def run_epoch(lengths, order, batch_size, min_slots=1):
@@ -95,3 +95,24 @@ def test_every_pair_once_for_any_sessions_including_single_events(lengths, batch
     pairs, entered, _ = run_epoch(lengths, order, batch_size)
     assert Counter(pairs) == Counter(all_pairs(lengths))
     assert sorted(entered) == sorted(s for s in order if lengths[s] > 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 300), st.integers(1, 60), st.booleans(), st.integers(0, 2 ** 32 - 1))
+def test_distinct_rows_lists_each_row_once_and_finds_every_read(B, n_sample, n_items, constrained, seed):
+    """The rows a training step reads (see GRU4Rec._step_inputs), against np.unique; the scratch slot
+    array carries stale entries from the previous call, as it does between steps."""
+    rng = np.random.default_rng(seed)
+    X, T, samples = (rng.integers(0, n_items, n).astype(np.int32) for n in (B, B, n_sample))
+    pad_item = n_items
+    slot = rng.integers(-5, B + n_sample + B + 5, n_items + 1).astype(np.int32)
+    rows_Y, inv_Y, rows_X, inv_X = distinct_rows(X, T, samples, constrained, slot, pad_item)
+    Y = np.concatenate([T, samples])
+    n_Y = len(np.unique(Y))
+    assert sorted(rows_Y[:n_Y]) == list(np.unique(Y)) and (rows_Y[n_Y:] == pad_item).all()
+    np.testing.assert_array_equal(rows_Y[inv_Y], Y)
+    x_only = np.setdiff1d(X, Y) if constrained else np.unique(X)
+    assert sorted(rows_X[:len(x_only)]) == list(x_only) and (rows_X[len(x_only):] == pad_item).all()
+    table = np.concatenate([rows_Y, rows_X]) if constrained else rows_X
+    np.testing.assert_array_equal(table[inv_X], X)
+    assert len(rows_Y) == B + n_sample and len(rows_X) == B
