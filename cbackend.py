@@ -37,8 +37,16 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
 9. Loops gcc would not vectorise. Its guessed branch probabilities mark each compiled op's run() as
    cold, so it compiled PyTensor's generated loops and ours for size, unvectorised:
    -fno-guess-branch-probability restores vectorisation (a fused Adagrad update of 2,112 x 100 values:
-   620 -> 150 us). -fopenmp-simd honours `#pragma omp simd` (no OpenMP runtime), used for the max and
-   sum reductions of RowSoftmax.
+   620 -> 150 us). A fused loop of a loss and its gradient reads and writes a dozen arrays that might
+   overlap; gcc checks the overlaps at run time only up to 10 pairs and otherwise leaves the loop
+   scalar: --param=vect-max-version-for-alias-checks=1000 (BPR-max's 9-input, 6-output loop: 0.9 ms ->
+   ~0.1 ms). -fno-tree-sink: gcc sank a libm call into the branch of a select that uses it, and the
+   branch stopped vectorisation (switch(x >= 0, g, 0.5 * g * exp(x)) over 32 x 2,080: 472 -> 88 us).
+   -fopenmp-simd honours `#pragma omp simd` (no OpenMP runtime), used for the max and sum reductions
+   of RowSoftmax.
+10. Element-wise loops over strided or broadcast operands (`local_contiguous_elemwise_inputs`) and
+   boolean arrays between loops (the ELU is written without one, see gru4rec._positive_part) ran
+   scalar; see the rewrite's docstring.
 """
 import ctypes
 import functools
@@ -95,7 +103,8 @@ def compile_flags():
     """pytensor.config flags to compile GRU4Rec's functions with on the C backend."""
     return {'blas__ldflags': blas_ldflags(),
             'gcc__cxxflags': (pytensor.config.gcc__cxxflags
-                              + ' -D__FAST_MATH__ -fno-guess-branch-probability -fno-tree-sink -fopenmp-simd').strip()}
+                              + ' -D__FAST_MATH__ -fno-guess-branch-probability -fno-tree-sink -fopenmp-simd'
+                              + ' --param=vect-max-version-for-alias-checks=1000').strip()}
 
 
 class RowScatter(COp):

@@ -60,11 +60,22 @@ def _leaky(alpha):
 
 
 def _elu(alpha):
-    return lambda x: pt.switch(x >= 0, x, alpha * pt.expm1(x))
+    return lambda x: _positive_part(x) + np.float32(alpha) * pt.expm1(_negative_part(x))
 
 
 def _selu(scale, alpha):
-    return lambda x: scale * pt.switch(x >= 0, x, alpha * pt.expm1(x))
+    return lambda x: np.float32(scale) * _elu(alpha)(x)
+
+
+def _positive_part(x):
+    """max(x, 0), and _negative_part min(x, 0), written with |x|: their gradients, (1 ± sign(x)) / 2, need
+    no boolean mask. A boolean array passed between the fused loops of an ELU and its gradient kept the
+    C backend from vectorising the loops around exp (a third of a BPR-max step)."""
+    return (x + abs(x)) * np.float32(0.5)
+
+
+def _negative_part(x):
+    return (x - abs(x)) * np.float32(0.5)
 
 
 def _row_max(x):
