@@ -591,8 +591,8 @@ def local_contiguous_elemwise_inputs(fgraph, node):
     shape = [out.type.shape[d] if out.type.shape[d] is not None else
              next((x.shape[d] for x in node.inputs if not x.type.broadcastable[d]), 1) for d in (0, 1)]
     functions = calls_math_functions(node.op.scalar_op)
-    copied = [x.type.broadcastable[1] or functions and (x.type.broadcastable[0] or is_strided_view(x))
-              for x in node.inputs]
+    column, row = ([x.type.broadcastable[d] and not out.type.broadcastable[d] for x in node.inputs] for d in (1, 0))
+    copied = [c or functions and (r or is_strided_view(x)) for x, c, r in zip(node.inputs, column, row)]
     if not any(copied):
         return None
     return node.op(*[pt.alloc(x, *shape) if copy else x for x, copy in zip(node.inputs, copied)], return_list=True)

@@ -73,3 +73,20 @@ def test_rewrites_leave_other_row_sums_alone(caplog):
     values = np.random.default_rng(2).standard_normal((3, 3, 40)).astype(np.float32)
     np.testing.assert_allclose(fn(*values), (values.astype(np.float64).prod(axis=0)).sum(axis=1), rtol=1e-5)
     assert not [r for r in caplog.records if 'Rewrite failure' in r.getMessage()], caplog.text
+
+
+@pytest.mark.parametrize('rows', [1, 3])
+def test_element_wise_loops_with_broadcast_and_strided_inputs(rows):
+    """The loops that local_contiguous_elemwise_inputs gives copied inputs (a column broadcast, a row
+    broadcast and a column slice into exp and tanh) compute what numpy does, also for a single row,
+    where the row broadcast is no broadcast (the rewrite once re-applied itself there forever)."""
+    x = pt.matrix('x', dtype='float32', shape=(rows, 40))
+    column = pt.matrix('column', dtype='float32', shape=(rows, 1))
+    row = pt.matrix('row', dtype='float32', shape=(1, 40))
+    wide = pt.matrix('wide', dtype='float32', shape=(rows, 60))
+    outputs = [x - x * column, pt.exp(x + row), pt.tanh(wide[:, 20:]) * x]
+    fn = compile_function([x, column, row, wide], outputs, backend='c')
+    rng = np.random.default_rng(3)
+    X, C, R, W = (rng.standard_normal(s).astype(np.float32) for s in [(rows, 40), (rows, 1), (1, 40), (rows, 60)])
+    for got, expected in zip(fn(X, C, R, W), [X - X * C, np.exp(X + R), np.tanh(W[:, 20:]) * X]):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
