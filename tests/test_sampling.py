@@ -73,5 +73,7 @@ def test_sample_store_sizes():
     cdf = np.cumsum(SUPPORT) / SUPPORT.sum()
     with SampleStore(cdf, 4, 0, np.random.default_rng(0)) as per_step:  # size 0: a block per step
         assert per_step.next().shape == (4,) and per_step.n_steps == 1
+    with SampleStore(cdf, 4, 10000000, np.random.default_rng(0), max_steps=30) as capped:
+        assert capped.n_steps == 30 and capped.next().shape == (4,)
     with SampleStore(cdf, 0, 1000, np.random.default_rng(0)) as none:
         assert none.next().shape == (0,) and none.worker is None
