@@ -864,7 +864,8 @@ class GRU4Rec:
             raise ValueError(f'cannot retrain with a different architecture {changed} (trained, now); '
                              'these shape the weights: build a new GRU4Rec and fit it instead')
 
-    def _train(self, samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best, patience):
+    def _train(self, samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best,
+               patience):
         """The epochs of session-parallel training, with a snapshot after each completed epoch."""
         min_slots = 1 if self.n_sample else 2  # without samples a lone session has no negative
         n_pairs = len(items) - (len(offsets) - 1)
