@@ -107,6 +107,20 @@ def compile_flags():
                               + ' --param=vect-max-version-for-alias-checks=1000').strip()}
 
 
+def c_output(out, shape, typenum, fail):
+    """C code that makes `out` a C-contiguous array of `shape` (C expressions, one per dimension),
+    keeping the previous call's array when it already is one."""
+    fits = ' && '.join([f'PyArray_NDIM({out}) == {len(shape)}', f'PyArray_IS_C_CONTIGUOUS({out})']
+                       + [f'PyArray_DIM({out}, {i}) == ({d})' for i, d in enumerate(shape)])
+    return f"""
+            if (!{out} || !({fits})) {{
+                npy_intp out_dims[{max(len(shape), 1)}] = {{{', '.join(shape) or '0'}}};
+                Py_XDECREF({out});
+                {out} = (PyArrayObject*)PyArray_EMPTY({len(shape)}, out_dims, {typenum}, 0);
+                if (!{out}) {{ {fail} }}
+            }}"""
+
+
 class RowScatter(COp):
     """x[idx[i], :] += y[i, :] for every i in order (or = with set_instead_of_inc), in place on x."""
 
@@ -323,7 +337,7 @@ class MatrixReduce(COp):
         output_storage[0][0] = np.asarray(reduced, dtype=self.dtype)
 
     def c_code_cache_version(self):
-        return (1,)
+        return (2,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         (x,) = inputs
@@ -400,13 +414,7 @@ class MatrixReduce(COp):
             }}"""
         return f"""
         {{
-            {view}{empty_check}
-            npy_intp dims[1] = {{{out_dims or '0'}}};
-            if (!{out} || PyArray_NDIM({out}) != {out_ndim} || ({out_ndim} && PyArray_DIM({out}, 0) != dims[0])) {{
-                Py_XDECREF({out});
-                {out} = (PyArrayObject*)PyArray_EMPTY({out_ndim}, dims, {node.outputs[0].type.dtype_specs()[2]}, 0);
-                if (!{out}) {{ {fail} }}
-            }}
+            {view}{empty_check}{c_output(out, [out_dims] if out_dims else [], node.outputs[0].type.dtype_specs()[2], fail)}
             const dtype_{x}* data = (const dtype_{x}*)PyArray_DATA({x});
             dtype_{out}* o = (dtype_{out}*)PyArray_DATA({out});
             npy_intp os = {out_ndim} ? PyArray_STRIDE({out}, 0) / (npy_intp)sizeof(dtype_{out}) : 0;
@@ -430,7 +438,7 @@ class RowSoftmax(COp):
         output_storage[0][0] = e / e.sum(axis=1, keepdims=True, dtype=np.float64).astype(x.dtype)
 
     def c_code_cache_version(self):
-        return (5,)
+        return (6,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         (x,) = inputs
@@ -440,13 +448,7 @@ class RowSoftmax(COp):
         {{
             npy_intp M = PyArray_DIM({x}, 0), N = PyArray_DIM({x}, 1);
             PyArrayObject* contiguous = PyArray_GETCONTIGUOUS({x});  // a new reference (a copy if strided)
-            if (!contiguous) {{ {fail} }}
-            if (!{out} || PyArray_DIM({out}, 0) != M || PyArray_DIM({out}, 1) != N || !PyArray_IS_C_CONTIGUOUS({out})) {{
-                Py_XDECREF({out});
-                npy_intp dims[2] = {{M, N}};
-                {out} = (PyArrayObject*)PyArray_EMPTY(2, dims, PyArray_TYPE({x}), 0);
-                if (!{out}) {{ {fail} }}
-            }}
+            if (!contiguous) {{ {fail} }}{c_output(out, ['M', 'N'], f'PyArray_TYPE({x})', f'Py_DECREF(contiguous); {fail}')}
             for (npy_intp i = 0; i < M; i++) {{
                 const dtype_{x}* __restrict__ xr = (const dtype_{x}*)PyArray_DATA(contiguous) + i * N;
                 dtype_{out}* __restrict__ o = (dtype_{out}*)PyArray_DATA({out}) + i * N;
@@ -495,7 +497,7 @@ class RowCount(COp):
         output_storage[0][0] = getattr(np, self.relation)(x, t[:, None]).sum(axis=1).astype(self.dtype)
 
     def c_code_cache_version(self):
-        return (1,)
+        return (2,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, t = inputs
@@ -510,13 +512,7 @@ class RowCount(COp):
                 {fail}
             }}
             PyArrayObject* contiguous = PyArray_GETCONTIGUOUS({x});  // a new reference (a copy if strided)
-            if (!contiguous) {{ {fail} }}
-            if (!{out} || PyArray_DIM({out}, 0) != M) {{
-                Py_XDECREF({out});
-                npy_intp dims[1] = {{M}};
-                {out} = (PyArrayObject*)PyArray_EMPTY(1, dims, {node.outputs[0].type.dtype_specs()[2]}, 0);
-                if (!{out}) {{ Py_DECREF(contiguous); {fail} }}
-            }}
+            if (!contiguous) {{ {fail} }}{c_output(out, ['M'], node.outputs[0].type.dtype_specs()[2], f'Py_DECREF(contiguous); {fail}')}
             npy_intp ts = PyArray_STRIDE({t}, 0) / sizeof(dtype_{t}), os = PyArray_STRIDE({out}, 0) / sizeof(dtype_{out});
             for (npy_intp i = 0; i < M; i++) {{
                 const dtype_{x}* __restrict__ xr = (const dtype_{x}*)PyArray_DATA(contiguous) + i * N;
@@ -550,8 +546,9 @@ def local_row_count(fgraph, node):
 
 
 def is_strided_view(x):
-    """Whether x is (statically known to be) a view of part of a matrix's columns, or of its transpose,
-    possibly through ops that write into it in place (a Gemm adding into a column slice)."""
+    """Whether x may not be C-contiguous: a view of part of an array (any Subtensor; a slice of rows
+    would be contiguous, but copying it costs little) or a transpose, possibly through ops that write
+    into it in place (a Gemm adding into a column slice)."""
     while x.owner is not None:
         op = x.owner.op
         kept = [d for d in op.new_order if d != 'x'] if isinstance(op, DimShuffle) else []
