@@ -297,6 +297,14 @@ def run(args):
 
 def main(argv=None):
     """Entry point of `run.py` and of the `gru4rec` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['serve']:  # `gru4rec serve MODEL ...`: the HTTP service (serve.py)
+        try:
+            import serve
+        except ImportError as e:
+            print(f'gru4rec serve: error: {e}; install the service extra: pip install gru4rec[serve]', file=sys.stderr)
+            return 2
+        return serve.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)

@@ -8,7 +8,7 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt', 'synthetic', 'cbackend'],
+    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt', 'synthetic', 'cbackend', 'live', 'serve'],
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=2.30',
@@ -23,7 +23,9 @@ setup(
         'parquet': ['pyarrow>=12'],
         'jax': ['jax>=0.4.30'],
         'paropt': ['optuna>=3.0'],
+        'serve': ['fastapi>=0.110', 'uvicorn>=0.29'],
         'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=3.0',
-                 'nbclient>=0.7', 'nbformat>=5.7', 'ipykernel>=6', 'matplotlib>=3.7'],
+                 'nbclient>=0.7', 'nbformat>=5.7', 'ipykernel>=6', 'matplotlib>=3.7',
+                 'fastapi>=0.110', 'uvicorn>=0.29', 'httpx>=0.27', 'schemathesis>=4.0'],
     },
 )
