@@ -301,16 +301,20 @@ class SessionRecommender:
 
     def recommend(self, session_id, k=20, exclude_seen=False, items=None):
         """The top-k next items of a live session from its stored state, without a click, as
-        (item ids, scores). Raises UnknownSession when the session is not live."""
+        (item ids, scores); it counts as use for the LRU order and the time-out. Raises
+        UnknownSession when the session is not live."""
         net = self._net
         k, candidates = self._check_query(net, k, items)
         with self._lock:
             if self._net is not net:
                 return self.recommend(session_id, k, exclude_seen, items)
-            self._expire(self.clock())
+            now = self.clock()
+            self._expire(now)
             row = self._rows.get(session_id)
             if row is None:
                 raise UnknownSession(f'no live session {session_id!r} (never seen, ended, evicted or timed out)')
+            self._rows.move_to_end(session_id)  # a recommendation is use, as a click is
+            self._last[row] = now
             h = self._states[-1][row][None, :].copy()  # 1 x L
             seen = self._seen_of(row)
         return self._recommendations(net, h, np.ones(1, dtype=bool), k, candidates,
