@@ -115,7 +115,7 @@ def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20):
         return _answer(body.session_id, known, result)
 
     @app.post('/recommend', response_model=Recommendations,
-              responses=dict(ERRORS, **{404: {'model': Error, 'description': 'the session is not live'}}))
+              responses={**ERRORS, 404: {'model': Error, 'description': 'the session is not live'}})
     async def recommend(body: Query):
         """The top k next items of a live session, without a click."""
         return _answer(body.session_id, True,

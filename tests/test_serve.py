@@ -1,0 +1,155 @@
+"""serve.py against a real uvicorn server on 127.0.0.1 (started and stopped here, `gru4rec serve`):
+answers equal to SessionRecommender's, 4xx JSON errors, reload without dropped requests, and a
+schemathesis property run of the service's own OpenAPI description (no 5xx, no schema violation)."""
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from conftest import ITEM_IDS, MODELS, fit_small
+from live import SessionRecommender
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def model_file(tmp_path_factory):
+    model = fit_small(**MODELS['embedding'])
+    path = tmp_path_factory.mktemp('serve') / 'model.gru4rec'
+    model.savemodel(path)
+    return model, path
+
+
+@pytest.fixture(scope='module')
+def server(model_file):
+    """`python run.py serve MODEL` (the gru4rec console script's main) on a free port."""
+    _, path = model_file
+    port = free_port()
+    process = subprocess.Popen([sys.executable, 'run.py', 'serve', str(path), '--port', str(port),
+                                '--capacity', '50'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f'http://127.0.0.1:{port}'
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f'{url}/health').status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f'the server did not start: {process.stdout.read().decode()[-2000:]}')
+        time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def test_click_recommend_end(server, model_file):
+    model, _ = model_file
+    live = SessionRecommender(model)
+    with httpx.Client(base_url=server) as client:
+        for item in (ITEM_IDS[0], ITEM_IDS[3], ITEM_IDS[3]):
+            answer = client.post('/click', json={'session_id': 'u1', 'item_id': int(item), 'k': 5}).json()
+            ids, scores = live.update('u1', item, k=5)
+            assert answer['items'] == ids.tolist() and answer['item_known']
+            np.testing.assert_allclose(answer['scores'], scores, rtol=1e-6)
+        answer = client.post('/recommend', json={'session_id': 'u1', 'k': 3, 'exclude_seen': True,
+                                                 'items': [int(i) for i in ITEM_IDS[:5]]}).json()
+        ids, _ = live.recommend('u1', k=3, exclude_seen=True, items=ITEM_IDS[:5])
+        assert answer['items'] == ids.tolist() and len(ids) == 3
+        unknown = client.post('/click', json={'session_id': 'u1', 'item_id': 'nope'}).json()
+        assert not unknown['item_known'] and len(unknown['items']) == 20 - 8  # only 12 items
+        assert client.post('/end', json={'session_id': 'u1'}).json() == {'session_id': 'u1', 'ended': True}
+        assert client.post('/end', json={'session_id': 'u1'}).json()['ended'] is False
+        health = client.get('/health').json()
+        assert health['status'] == 'ok' and health['n_items'] == len(ITEM_IDS) and health['capacity'] == 50
+
+
+@pytest.mark.parametrize('path, body, status, message', [
+    ('/recommend', {'session_id': 'nobody'}, 404, 'no live session'),
+    ('/click', {'session_id': 1, 'item_id': int(ITEM_IDS[0]), 'items': [1, 2]}, 400, 'does not know'),
+    ('/click', {'session_id': 1, 'item_id': int(ITEM_IDS[0]), 'k': 0}, 422, 'greater than or equal to 1'),
+    ('/click', {'session_id': 1}, 422, 'item_id'),
+    ('/click', {'session_id': 1, 'item_id': 1, 'colour': 'red'}, 422, 'colour'),
+    ('/end', {'session_id': None}, 422, 'session_id'),
+])
+def test_bad_requests_get_4xx_json(server, path, body, status, message):
+    answer = httpx.post(f'{server}{path}', json=body)
+    assert answer.status_code == status
+    assert message in str(answer.json()['detail'])
+    assert httpx.post(f'{server}/click', content=b'{not json', headers={'content-type': 'application/json'}
+                      ).status_code == 422
+
+
+def test_reload_without_dropping_requests(server, model_file):
+    """Clicks keep being answered while the model file is read again and swapped in; the states are
+    kept (the same model). A corrupt file is refused with a 400 and the old model keeps serving."""
+    model, path = model_file
+    statuses, stop = [], threading.Event()
+
+    def clicks():
+        with httpx.Client(base_url=server) as client:
+            n = 0
+            while not stop.is_set():
+                statuses.append(client.post('/click', json={'session_id': n % 7, 'item_id': int(ITEM_IDS[n % 12])}
+                                            ).status_code)
+                n += 1
+    thread = threading.Thread(target=clicks)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        answer = httpx.post(f'{server}/reload', timeout=60).json()
+        assert answer['kept_states'] and answer['n_items'] == len(ITEM_IDS)
+        original = path.read_bytes()
+        path.write_bytes(original[:-10])
+        try:
+            bad = httpx.post(f'{server}/reload', timeout=60)
+        finally:
+            path.write_bytes(original)
+        assert bad.status_code == 400 and 'corrupted' in bad.json()['detail']
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(statuses) > 10 and set(statuses) == {200}
+    assert httpx.get(f'{server}/health').json()['reloads'] == 1
+
+
+def test_serve_reports_a_bad_model_file(tmp_path):
+    bad = tmp_path / 'bad.gru4rec'
+    bad.write_bytes(b'not a model')
+    result = subprocess.run([sys.executable, 'run.py', 'serve', str(bad), '--port', str(free_port())], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and 'not a GRU4Rec model file' in result.stderr
+
+
+def test_openapi_property_run(server):
+    """Requests generated from the service's own OpenAPI description, valid and invalid ones, for
+    every operation: never a 5xx, every answer as the description says (status, content type, body).
+    All of schemathesis's checks but positive_data_acceptance: a request can follow the schema and
+    still name items the model does not know (a 400 that says so), which no schema can express."""
+    schema = schemathesis.openapi.from_url(f'{server}/openapi.json')
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {'/click', '/recommend', '/end', '/health', '/reload'}
+    for operation in operations:
+        strategy = operation.as_strategy()
+
+        @given(case=strategy)
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            case.call_and_validate(excluded_checks=[schemathesis.checks.positive_data_acceptance])
+        check()
