@@ -142,11 +142,12 @@ def _mixed(values):
 
 def top_k(logits, k):
     """Column indices of the k largest entries of each row, best first (M x k)."""
-    if k < logits.shape[1]:
-        part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    C = logits.shape[1]
+    if k < C:
+        part = np.argpartition(logits, C - k, axis=1)[:, C - k:]  # the k largest, in any order
     else:
-        part = np.broadcast_to(np.arange(logits.shape[1]), logits.shape)
-    order = np.argsort(-np.take_along_axis(logits, part, 1), axis=1, kind='stable')
+        part = np.broadcast_to(np.arange(C), logits.shape)
+    order = np.argsort(np.take_along_axis(logits, part, 1), axis=1, kind='stable')[:, ::-1]
     return np.take_along_axis(part, order, 1)
 
 
@@ -272,11 +273,15 @@ class SessionRecommender:
             now = self.clock()
             self._expire(now)
             todo = np.flatnonzero(X >= 0)
+            distinct = len(set(session_ids)) == len(session_ids)
             while len(todo):  # rounds of distinct sessions: a session's later clicks wait for the next round
-                first = {}
-                for i in todo:
-                    first.setdefault(session_ids[i], i)
-                batch = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+                if distinct:
+                    batch = todo
+                else:
+                    first = {}
+                    for i in todo:
+                        first.setdefault(session_ids[i], i)
+                    batch = np.fromiter(first.values(), dtype=np.int64, count=len(first))
                 rows = np.array([self._row(session_ids[i], now) for i in batch])
                 H = net.step(X[batch], [states[rows] for states in self._states])
                 for states, h in zip(self._states, H):
@@ -289,7 +294,7 @@ class SessionRecommender:
                 if exclude_seen:
                     for i, row in zip(batch, rows):
                         seen[i] = self._seen_of(row)
-                todo = np.setdiff1d(todo, batch, assume_unique=True)
+                todo = todo[len(batch):] if distinct else np.setdiff1d(todo, batch, assume_unique=True)
             for i in np.flatnonzero(X < 0):  # unknown items: the stored state, unchanged
                 row = self._rows.get(session_ids[i])
                 if row is not None:
