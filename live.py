@@ -101,7 +101,7 @@ class _Network:
         """The index of one item id, or -1 when the model does not know it."""
         try:
             index = self.itemidmap.get_loc(item_id)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return -1
         return index if isinstance(index, (int, np.integer)) else -1
 

@@ -1,0 +1,109 @@
+"""HTTP speed of `gru4rec serve`: requests/s and latency of POST /click at 1, 16 and 64 concurrent
+clients, against a real server on 127.0.0.1 that this script starts and stops.
+
+    python benchmarks/http_speed.py --model /tmp/yc64.gru4rec --data yoochoose1_64_test
+
+Each client holds one keep-alive connection and sends the clicks of its own sessions (from the test
+log) one request after another, top 20 each; the load generator is a minimal asyncio HTTP/1.1 client
+in this process (it shares the machine's cores with the server). Bounded by --seconds per level and
+--requests in all per level.
+"""
+import argparse
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from common import ROOT, load_log
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_server(model, port):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get('OPENBLAS_NUM_THREADS', '1'))
+    process = subprocess.Popen([sys.executable, 'run.py', 'serve', model, '--port', str(port)], cwd=ROOT, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(('127.0.0.1', port), timeout=1):
+                return process
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.3)
+    process.kill()
+    sys.exit('the server did not start')
+
+
+async def client(port, clicks, latencies, failures, deadline):
+    reader, writer = await asyncio.open_connection('127.0.0.1', port)
+    try:
+        for session, item in clicks:
+            if time.perf_counter() > deadline:
+                break
+            body = f'{{"session_id": {session}, "item_id": {item}, "k": 20}}'.encode()
+            request = (b'POST /click HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
+                       b'Content-Length: %d\r\n\r\n' % len(body)) + body
+            t0 = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b'\r\n\r\n')
+            length = int(re.search(rb'content-length: *(\d+)', head, re.IGNORECASE).group(1))
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - t0)
+            if not head.startswith(b'HTTP/1.1 200'):
+                failures.append(head.split(b'\r\n', 1)[0])
+    except (OSError, asyncio.IncompleteReadError) as e:
+        failures.append(repr(e))
+    finally:
+        writer.close()
+
+
+async def level(port, streams, seconds):
+    latencies, failures = [], []
+    start = time.perf_counter()
+    await asyncio.gather(*(client(port, s, latencies, failures, start + seconds) for s in streams))
+    return np.array(latencies), failures, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--model', required=True, help='a model file (GRU4Rec.savemodel)')
+    parser.add_argument('--data', default='yoochoose1_64_test', help='click stream (default %(default)s)')
+    parser.add_argument('--clients', type=int, nargs='+', default=[1, 16, 64])
+    parser.add_argument('--requests', type=int, default=20000, help='at most this many requests per level')
+    parser.add_argument('--seconds', type=float, default=10, help='at most about this long per level')
+    args = parser.parse_args()
+    log = load_log(args.data).sort_values(['SessionId', 'Time'], kind='stable')
+    clicks = list(zip(log.SessionId.tolist(), log.ItemId.tolist()))[:args.requests]
+    port = free_port()
+    server = start_server(args.model, port)
+    try:
+        print(f'{"clients":>7} {"requests":>8} {"req/s":>8} {"p50 ms":>7} {"p99 ms":>7} {"errors":>6}')
+        for n_clients in args.clients:
+            # Clients take whole sessions in turn, so that each session's clicks stay in order.
+            bounds = np.r_[0, np.flatnonzero(np.diff([s for s, _ in clicks])) + 1, len(clicks)]
+            streams = [[] for _ in range(n_clients)]
+            for j in range(len(bounds) - 1):
+                streams[j % n_clients].extend(clicks[bounds[j]:bounds[j + 1]])
+            latencies, failures, seconds = asyncio.run(level(port, streams, args.seconds))
+            print(f'{n_clients:>7} {len(latencies):>8} {len(latencies) / seconds:>8.0f} '
+                  f'{1e3 * np.median(latencies):>7.2f} {1e3 * np.quantile(latencies, 0.99):>7.2f} '
+                  f'{len(failures):>6}', flush=True)
+            if failures:
+                print('  first failures:', failures[:3])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == '__main__':
+    main()
