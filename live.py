@@ -250,7 +250,7 @@ class SessionRecommender:
     def update(self, session_id, item_id, k=20, exclude_seen=False, items=None):
         """Feeds one click; returns the session's top-k next items as (item ids, scores), best first.
         Fewer than k when exclude_seen leaves fewer, none when the item is unknown to the model and
-        the session has no state."""
+        the session has no state. k=0 only updates the state (e.g. to replay a session's past clicks)."""
         return self.update_many([session_id], [item_id], k, exclude_seen, items)[0]
 
     def update_many(self, session_ids, item_ids, k=20, exclude_seen=False, items=None):
@@ -366,8 +366,8 @@ class SessionRecommender:
     # -- scoring -------------------------------------------------------------------------------------
 
     def _check_query(self, net, k, items):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f'k={k!r}: give the number of items to recommend (an integer >= 1)')
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f'k={k!r}: give the number of items to recommend (an integer >= 1, or 0 for none)')
         if items is None:
             return min(int(k), net.n_items), None
         items = list(items)
@@ -382,7 +382,7 @@ class SessionRecommender:
     def _recommendations(self, net, H, has_state, k, candidates, seen):
         """(item ids, scores) of the top k for each row of H (M x L) that has a state."""
         results = [(net.item_ids[:0], np.zeros(0, dtype=FLOAT))] * len(H)
-        rows = np.flatnonzero(has_state)
+        rows = np.flatnonzero(has_state) if k else []
         n_cols = net.n_items if candidates is None else len(candidates)
         step = max(1, MAX_SCORE_CELLS // n_cols)
         for first in range(0, len(rows), step):

@@ -85,8 +85,11 @@ ERRORS = {400: {'model': Error, 'description': 'bad request (e.g. item ids the m
 
 
 def _answer(session_id, known, result):
+    """A Recommendations answer, serialised directly: pydantic re-validating what we built would cost
+    as much as the scoring."""
     ids, scores = result
-    return Recommendations(session_id=session_id, item_known=known, items=ids.tolist(), scores=scores.tolist())
+    return JSONResponse({'session_id': session_id, 'item_known': known, 'items': ids.tolist(),
+                         'scores': scores.tolist()})
 
 
 def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20):

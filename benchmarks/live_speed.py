@@ -113,7 +113,7 @@ def run_memory(model, n_sessions):
     t0 = time.perf_counter()
     for first in range(0, n_sessions, 10000):
         sessions = list(range(first, min(first + 10000, n_sessions)))
-        live.update_many(sessions, ids[rng.integers(len(ids), size=len(sessions))].tolist(), k=1)
+        live.update_many(sessions, ids[rng.integers(len(ids), size=len(sessions))].tolist(), k=0)
     seconds = time.perf_counter() - t0
     used = rss_bytes() - before
     print(f'{len(live)} live sessions of a {model.layers}-unit model: {used / 2**20:.0f} MiB '

@@ -110,7 +110,9 @@ def test_end_recommend_and_bad_input(models):
     assert live.end(1) and not live.end(1)
     with pytest.raises(UnknownSession, match="no live session 1"):
         live.recommend(1)
-    for k in (0, -1, 2.5, True):
+    assert [len(ids) for ids, _ in live.update_many([1, 2], [ITEM_IDS[0]] * 2, k=0)] == [0, 0]
+    assert 2 in live  # k=0 updates the state without scoring
+    for k in (-1, 2.5, True):
         with pytest.raises(ValueError, match='k='):
             live.update(1, ITEM_IDS[0], k=k)
     with pytest.raises(ValueError, match='items is empty'):
@@ -120,7 +122,7 @@ def test_end_recommend_and_bad_input(models):
     for bad in (dict(capacity=0), dict(idle_timeout=0), dict(history=-1)):
         with pytest.raises(ValueError, match=list(bad)[0]):
             SessionRecommender(models('onehot'), **bad)
-    assert len(live) == 0  # the bad calls left nothing behind
+    assert len(live) == 2  # the bad calls left nothing behind
 
 
 def test_lru_eviction_at_capacity(models):
