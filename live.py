@@ -129,10 +129,12 @@ class _Network:
 
     def finish(self, logits, selected):
         """Final scores of the selected logits (M x k) of rows whose logits over all scored items are
-        `logits` (M x C). Softmax needs each row's normaliser; the other activations are element-wise."""
+        `logits` (M x C), which softmax overwrites: it needs each row's normaliser, computed in place
+        to save two M x C temporaries; the other activations are element-wise."""
         if self.final_act == 'softmax':
             top = logits.max(axis=1, keepdims=True)
-            return np.exp(selected - top) / np.exp(logits - top).sum(axis=1, keepdims=True)
+            np.exp(np.subtract(logits, top, out=logits), out=logits)
+            return np.exp(selected - top) / logits.sum(axis=1, keepdims=True)
         return numpy_activation(self.final_act)(selected)
 
 
@@ -347,7 +349,7 @@ class SessionRecommender:
                 raise UnknownSession(f'no live session {missing[0]!r}')
             h = self._states[-1][[self._rows[s] for s in session_ids]]  # M x L
         logits = net.logits(h, candidates)
-        return net.finish(logits, logits)
+        return net.finish(logits, logits.copy())
 
     def swap_model(self, model):
         """Serves `model` (e.g. retrained) from now on. The live states are kept when it is this
@@ -396,9 +398,9 @@ class SessionRecommender:
                     cols = seen[i] if candidates is None else np.flatnonzero(np.isin(candidates, seen[i]))
                     masked[j, cols] = -np.inf
             top = top_k(masked, k)  # m x k
+            valid = np.take_along_axis(masked, top, 1) > -np.inf
             scores = net.finish(logits, np.take_along_axis(logits, top, 1))
             ids = net.item_ids[top if candidates is None else candidates[top]]
-            valid = np.take_along_axis(masked, top, 1) > -np.inf
             for j, i in enumerate(part):
                 results[i] = (ids[j], scores[j]) if valid[j].all() else (ids[j][valid[j]], scores[j][valid[j]])
         return results
