@@ -80,6 +80,8 @@ class _Network:
     consistent network."""
 
     def __init__(self, model):
+        if getattr(model, 'itemidmap', None) is None:
+            raise ValueError('SessionRecommender needs a trained GRU4Rec: call fit(data) or GRU4Rec.loadmodel(path)')
         weights = model.weights  # the trained weights (float32 numpy arrays), kept in step with training
         params = model.get_params()
         self.item_ids = np.asarray(model.itemidmap)  # n_items, in index order
@@ -274,7 +276,7 @@ class SessionRecommender:
                 return self.update_many(session_ids, item_ids, k, exclude_seen, items)
             now = self.clock()
             self._expire(now)
-            todo = np.flatnonzero(X >= 0)
+            todo = np.arange(len(X))
             distinct = len(set(session_ids)) == len(session_ids)
             while len(todo):  # rounds of distinct sessions: a session's later clicks wait for the next round
                 if distinct:
@@ -284,26 +286,28 @@ class SessionRecommender:
                     for i in todo:
                         first.setdefault(session_ids[i], i)
                     batch = np.fromiter(first.values(), dtype=np.int64, count=len(first))
-                rows = np.array([self._row(session_ids[i], now) for i in batch])
-                H = net.step(X[batch], [states[rows] for states in self._states])
-                for states, h in zip(self._states, H):
-                    states[rows] = h
-                H_last[batch] = H[-1]
-                if self.history:
-                    self._seen[rows, self._n_clicks[rows] % self.history] = X[batch]
-                self._n_clicks[rows] += 1
-                has_state[batch] = True
-                if exclude_seen:
-                    for i, row in zip(batch, rows):
+                known = batch[X[batch] >= 0]
+                if len(known):
+                    rows = np.array([self._row(session_ids[i], now) for i in known])
+                    H = net.step(X[known], [states[rows] for states in self._states])
+                    for states, h in zip(self._states, H):
+                        states[rows] = h
+                    H_last[known] = H[-1]
+                    if self.history:
+                        self._seen[rows, self._n_clicks[rows] % self.history] = X[known]
+                    self._n_clicks[rows] += 1
+                    has_state[known] = True
+                    if exclude_seen:
+                        for i, row in zip(known, rows):
+                            seen[i] = self._seen_of(row)
+                for i in batch[X[batch] < 0]:  # unknown items: the stored state, unchanged
+                    row = self._rows.get(session_ids[i])
+                    if row is not None:
+                        self._rows.move_to_end(session_ids[i])
+                        self._last[row] = now
+                        H_last[i], has_state[i] = self._states[-1][row], True
                         seen[i] = self._seen_of(row)
                 todo = todo[len(batch):] if distinct else np.setdiff1d(todo, batch, assume_unique=True)
-            for i in np.flatnonzero(X < 0):  # unknown items: the stored state, unchanged
-                row = self._rows.get(session_ids[i])
-                if row is not None:
-                    self._rows.move_to_end(session_ids[i])
-                    self._last[row] = now
-                    H_last[i], has_state[i] = self._states[-1][row], True
-                    seen[i] = self._seen_of(row)
         return self._recommendations(net, H_last, has_state, k, candidates, seen if exclude_seen else None)
 
     def recommend(self, session_id, k=20, exclude_seen=False, items=None):

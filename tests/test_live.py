@@ -100,6 +100,9 @@ def test_unknown_items_are_skipped(models):
     np.testing.assert_allclose(live.update('s', ITEM_IDS[4], k=5)[1],
                                SessionRecommender(model).update_many(['t', 't'], [ITEM_IDS[2], ITEM_IDS[4]], k=5)[1][1],
                                rtol=1e-5, atol=1e-7)
+    # within one call a skipped click answers with the state at its place in the call
+    one_call = SessionRecommender(model).update_many(['u', 'u', 'u'], [ITEM_IDS[2], 'nope', ITEM_IDS[4]], k=5)
+    np.testing.assert_array_equal(one_call[1][0], before[0])
     with pytest.raises(ValueError, match='does not know.*12345'):
         live.recommend('s', items=[ITEM_IDS[0], 12345])
 
@@ -119,6 +122,8 @@ def test_end_recommend_and_bad_input(models):
         live.update(1, ITEM_IDS[0], items=[])
     with pytest.raises(ValueError, match='2 session ids and 1 item ids'):
         live.update_many([1, 2], [ITEM_IDS[0]])
+    with pytest.raises(ValueError, match='needs a trained GRU4Rec'):
+        SessionRecommender(GRU4Rec())
     for bad in (dict(capacity=0), dict(idle_timeout=0), dict(history=-1)):
         with pytest.raises(ValueError, match=list(bad)[0]):
             SessionRecommender(models('onehot'), **bad)
