@@ -100,6 +100,34 @@ def run_speed(model, items, offsets, args):
                   f'{1e3 * np.median(t):>11.3f} {1e3 * np.quantile(t, 0.99):>11.3f}', flush=True)
 
 
+def run_interleaved(model, log, args):
+    """Clicks in time order across sessions, one at a time, top 20 each. predict_next_batch's slot
+    holds one session, so a click of a session other than the slot's last one replays the session's
+    clicks so far (the only way to get its state back); update reads the stored state."""
+    log = log.sort_values('Time', kind='stable')
+    clicks = list(zip(log.SessionId.tolist(), log.ItemId.tolist()))[:args.events]
+    live = SessionRecommender(model, capacity=100_000)
+    history, slot = {}, {'session': None, 'token': None}
+
+    def predict(s, i):
+        history.setdefault(s, []).append(i)
+        if slot['session'] != s:  # a new token resets the slot, then the session's clicks are replayed
+            slot['session'], slot['token'] = s, f'{s}/{len(history[s])}'
+            replay = history[s]
+        else:
+            replay = history[s][-1:]
+        for item in replay:
+            scores = model.predict_next_batch(np.array([slot['token']]), np.array([item]), batch=1)
+        return model.itemidmap[top_k(scores.to_numpy().T, 20).ravel()]
+    model.predict_next_batch(np.array(['warm-up']), log.ItemId.to_numpy()[:1], batch=1)
+    print(f'interleaved stream: {len(clicks)} clicks of {len({s for s, _ in clicks})} sessions in time order')
+    for method, calls in (('update', (lambda s=s, i=i: live.update(s, i, k=20) for s, i in clicks)),
+                          ('predict_next_batch', (lambda s=s, i=i: predict(s, i) for s, i in clicks))):
+        t = timed(calls, args.seconds)
+        print(f'{1:>5} {method:<22} {len(t):>7} {len(t) / t.sum():>10.0f} {1e6 * t.mean():>9.1f} '
+              f'{1e3 * np.median(t):>11.3f} {1e3 * np.quantile(t, 0.99):>11.3f}', flush=True)
+
+
 def rss_bytes():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -129,6 +157,8 @@ def main():
     parser.add_argument('--batch', type=int, nargs='+', default=[1, 16, 256])
     parser.add_argument('--events', type=int, default=5000, help='at most this many events per configuration')
     parser.add_argument('--seconds', type=float, default=10, help='at most about this long per configuration')
+    parser.add_argument('--interleaved', action='store_true',
+                        help='instead: clicks in time order across sessions, batch 1 (see run_interleaved)')
     parser.add_argument('--memory', type=int, help='instead: the memory of this many live sessions')
     args = parser.parse_args()
     if args.synthetic:
@@ -145,6 +175,8 @@ def main():
     offsets = np.r_[0, np.flatnonzero(sessions[1:] != sessions[:-1]) + 1, len(sessions)]
     print(f'{model.n_items} items, layers {model.layers}, final_act {model.final_act}; '
           f'{len(offsets) - 1} sessions, {len(log)} events in the stream')
+    if args.interleaved:
+        return run_interleaved(model, log, args)
     run_speed(model, log.ItemId.to_numpy(), offsets, args)
 
 
