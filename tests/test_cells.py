@@ -22,8 +22,8 @@ from evaluation import evaluate_gpu
 from gru4rec import HYPERPARAMETERS, GRU4Rec, compile_function
 
 REPO = Path(__file__).resolve().parents[1]
-# conftest's models with reset_after=True: every input mode, and two layers of different widths; with
-# tanh everywhere, torch.nn.GRUCell's activation.
+# Trained with reset_after=True: every input mode, and two layers of different widths (conftest's MODELS,
+# but tanh everywhere, torch.nn.GRUCell's activation).
 CELL_MODELS = dict(INPUT_MODES, two_layers=dict(layers=[8, 6], **INPUT_MODES['constrained']))
 MAGIC_AND_LENGTH = 16  # a model file: 8-byte magic, 8-byte header length, JSON header, npz, SHA-256
 
@@ -44,7 +44,7 @@ def cells(models):
 
 
 def layer_inputs(model, W, X):
-    """The first layer's input vectors x (M x n_in) and its input weights, such that x·Wx0 = x_proj - Bh0."""
+    """The first layer's input vectors x (M x n_in), such that x·Wx0 + Bh0 is the layer's x_proj."""
     if model.constrained_embedding:
         return W['Wy'][X]
     if model.embedding:
