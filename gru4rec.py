@@ -323,9 +323,10 @@ HYPERPARAMETERS = OrderedDict([
     ('train_random_order', (False, _as_bool)), ('time_sort', (True, _as_bool)),
     ('session_key', ('SessionId', _as_str)), ('item_key', ('ItemId', _as_str)), ('time_key', ('Time', _as_str)),
     ('seed', (42, int)), ('backend', ('c', _as_str)), ('verbose', (True, _as_bool)),
+    ('reset_after', (False, _as_bool)),  # not in the original: its cell is reset_after=False
 ])
-# Changing these changes the shapes of the model's parameters: they are fixed once a model is trained.
-ARCHITECTURE = ('layers', 'embedding', 'constrained_embedding')
+# Changing these changes the model's parameters or what they mean: they are fixed once a model is trained.
+ARCHITECTURE = ('layers', 'embedding', 'constrained_embedding', 'reset_after')
 ADAPT_DEFAULTS = {None: [], 'adagrad': [], 'rmsprop': [0.9], 'adadelta': [0.95], 'adam': [0.9, 0.999]}
 
 
@@ -383,6 +384,9 @@ class GRU4Rec:
     logq: weight of the logQ correction of sampled softmax (with cross-entropy).
     seed: seeds initialisation, sampling, dropout and session order: same seed and data, same model.
     backend: how PyTensor compiles the graphs: 'c' (C virtual machine), 'numba' or 'jax'.
+    reset_after (not in the original): False is the original's GRU cell, the reset gate applied to the
+        previous state before the recurrent product; True applies it after, with a hidden-side
+        candidate bias, as cuDNN and torch.nn.GRUCell do (see _gru).
     """
 
     def __init__(self, loss='bpr-max', final_act='linear', hidden_act='tanh', layers=[100], n_epochs=10,
@@ -391,7 +395,7 @@ class GRU4Rec:
                  constrained_embedding=False, adapt='adagrad', adapt_params=[], grad_cap=0.0, bpreg=1.0,
                  logq=0.0, sigma=0.0, init_as_normal=False, train_random_order=False, time_sort=True,
                  session_key='SessionId', item_key='ItemId', time_key='Time', seed=42, backend='c',
-                 verbose=True):
+                 verbose=True, reset_after=False):
         self.loss = loss
         self.final_act = final_act
         self.hidden_act = hidden_act
@@ -423,6 +427,7 @@ class GRU4Rec:
         self.seed = seed
         self.backend = backend
         self.verbose = verbose
+        self.reset_after = reset_after
 
     # -- hyper-parameters ----------------------------------------------------------------------------
 
@@ -511,6 +516,8 @@ class GRU4Rec:
             weights[f'Wrz{l}'] = self._init_matrix(rng, L, L, 2)
             weights[f'Wh{l}'] = self._init_matrix(rng, L, L)
             weights[f'Bh{l}'] = np.zeros(3 * L, dtype=FLOAT)
+            if p['reset_after']:
+                weights[f'Bhc{l}'] = np.zeros(L, dtype=FLOAT)
         return weights
 
     # -- the network ---------------------------------------------------------------------------------
@@ -527,13 +534,22 @@ class GRU4Rec:
         return x * mask
 
     def _gru(self, l, x_proj, h):
-        """One GRU step of layer l. x_proj = x·Wx + Bh (M x 3L), h the previous state (M x L).
-        r = σ(x·Wr + h·Ur), z = σ(x·Wz + h·Uz), c = act(x·Wc + (r*h)·Uh), h' = (1-z)*h + z*c;
-        the reset gate acts on h before the recurrent product (unlike torch.nn.GRUCell)."""
+        """One GRU step of layer l. x_proj = x·Wx + Bh (M x 3L: the r, z, c blocks), h the previous
+        state (M x L). r = σ(x·Wr + h·Ur), z = σ(x·Wz + h·Uz), h' = (1-z)*h + z*c, and the candidate
+        c = act(x·Wc + (r*h)·Uh)          reset before the recurrent product (the original's cell), or
+        c = act(x·Wc + r*(h·Uh + bhc))    reset after it (reset_after=True; Bhc holds bhc).
+        The second is the cell of cuDNN (CUDNN_GRU in cudnnRNNMode_t) and of torch.nn.GRUCell, whose
+        n = tanh(W_in x + b_in + r*(W_hn h + b_hn)) it is with W_in x + b_in = x·Wc + bc and
+        b_hn = bhc. Its hidden-side bias is a parameter of its own: r scales it, so unlike the
+        hidden-side biases of r and z it cannot be folded into Bh."""
         L = self.layers_[l]
         rz = pt.sigmoid(x_proj[:, :2 * L] + pt.dot(h, self.params[f'Wrz{l}']))  # M x 2L
         r, z = rz[:, :L], rz[:, L:]
-        c = self._hidden_act(x_proj[:, 2 * L:] + pt.dot(r * h, self.params[f'Wh{l}']))  # M x L
+        if self._parsed_params()['reset_after']:
+            recurrent = r * (pt.dot(h, self.params[f'Wh{l}']) + self.params[f'Bhc{l}'])  # M x L
+        else:
+            recurrent = pt.dot(r * h, self.params[f'Wh{l}'])  # M x L
+        c = self._hidden_act(x_proj[:, 2 * L:] + recurrent)  # M x L
         return (1 - z) * h + z * c
 
     def _forward(self, X, H_prev, training, item_rows=None):

@@ -143,12 +143,14 @@ def loss_reference(loss, Yhat, smoothing, bpreg):
     return (s * (sigmoid(Yhat - d) + sigmoid(Yhat ** 2))).sum(axis=1)
 
 
-def gru_reference(x_proj, h, Wrz, Wh, act):
-    """SPEC's cell; x_proj = x·Wx + b holds the r, z and candidate blocks side by side."""
+def gru_reference(x_proj, h, Wrz, Wh, act, bhc=None):
+    """SPEC's cell; x_proj = x·Wx + b holds the r, z and candidate blocks side by side. With the
+    hidden-side candidate bias bhc, the reset-after cell (reset_after=True): r multiplies h·Wh + bhc."""
     L = h.shape[1]
     r = sigmoid(x_proj[:, :L] + h @ Wrz[:, :L])
     z = sigmoid(x_proj[:, L:2 * L] + h @ Wrz[:, L:])
-    c = ACTIVATIONS[act](x_proj[:, 2 * L:] + (r * h) @ Wh)
+    recurrent = (r * h) @ Wh if bhc is None else r * (h @ Wh + bhc)
+    c = ACTIVATIONS[act](x_proj[:, 2 * L:] + recurrent)
     return (1 - z) * h + z * c
 
 
@@ -169,7 +171,8 @@ def hidden_reference(model, W, X, H_prev):
     for l in range(len(model.layers)):
         if l > 0:
             x_proj = H[-1] @ W[f'Wx{l}'] + W[f'Bh{l}']
-        H.append(gru_reference(x_proj, H_prev[l], W[f'Wrz{l}'], W[f'Wh{l}'], model.hidden_act))
+        bhc = W[f'Bhc{l}'] if model.reset_after else None
+        H.append(gru_reference(x_proj, H_prev[l], W[f'Wrz{l}'], W[f'Wh{l}'], model.hidden_act, bhc))
     return H
 
 

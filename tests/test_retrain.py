@@ -143,7 +143,7 @@ def test_retrain_before_fit_is_an_error():
 
 
 @pytest.mark.parametrize('change', [dict(layers=[16]), dict(layers=[8, 8]), dict(embedding=4),
-                                    dict(constrained_embedding=True)])
+                                    dict(constrained_embedding=True), dict(reset_after=True)])
 def test_retrain_with_another_architecture_is_a_clear_error(small_model, change):
     model = copy.deepcopy(small_model)
     with pytest.raises(ValueError, match='change the shape of a trained model; build a new GRU4Rec'):
