@@ -64,13 +64,16 @@ def numpy_activation(name):
     return PARAMETRIC_ACTIVATIONS[head](*(float(a) for a in args))
 
 
-def gru_step(x_proj, h, Wrz, Wh, act):
+def gru_step(x_proj, h, Wrz, Wh, act, Bhc=None):
     """One GRU step, as GRU4Rec._gru. x_proj = x·Wx + Bh (M x 3L), h the previous state (M x L).
-    r = σ(x·Wr + h·Ur), z = σ(x·Wz + h·Uz), c = act(x·Wc + (r*h)·Uh), h' = (1-z)*h + z*c."""
+    r = σ(x·Wr + h·Ur), z = σ(x·Wz + h·Uz), h' = (1-z)*h + z*c with
+    c = act(x·Wc + (r*h)·Uh) (the original's cell), or c = act(x·Wc + r*(h·Uh + bhc)) when the model
+    was trained with reset_after=True (Bhc is then its bhc)."""
     L = h.shape[1]
     rz = _sigmoid(x_proj[:, :2 * L] + h @ Wrz)  # M x 2L
     r, z = rz[:, :L], rz[:, L:]
-    c = act(x_proj[:, 2 * L:] + (r * h) @ Wh)  # M x L
+    recurrent = (r * h) @ Wh if Bhc is None else r * (h @ Wh + Bhc)  # M x L
+    c = act(x_proj[:, 2 * L:] + recurrent)  # M x L
     return (1 - z) * h + z * c
 
 
@@ -120,7 +123,8 @@ class _Network:
         for l in range(len(self.layers)):
             if l > 0:
                 x_proj = H_new[-1] @ self.w[f'Wx{l}'] + self.w[f'Bh{l}']
-            H_new.append(gru_step(x_proj, H[l], self.w[f'Wrz{l}'], self.w[f'Wh{l}'], self.hidden_act))
+            H_new.append(gru_step(x_proj, H[l], self.w[f'Wrz{l}'], self.w[f'Wh{l}'], self.hidden_act,
+                                  self.w.get(f'Bhc{l}')))
         return H_new
 
     def logits(self, h, candidates=None):

@@ -45,6 +45,20 @@ def test_scores_equal_predict_next_batch(models, name, final):
             np.testing.assert_allclose(row[model.itemidmap.get_indexer(ids)], scores, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize('name', ['onehot', 'two_layers'])
+def test_reset_after_cell_scores_equal_predict_next_batch(name):
+    model = fit_small(**dict(MODELS[name], reset_after=True))
+    live = SessionRecommender(model)
+    rng = np.random.default_rng(4)
+    sessions = np.array([21, 22, 23])
+    for _ in range(3):
+        items = rng.choice(ITEM_IDS, size=3)
+        expected = model.predict_next_batch(sessions, items, batch=3).to_numpy().T  # 3 x n_items
+        live.update_many(sessions.tolist(), items.tolist(), k=1)
+        np.testing.assert_allclose(live.scores(sessions.tolist()), expected, rtol=1e-5,
+                                   atol=1e-6 * np.abs(expected).max())
+
+
 def test_update_many_equals_updates_in_order(models):
     model = models('two_layers')
     one, many = SessionRecommender(model), SessionRecommender(model)
