@@ -8,7 +8,7 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt', 'synthetic', 'cbackend'],
+    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt', 'synthetic', 'cbackend', 'modelfile'],
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=2.30',
