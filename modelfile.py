@@ -135,8 +135,12 @@ def read(path, check_params, layout):
     params = _check_header(meta, check_params, refuse)
     with _open_archive(body, refuse) as archive:
         entries = {}
-        for info in archive.infolist():
-            entries[_entry_name(info, entries, refuse)] = (info, *_npy_header(archive, info, refuse))
+        infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
+        for info, end in zip(infos, [info.header_offset for info in infos[1:]] + [archive.start_dir]):
+            name = _entry_name(info, entries, refuse)
+            if info.header_offset + 30 + len(info.orig_filename) + info.compress_size > end:
+                refuse(f'array {name} claims {info.compress_size} bytes, more than its place in the archive holds')
+            entries[name] = (info, *_npy_header(archive, info, refuse))
         if 'itemids' not in entries:
             refuse('has no item ids (array itemids is missing)')
         _, ids_dtype, ids_shape = entries['itemids']
@@ -148,7 +152,7 @@ def read(path, check_params, layout):
             required, optional = layout(params, ids_shape[0])
         except ValueError as e:
             refuse(f'hyper-parameters: {e}')
-        expected = dict(optional, **required)
+        expected = {**required, **optional}
         missing = sorted(set(required) - set(entries))
         unknown = sorted(set(entries) - set(expected) - {'itemids'})
         if missing or unknown:
@@ -248,7 +252,7 @@ def _check_header(meta, check_params, refuse):
                    f'{list(NUMERIC_IDS + STRING_IDS + ("object",))}; it is {record!r}')
     try:
         params = check_params(raw)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         refuse(f'hyper-parameters: {e}')
     for name, value in raw.items():
         if not _same_value(value, params[name]):
@@ -276,8 +280,8 @@ def _same_value(raw, parsed):
 def _open_archive(body, refuse):
     try:
         return zipfile.ZipFile(io.BytesIO(body))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
-        refuse(f'is corrupted: its arrays are not a readable archive ({e})')
+    except Exception as e:  # zipfile's parser meets arbitrary bytes here: any failure means a corrupted file
+        refuse(f'is corrupted: its arrays are not a readable archive ({type(e).__name__}: {e})')
 
 
 def _entry_name(info, seen, refuse):
@@ -308,8 +312,8 @@ def _npy_header(archive, info, refuse):
                     np.lib.format.read_array_header_2_0
                 header = read_header(f)
                 header_size = f.tell()
-    except (ValueError, zipfile.BadZipFile, OSError, EOFError, SyntaxError) as e:
-        refuse(f'array {name} is corrupted: {e}')
+    except Exception as e:  # as in _open_archive
+        refuse(f'array {name} is corrupted: {type(e).__name__}: {e}')
     if header is None:
         refuse(f'array {name} has .npy format version {version}, not 1.0 or 2.0')
     shape, _, dtype = header
@@ -327,8 +331,8 @@ def _read_array(archive, info, refuse):
         with archive.open(info) as f:
             value = np.lib.format.read_array(f, allow_pickle=False)
             f.read(1)  # reaches the end of the entry, where its CRC is checked
-    except (ValueError, zipfile.BadZipFile, OSError, EOFError) as e:
-        refuse(f'array {name} is corrupted: {e}')
+    except Exception as e:  # as in _open_archive
+        refuse(f'array {name} is corrupted: {type(e).__name__}: {e}')
     return value
 
 

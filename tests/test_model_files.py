@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -283,3 +284,190 @@ def test_loading_never_unpickles(model_file, monkeypatch):
     monkeypatch.setattr(pickle, 'Unpickler', forbidden)
     loaded = GRU4Rec.loadmodel(model_file)
     assert loaded.n_items > 0
+
+
+# -- crafted files: intact checksum, untrusted content (issue 14) ---------------------------------------
+# Each case edits the header and/or arrays of a valid file (split/join recompute the checksum); the loader
+# must refuse it with a ValueError that names the file and the problem, before building anything.
+
+def _edit(arrays, name, value):
+    return dict(arrays, **{name: value})
+
+
+def _drop(arrays, name):
+    return {k: v for k, v in arrays.items() if k != name}
+
+
+def _params(**changes):
+    return lambda meta, arrays: (dict(meta, params=dict(meta['params'], **changes)), arrays)
+
+
+def _arrays(change):
+    return lambda meta, arrays: (meta, change(arrays))
+
+
+def _header(**changes):
+    return lambda meta, arrays: ({k: v for k, v in dict(meta, **changes).items() if v is not ...}, arrays)
+
+
+CRAFTED = {
+    # header disagrees with the arrays
+    'Wy-wrong-shape': (_arrays(lambda a: _edit(a, 'param/Wy', a['param/Wy'][:, :4])),
+                       r'array param/Wy has shape \(15, 4\); the header declares \(15, 8\)'),
+    'layers-disagree': (_params(layers=[16]), r'array param/Wy has shape \(15, 8\); the header declares \(15, 16\)'),
+    'one-layer-more': (_params(layers=[8, 8]), r"missing \['param/Bh1', 'param/Wh1', 'param/Wrz1', 'param/Wx1'\]"),
+    'embedding-disagrees': (_params(embedding=5), r"do not match the architecture its header declares \(layers=\[8\], "
+                                                  r"embedding=5, constrained_embedding=False, 15 items\): "
+                                                  r"missing \['param/E'\]"),
+    'constrained-disagrees': (_params(constrained_embedding=True),
+                              r'array param/Wx0 has shape \(15, 24\); the header declares \(8, 24\)'),
+    'array-missing': (_arrays(lambda a: _drop(a, 'param/Wh0')), r"missing \['param/Wh0'\]"),
+    'array-unknown': (_arrays(lambda a: _edit(a, 'param/Wq', a['param/Wh0'])), r"unexpected \['param/Wq'\]"),
+    'support-missing': (_arrays(lambda a: _drop(a, 'support')), r"missing \['support'\]"),
+    'support-wrong-length': (_arrays(lambda a: _edit(a, 'support', a['support'][:-1])),
+                             r'array support has shape \(14,\); the header declares \(15,\)'),
+    'optimiser-state-wrong-shape': (_arrays(lambda a: _edit(a, 'opt/adagrad_Wy', a['opt/adagrad_Wy'][:, :2])),
+                                    r'array opt/adagrad_Wy has shape \(15, 2\)'),
+    'optimiser-state-unknown': (_arrays(lambda a: _edit(a, 'opt/adagrad_Wq', a['opt/adagrad_Wy'])),
+                                r"unexpected \['opt/adagrad_Wq'\]"),
+    'step-counter-a-vector': (_arrays(lambda a: _edit(a, 'opt/t', np.zeros(2, np.float32))),
+                              r'array opt/t has shape \(2,\); the header declares \(\)'),
+    # values
+    'NaN-weight': (_arrays(lambda a: _edit(a, 'param/Wy', np.where(np.arange(8) == 3, np.nan, a['param/Wy']))),
+                   'array param/Wy holds NaN or infinite values'),
+    'inf-optimiser-state': (_arrays(lambda a: _edit(a, 'opt/velocity_By', a['opt/velocity_By'] + np.inf)),
+                            'array opt/velocity_By holds NaN or infinite values'),
+    'float64-overflowing-float32': (_arrays(lambda a: _edit(a, 'param/Wh0', a['param/Wh0'].astype(np.float64) * 1e300)),
+                                    r'array param/Wh0 holds NaN or infinite values \(after casting to float32\)'),
+    'integer-weights': (_arrays(lambda a: _edit(a, 'param/Wh0', a['param/Wh0'].astype(np.int32))),
+                        r'array param/Wh0 has dtype int32; expected float32 \(float64 is cast\)'),
+    'float16-weights': (_arrays(lambda a: _edit(a, 'param/Wh0', a['param/Wh0'].astype(np.float16))),
+                        'array param/Wh0 has dtype float16'),
+    'complex-weights': (_arrays(lambda a: _edit(a, 'param/Wh0', a['param/Wh0'].astype(np.complex64))),
+                        'array param/Wh0 has dtype complex64'),
+    'structured-array': (_arrays(lambda a: _edit(a, 'param/Bh0', np.zeros(24, [('x', 'f4')]))),
+                         'array param/Bh0 has dtype .* never objects'),
+    'negative-support': (_arrays(lambda a: _edit(a, 'support', -a['support'])),
+                         'item supports and the optimiser step count cannot be negative'),
+    # item ids
+    'duplicate-item-ids': (_arrays(lambda a: _edit(a, 'itemids', np.r_[a['itemids'][:-1], a['itemids'][0]])),
+                           r'the item ids are not unique, e.g. \[100\]'),
+    'item-ids-a-matrix': (_arrays(lambda a: _edit(a, 'itemids', a['itemids'].reshape(3, 5))),
+                          r'itemids must be a non-empty vector, its shape is \(3, 5\)'),
+    'no-item-ids': (_arrays(lambda a: _drop(a, 'itemids')), r'has no item ids'),
+    'boolean-item-ids': (_arrays(lambda a: _edit(a, 'itemids', a['itemids'] > 120)), 'itemids has dtype bool'),
+    'item-ids-not-the-declared-dtype': (_arrays(lambda a: _edit(a, 'itemids', a['itemids'].astype(np.int32))),
+                                        "itemids has dtype int32, the header declares 'int64'"),
+    'NaN-item-id': (lambda m, a: (dict(m, itemids={'dtype': 'float64'}),
+                                  _edit(a, 'itemids', np.r_[a['itemids'][:-1], np.nan])),
+                    'the item ids include NaN or infinity'),
+    # header schema and field types
+    'layers-as-a-string': (_params(layers='8'), r"hyper-parameter layers='8' is not in the form savemodel writes"),
+    'n_epochs-a-float': (_params(n_epochs=1.5), r'hyper-parameter n_epochs=1.5 is not in the form'),
+    'n_epochs-a-boolean': (_params(n_epochs=True), r'hyper-parameter n_epochs=True is not in the form'),
+    'unknown-loss': (_params(loss='hinge'), r"hyper-parameters: loss='hinge': unknown loss"),
+    'NaN-learning-rate': (_params(learning_rate=float('nan')), r'learning_rate=nan: must be a finite number'),
+    'unknown-hyper-parameter': (_params(hidden_size=100), r"unknown hyper-parameter\(s\) \['hidden_size'\]"),
+    'a-dict-as-hyper-parameter': (_params(layers={'a': 1}), 'header field params must map names to'),
+    'params-a-list': (_header(params=[1, 2]), 'header field params must map names to'),
+    'history-a-string': (_header(history='none'), r'header field history must be a list of \{name: number\}'),
+    'history-with-a-string': (_header(history=[{'loss': 'low'}]), 'header field history must be a list'),
+    'extra-header-field': (_header(author='me'), r"its header fields are \['author', "),
+    'header-field-missing': (_header(history=...), r"its header fields are \['format', 'itemids', 'params', 'version'\]"),
+    'unknown-item-id-dtype': (_header(itemids={'dtype': 'complex128'}), 'header field itemids must record'),
+    'implausible-batch-size': (_params(batch_size=10 ** 9), r'batch_size=1000000000 with layers=\[8\] needs 8000000000 '
+                                                             'hidden state values'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CRAFTED))
+def test_crafted_files_are_refused_clearly(model_file, tmp_path, case):
+    edit, error = CRAFTED[case]
+    path = tmp_path / f'{case}.gru4rec'
+    path.write_bytes(join(*edit(*split(model_file.read_bytes()))))
+    message = load_error(path)
+    assert message.startswith(f"{str(path)!r}: "), message
+    assert re.search(error, message), message
+
+
+def _archive_bytes(arrays, compression=zipfile.ZIP_STORED):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w', compression) as z:
+        for name, value in arrays.items():
+            with z.open(f'{name}.npy', 'w', force_zip64=True) as f:
+                if isinstance(value, bytes):
+                    f.write(value)
+                else:
+                    np.lib.format.write_array(f, value, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _npy(value):
+    buffer = io.BytesIO()
+    np.save(buffer, value)
+    return buffer.getvalue()
+
+
+def _with_archive(change):
+    """A file whose archive bytes are change(archive of the valid arrays)."""
+    def make(blob):
+        meta, arrays = split(blob)
+        return join(meta, None, archive=change(arrays))
+    return make
+
+
+ARCHIVES = {
+    'compressed-entries': (lambda a: _archive_bytes(a, zipfile.ZIP_DEFLATED), 'array itemids is compressed'),
+    'object-array': (lambda a: _archive_bytes(dict(a, **{'param/By': np.array([None] * 15)})),
+                     'array param/By has dtype object; .* never objects'),
+    'a-text-entry': (lambda a: _zip_bytes(), "its archive holds 'readme.txt', which is not a .npy array"),
+    'entry-shorter-than-its-npy-header': (
+        lambda a: _archive_bytes(dict(a, **{'param/Wy': _npy(a['param/Wy'][:, :4]).replace(b'(15, 4)', b'(15, 8)')})),
+        r'array param/Wy declares shape \(15, 8\) of float32 \(480 bytes\) but its entry holds 240 bytes'),
+    'not-an-archive': (lambda a: b'PK' + bytes(100), 'its arrays are not a readable archive'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(ARCHIVES))
+def test_crafted_archives_are_refused_clearly(model_file, tmp_path, case):
+    change, error = ARCHIVES[case]
+    path = tmp_path / f'{case}.gru4rec'
+    path.write_bytes(_with_archive(change)(model_file.read_bytes()))
+    message = load_error(path)
+    assert message.startswith(f"{str(path)!r}"), message
+    assert re.search(error, message), message
+
+
+def test_duplicate_header_fields_are_refused(model_file, tmp_path):
+    meta, arrays = split(model_file.read_bytes())
+    blob = join(meta, arrays)
+    header = json.dumps(meta).encode()
+    forged = json.dumps(meta)[:-1].encode() + b', "version": 1}'
+    blob = blob[:8] + len(forged).to_bytes(8, 'little') + forged + blob[16 + len(header):-32]
+    path = tmp_path / 'twice.gru4rec'
+    path.write_bytes(blob + hashlib.sha256(blob).digest())
+    assert "a field appears twice: ['version']" in load_error(path)
+
+
+def test_float64_arrays_are_cast_to_float32(model, model_file, tmp_path):
+    meta, arrays = split(model_file.read_bytes())
+    widened = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in arrays.items()}
+    path = tmp_path / 'float64.gru4rec'
+    path.write_bytes(join(meta, widened))
+    loaded = GRU4Rec.loadmodel(path)
+    for name, value in loaded.weights.items():
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, model.weights[name])
+    reference = GRU4Rec.loadmodel(model_file)  # a fresh model: predict_next_batch keeps session state
+    np.testing.assert_array_equal(predictions(loaded, session_log()), predictions(reference, session_log()))
+
+
+def test_format_version_1_files_still_load(model, model_file, tmp_path):
+    """Files written before the item ids' dtype was recorded (int64 or str ids) load as before."""
+    meta, arrays = split(model_file.read_bytes())
+    path = tmp_path / 'v1.gru4rec'
+    path.write_bytes(join(dict({k: v for k, v in meta.items() if k != 'itemids'}, version=1), arrays))
+    loaded = GRU4Rec.loadmodel(path)
+    assert loaded.itemidmap.equals(model.itemidmap) and loaded.itemidmap.dtype == np.int64
+    reference = GRU4Rec.loadmodel(model_file)  # a fresh model: predict_next_batch keeps session state
+    np.testing.assert_array_equal(predictions(loaded, session_log()), predictions(reference, session_log()))
