@@ -471,3 +471,194 @@ def test_format_version_1_files_still_load(model, model_file, tmp_path):
     assert loaded.itemidmap.equals(model.itemidmap) and loaded.itemidmap.dtype == np.int64
     reference = GRU4Rec.loadmodel(model_file)  # a fresh model: predict_next_batch keeps session state
     np.testing.assert_array_equal(predictions(loaded, session_log()), predictions(reference, session_log()))
+
+
+# -- item ids of every dtype pandas gives (issue 12, bug 3) ----------------------------------------------
+
+ID_DTYPES = {
+    'int8': lambda ids: ids.astype(np.int8), 'int16': lambda ids: ids.astype(np.int16),
+    'int32': lambda ids: ids.astype(np.int32), 'int64': lambda ids: ids, 'uint8': lambda ids: ids.astype(np.uint8),
+    'uint16': lambda ids: ids.astype(np.uint16), 'uint32': lambda ids: ids.astype(np.uint32),
+    'uint64': lambda ids: ids.astype(np.uint64) + np.uint64(2 ** 63), 'float32': lambda ids: ids / np.float32(8),
+    'float64': lambda ids: ids / 3, 'str': lambda ids: pd.array(ids.astype(str), dtype='str'),
+    'string': lambda ids: pd.array(ids.astype(str), dtype='string'),
+    'object-str': lambda ids: np.array([f'item {i} é' for i in ids], dtype=object),
+    'object-int': lambda ids: np.array([int(i) for i in ids], dtype=object),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(ID_DTYPES))
+def test_item_ids_of_every_dtype_encode_exactly(kind):
+    index = pd.Index(ID_DTYPES[kind](np.arange(100, 140, 3)))
+    values, record = modelfile.encode_itemids(index)
+    decoded = modelfile.decode_itemids(values, json.loads(json.dumps(record)))
+    assert decoded.equals(index) and decoded.dtype == index.dtype
+    assert [type(v) for v in decoded] == [type(v) for v in index]
+
+
+@pytest.mark.parametrize('ids', [
+    pytest.param(lambda ids: ids / 3, id='float64'),
+    pytest.param(lambda ids: ids.astype(np.uint64) + np.uint64(2 ** 63), id='uint64'),
+    pytest.param(lambda ids: pd.Categorical(ids.astype(str)), id='categorical'),
+])
+def test_item_ids_survive_save_and_load(tmp_path, ids):
+    log = session_log()
+    log['ItemId'] = ids(log['ItemId'].to_numpy())
+    model = GRU4Rec(**PARAMS).fit(log)
+    model.savemodel(tmp_path / 'm.gru4rec')
+    loaded = GRU4Rec.loadmodel(tmp_path / 'm.gru4rec')
+    assert loaded.itemidmap.equals(model.itemidmap) and loaded.itemidmap.dtype == model.itemidmap.dtype
+    np.testing.assert_array_equal(predictions(loaded, log), predictions(model, log))
+    top = loaded.recommend({1: log['ItemId'][:2].tolist()}, k=3)
+    assert top['ItemId'].isin(log['ItemId']).all()
+
+
+def test_item_ids_that_cannot_round_trip_are_refused_at_save(tmp_path):
+    log = session_log()
+    log['ItemId'] = pd.to_datetime(log['ItemId'], unit='D')
+    model = GRU4Rec(**PARAMS).fit(log)
+    with pytest.raises(ValueError, match=r"cannot save the model to '.*m.gru4rec': item ids of dtype datetime64\[.s\] "
+                                         r'cannot be saved in a model file; integer, float and string ids can'):
+        model.savemodel(tmp_path / 'm.gru4rec')
+    assert os.listdir(tmp_path) == []
+    for index in [pd.Index([True, False]), pd.Index(['a', 1.5], dtype=object), pd.Index(['a\x00', 'b'])]:
+        with pytest.raises(ValueError, match='cannot be saved|NUL character'):
+            modelfile.encode_itemids(index)
+
+
+# -- saving: bad places, concurrent writers ------------------------------------------------------------
+
+@pytest.mark.parametrize('place, error', [
+    (lambda tmp: tmp / 'missing' / 'm.gru4rec', FileNotFoundError),
+    (lambda tmp: tmp / 'a-file' / 'm.gru4rec', NotADirectoryError),
+    (lambda tmp: tmp / 'a-directory', IsADirectoryError),
+])
+def test_saving_to_an_impossible_place_fails_clearly_and_leaves_nothing(model, tmp_path, place, error):
+    (tmp_path / 'a-file').write_text('keep me')
+    (tmp_path / 'a-directory').mkdir()
+    before = sorted(os.listdir(tmp_path))
+    path = place(tmp_path)
+    with pytest.raises(error, match=f"cannot save the model to {re.escape(repr(str(path)))}: "):
+        model.savemodel(path)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert os.listdir(tmp_path / 'a-directory') == [] and (tmp_path / 'a-file').read_text() == 'keep me'
+
+
+@pytest.fixture(scope='module')
+def other_model():
+    return GRU4Rec(**dict(PARAMS, seed=4)).fit(session_log(seed=1))
+
+
+def assert_one_of(path, models):
+    loaded = GRU4Rec.loadmodel(path)
+    assert any(all(np.array_equal(loaded.weights[n], m.weights[n]) for n in m.weights) for m in models)
+    assert no_temp_files(path.parent)
+
+
+def test_concurrent_saves_from_threads_leave_one_valid_file(model, other_model, tmp_path):
+    import threading
+    path = tmp_path / 'm.gru4rec'
+    errors = []
+
+    def save(m):
+        try:
+            for _ in range(3):
+                m.savemodel(path)
+        except BaseException as e:  # reported below: a thread's exception is otherwise lost
+            errors.append(e)
+    threads = [threading.Thread(target=save, args=(m,)) for m in [model, other_model] * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert_one_of(path, [model, other_model])
+
+
+def _save_repeatedly(m, path, n):
+    for _ in range(n):
+        m.savemodel(path)
+
+
+def test_concurrent_saves_from_processes_leave_one_valid_file(model, other_model, tmp_path):
+    import multiprocessing
+    path = tmp_path / 'm.gru4rec'
+    model.savemodel(path)
+    context = multiprocessing.get_context('fork')
+    workers = [context.Process(target=_save_repeatedly, args=(m, path, 4)) for m in [model, other_model] * 2]
+    for w in workers:
+        w.start()
+    while any(w.is_alive() for w in workers):  # readers meanwhile always see a whole file
+        meta, _ = split(path.read_bytes())
+        assert meta['format'] == modelfile.FORMAT
+    for w in workers:
+        w.join()
+    assert [w.exitcode for w in workers] == [0] * 4
+    assert_one_of(path, [model, other_model])
+
+
+# -- memory: a small file cannot make the loader allocate much ------------------------------------------
+
+def _forge_stored_size(archive, name, size):
+    """The archive with entry `name` claiming, in the central directory, `size` bytes it does not hold."""
+    position = zipfile.ZipFile(io.BytesIO(archive)).start_dir
+    while archive[position + 46:position + 46 + len(name)] != name.encode():
+        n_name, n_extra, n_comment = (int.from_bytes(archive[position + k:position + k + 2], 'little') for k in (28, 30, 32))
+        position += 46 + n_name + n_extra + n_comment
+    forged = bytearray(archive)
+    for offset in (position + 20, position + 24):  # compressed and uncompressed size
+        forged[offset:offset + 4] = size.to_bytes(4, 'little')
+    return bytes(forged)
+
+
+def _huge_npy_header(shape, dtype='<f4'):
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, dtype))
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, dict(header, shape=shape))
+    return buffer.getvalue()
+
+
+def _deflate_bomb(arrays, n_bytes):
+    """Wy's entry deflated, and inflating to n_bytes of zeros (under 1 MB in the file)."""
+    meta_rows = n_bytes // 4 // 8
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w', zipfile.ZIP_DEFLATED) as z:
+        for name, value in arrays.items():
+            with z.open(f'{name}.npy', 'w', force_zip64=True) as f:
+                if name == 'param/Wy':
+                    f.write(_huge_npy_header((meta_rows, 8)))
+                    chunk = bytes(2 ** 24)
+                    for _ in range(meta_rows * 32 // len(chunk)):
+                        f.write(chunk)
+                else:
+                    np.lib.format.write_array(f, value)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize('attack', ['declared-size', 'deflate-bomb', 'huge-model-declared'])
+def test_a_small_crafted_file_cannot_make_loading_allocate_much(model_file, tmp_path, attack):
+    import tracemalloc
+    meta, arrays = split(model_file.read_bytes())
+    if attack == 'declared-size':  # Wy's .npy header and zip entry both claim 3 GB; the file holds 480 bytes
+        rows = 3 * 2 ** 30 // 32
+        npy = _huge_npy_header((rows, 8))
+        archive = _archive_bytes(dict(arrays, **{'param/Wy': npy + arrays['param/Wy'].tobytes()}))
+        archive = _forge_stored_size(archive, 'param/Wy.npy', len(npy) + rows * 32)
+        blob = join(dict(meta, itemids={'dtype': 'int64'}), None, archive=archive)
+    elif attack == 'deflate-bomb':  # 256 MB of zeros, deflated
+        blob = join(meta, None, archive=_deflate_bomb(arrays, 2 ** 28))
+    else:  # the item ids declare 10^8 items (800 MB), the file holds 15
+        npy = _huge_npy_header((10 ** 8,), '<i8')
+        blob = join(meta, None, archive=_forge_stored_size(
+            _archive_bytes(dict(arrays, itemids=npy + arrays['itemids'].tobytes())), 'itemids.npy', len(npy) + 8 * 10 ** 8))
+    assert len(blob) < 2 ** 20
+    path = tmp_path / f'{attack}.gru4rec'
+    path.write_bytes(blob)
+    tracemalloc.start()
+    try:
+        message = load_error(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(path) in message
+    assert peak < 20 * len(blob) + 2 ** 20, f'loading a {len(blob)}-byte file allocated {peak} bytes ({message})'
