@@ -662,3 +662,132 @@ def test_a_small_crafted_file_cannot_make_loading_allocate_much(model_file, tmp_
         tracemalloc.stop()
     assert str(path) in message
     assert peak < 20 * len(blob) + 2 ** 20, f'loading a {len(blob)}-byte file allocated {peak} bytes ({message})'
+
+
+# -- property: whatever a file says, loading gives the model of its arrays or a clear error ---------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+PROPERTY_PARAMS = dict(layers=[4], n_epochs=1, batch_size=4, n_sample=3, loss='bpr-max', final_act='linear',
+                       hidden_act='tanh', verbose=False, seed=1)
+ACTIVATIONS = ['linear', 'tanh', 'relu', 'sigmoid', 'elu-0.5', 'leaky-0.1', 'selu-1.05-1.67', 'softmax']
+
+
+def _numpy_activation(name):
+    """float64 numpy versions of the activations the property test can write into a header."""
+    kind, *args = name.split('-')
+    args = [float(a) for a in args]
+    return {'linear': lambda x: x, 'tanh': np.tanh, 'relu': lambda x: np.maximum(x, 0),
+            'sigmoid': lambda x: 1 / (1 + np.exp(-x)),
+            'elu': lambda x: np.where(x > 0, x, args[0] * np.expm1(np.minimum(x, 0))) if args else None,
+            'leaky': lambda x: np.where(x > 0, x, args[0] * x) if args else None,
+            'selu': lambda x: args[0] * np.where(x > 0, x, args[1] * np.expm1(np.minimum(x, 0))) if args else None,
+            'softmax': lambda x: np.exp(x - x.max(1, keepdims=True)) / np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True),
+            }[kind]
+
+
+def reference_scores(meta, arrays, positions):
+    """Scores (batch x items) after each step of reading the items at `positions`, computed in float64 from
+    a file's header and arrays (a one-layer GRU with one-hot input, SPEC section 2)."""
+    p = meta['params']
+    w = {k[len('param/'):]: v.astype(np.float64) for k, v in arrays.items() if k.startswith('param/')}
+    hidden, final = _numpy_activation(p['hidden_act']), _numpy_activation(p['final_act'])
+    L = w['Wh0'].shape[0]
+    h = np.zeros((len(positions[0]), L))
+    out = []
+    for X in positions:
+        x = w['Wx0'][X] + w['Bh0']
+        rz = 1 / (1 + np.exp(-(x[:, :2 * L] + h @ w['Wrz0'])))
+        r, z = rz[:, :L], rz[:, L:]
+        h = (1 - z) * h + z * hidden(x[:, 2 * L:] + (r * h) @ w['Wh0'])
+        out.append(final(h @ w['Wy'].T + w['By']))
+    return out
+
+
+@pytest.fixture(scope='module')
+def small_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('property') / 'small.gru4rec'
+    GRU4Rec(**PROPERTY_PARAMS).fit(session_log(n_sessions=20, n_items=8)).savemodel(path)
+    return path.read_bytes()
+
+
+def _header_mutation():
+    value = st.one_of(st.none(), st.booleans(), st.integers(-2, 40), st.floats(allow_nan=True), st.text(max_size=6),
+                      st.sampled_from(ACTIVATIONS + ['cross-entropy', 'bpr', '4', '4/4', 'layersize', 'adam']),
+                      st.lists(st.integers(-1, 5), max_size=2))
+    return st.tuples(st.just('header'), st.sampled_from(sorted(PROPERTY_PARAMS) + ['embedding', 'adapt', 'momentum']),
+                     value)
+
+
+def _array_mutation(arrays):
+    def values(name):
+        shape = arrays[name].shape
+        same = hnp.arrays(st.sampled_from([np.float32, np.float64]), shape,
+                          elements=st.floats(-2, 2, width=32))
+        other = st.one_of(
+            hnp.arrays(st.sampled_from([np.float32, np.int32, np.float16]), hnp.array_shapes(max_dims=2, max_side=9)),
+            st.just(np.full(shape, np.nan, np.float32)), st.just(arrays[name][..., :-1] if shape else arrays[name]))
+        if name == 'itemids':
+            same = st.permutations(arrays[name]).map(np.array)
+            other = st.one_of(other, st.just(np.r_[arrays[name][1:], arrays[name][1]]))
+        return st.one_of(same, other)
+    return st.sampled_from(sorted(arrays)).flatmap(lambda name: st.tuples(st.just('array'), st.just(name), values(name)))
+
+
+def _byte_mutation(size):
+    return st.tuples(st.just('bytes'), st.integers(0, size - 33), st.integers(1, 255))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(data=st.data())
+def test_loading_any_edit_of_a_file_gives_its_model_or_a_clear_error(small_file, tmp_path, data):
+    meta, arrays = split(small_file)
+    kind, where, what = data.draw(st.one_of(_header_mutation(), _array_mutation(arrays),
+                                            _byte_mutation(len(small_file))))
+    if kind == 'header':
+        blob = join(dict(meta, params=dict(meta['params'], **{where: what})), arrays)
+    elif kind == 'array':
+        blob = join(meta, dict(arrays, **{where: what}))
+    else:
+        damaged = bytearray(small_file[:-32])
+        damaged[where] ^= what
+        blob = bytes(damaged) + hashlib.sha256(damaged).digest()
+    path = tmp_path / 'edited.gru4rec'
+    path.write_bytes(blob)
+    try:
+        loaded = GRU4Rec.loadmodel(path)
+    except ValueError as e:
+        assert str(path) in str(e)
+        return
+    meta, arrays = split(blob)  # what the file says, read by json and numpy's own reader
+    ids = arrays['itemids']
+    assert list(loaded.itemidmap) == list(ids)
+    positions = [np.array([0, 3]), np.array([5, 1])]
+    expected = reference_scores(meta, arrays, positions)
+    for X, scores in zip(positions, expected):
+        got = loaded.predict_next_batch(np.array([1, 2]), ids[X], batch=2)
+        assert list(got.index) == list(ids)
+        assert np.isfinite(got.to_numpy()).all()
+        np.testing.assert_allclose(got.to_numpy().T, scores, rtol=1e-4, atol=1e-5)
+
+
+# -- the layout the loader checks against is the one training makes -------------------------------------
+
+@pytest.mark.parametrize('name', ['onehot', 'embedding', 'layersize', 'constrained', 'two_layers'])
+def test_the_declared_layout_is_the_trained_one(models, name):
+    import gru4rec
+    model = models(name)
+    shapes = gru4rec.parameter_shapes(model.get_params(), model.n_items)
+    assert shapes == {n: w.shape for n, w in model.weights.items()}
+
+
+@pytest.mark.parametrize('adapt', ['adadelta', 'adam'])
+def test_every_optimisers_state_saves_and_loads(tmp_path, adapt):
+    model = GRU4Rec(**dict(PARAMS, adapt=adapt)).fit(session_log())
+    model.savemodel(tmp_path / 'm.gru4rec')
+    loaded = GRU4Rec.loadmodel(tmp_path / 'm.gru4rec')
+    assert loaded.opt_values.keys() == model.opt_values.keys()
+    for name in model.opt_values:
+        np.testing.assert_array_equal(loaded.opt_values[name], model.opt_values[name])
