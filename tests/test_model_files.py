@@ -1,20 +1,27 @@
 """Model files (issue "Reliability and security"): savemodel writes atomically a versioned, checksummed
 file of arrays plus JSON; loadmodel refuses anything else with a clear ValueError and never runs code
-from the file (no pickle, no object arrays)."""
+from the file (no pickle, no object arrays). Issue 14: a file with a valid checksum is still untrusted:
+crafted headers and arrays are refused clearly before anything is allocated (tests/README.md lists them);
+item ids keep their dtype (issue 12, bug 3); concurrent saves leave one valid file."""
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import re
+import threading
+import tracemalloc
 import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
 
 import modelfile
-from gru4rec import GRU4Rec
+from gru4rec import GRU4Rec, parameter_shapes
 
 
 def session_log(n_sessions=40, n_items=15, seed=0, item_prefix=None):
@@ -556,7 +563,6 @@ def assert_one_of(path, models):
 
 
 def test_concurrent_saves_from_threads_leave_one_valid_file(model, other_model, tmp_path):
-    import threading
     path = tmp_path / 'm.gru4rec'
     errors = []
 
@@ -581,7 +587,6 @@ def _save_repeatedly(m, path, n):
 
 
 def test_concurrent_saves_from_processes_leave_one_valid_file(model, other_model, tmp_path):
-    import multiprocessing
     path = tmp_path / 'm.gru4rec'
     model.savemodel(path)
     context = multiprocessing.get_context('fork')
@@ -637,7 +642,6 @@ def _deflate_bomb(arrays, n_bytes):
 
 @pytest.mark.parametrize('attack', ['declared-size', 'deflate-bomb', 'huge-model-declared'])
 def test_a_small_crafted_file_cannot_make_loading_allocate_much(model_file, tmp_path, attack):
-    import tracemalloc
     meta, arrays = split(model_file.read_bytes())
     if attack == 'declared-size':  # Wy's .npy header and zip entry both claim 3 GB; the file holds 480 bytes
         rows = 3 * 2 ** 30 // 32
@@ -665,9 +669,6 @@ def test_a_small_crafted_file_cannot_make_loading_allocate_much(model_file, tmp_
 
 
 # -- property: whatever a file says, loading gives the model of its arrays or a clear error ---------------
-
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
 
 PROPERTY_PARAMS = dict(layers=[4], n_epochs=1, batch_size=4, n_sample=3, loss='bpr-max', final_act='linear',
                        hidden_act='tanh', verbose=False, seed=1)
@@ -777,9 +778,8 @@ def test_loading_any_edit_of_a_file_gives_its_model_or_a_clear_error(small_file,
 
 @pytest.mark.parametrize('name', ['onehot', 'embedding', 'layersize', 'constrained', 'two_layers'])
 def test_the_declared_layout_is_the_trained_one(models, name):
-    import gru4rec
     model = models(name)
-    shapes = gru4rec.parameter_shapes(model.get_params(), model.n_items)
+    shapes = parameter_shapes(model.get_params(), model.n_items)
     assert shapes == {n: w.shape for n, w in model.weights.items()}
 
 
