@@ -15,15 +15,10 @@ builds the same symbolic graphs with PyTensor, Theano's maintained continuation.
 papers: X are the input items of a mini-batch, Y = [targets | samples] the scored items,
 M the number of active sessions in the mini-batch and N = M + n_sample the number of scored items.
 """
-import hashlib
-import io
-import json
-import os
+import math
 import sys
-import tempfile
 import time
 import warnings
-import zipfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,10 +32,9 @@ from pytensor.gradient import disconnected_grad
 from tqdm import tqdm
 
 import cbackend
+import modelfile
 
 FLOAT = 'float32'
-MODEL_FORMAT = 'gru4rec-npz'
-MODEL_FORMAT_VERSION = 1  # the file ends with a SHA-256 of everything before it
 BACKENDS = {'c': 'CVM', 'numba': 'NUMBA', 'jax': 'JAX'}
 
 
@@ -1121,51 +1115,77 @@ class GRU4Rec:
     # -- saving and loading --------------------------------------------------------------------------
 
     def savemodel(self, path):
-        """Saves hyper-parameters, item map, weights, optimiser state and item supports to `path`
-        (a numpy .npz archive plus JSON, no pickled objects), written atomically."""
+        """Saves hyper-parameters, item map, weights, optimiser state and item supports to `path`, atomically
+        (see modelfile.py: JSON and a numpy archive, no pickled objects). Item ids must be integers,
+        floats or strings (a ValueError says so before anything is written)."""
         self._require_trained()
         self._pull_state()
         arrays = {f'param/{n}': w for n, w in self.weights.items()}
         arrays.update({f'opt/{n}': np.asarray(v) for n, v in self.opt_values.items()})
         arrays['support'] = self.support
-        arrays['itemids'] = _itemids_to_array(self.itemidmap)
-        meta = {'format': MODEL_FORMAT, 'version': MODEL_FORMAT_VERSION,
-                'params': {k: v for k, v in self.get_params().items()},
-                'history': self.history_}
-        payload = io.BytesIO()
-        np.savez(payload, **arrays)
-        body = payload.getvalue()
-        header = json.dumps(meta).encode()
-        blob = MAGIC + len(header).to_bytes(8, 'little') + header + body
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-gru4rec-')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(blob + hashlib.sha256(blob).digest())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        modelfile.write(path, self.get_params(), self.history_, self.itemidmap, arrays)
 
     @classmethod
     def loadmodel(cls, path):
-        """Loads a model written by savemodel. Never executes code from the file."""
-        meta, arrays = _read_model_file(path)
-        model = cls(**meta['params'])
-        model._parsed_params()
-        model.itemidmap = pd.Index(arrays['itemids'])
-        model.support = arrays['support'].astype(np.float64)
-        model.history_ = meta['history']
-        model.weights = OrderedDict((k[len('param/'):], arrays[k]) for k in arrays if k.startswith('param/'))
-        model.opt_values = {k[len('opt/'):]: arrays[k] for k in arrays if k.startswith('opt/')}
-        model._architecture = model._architecture_of(model._parsed_params())
+        """Loads a model written by savemodel. The file is untrusted input: modelfile.read checks all of it
+        against the architecture its hyper-parameters declare before anything is built (tests/README.md
+        lists the checks), and never executes code from it."""
+        params, history, itemidmap, arrays = modelfile.read(path, lambda raw: cls()._parsed_params(**raw),
+                                                            model_file_layout)
+        if (arrays['support'] < 0).any() or arrays.get('opt/t', 0) < 0:
+            raise ValueError(f'{str(path)!r}: item supports and the optimiser step count cannot be negative')
+        model = cls(**params)
+        model.itemidmap = itemidmap
+        model.support = arrays['support']
+        model.history_ = history
+        model.weights = OrderedDict((k[len('param/'):], v) for k, v in arrays.items() if k.startswith('param/'))
+        model.opt_values = {k[len('opt/'):]: v for k, v in arrays.items() if k.startswith('opt/')}
+        model._architecture = model._architecture_of(params)
         model._build()
         return model
 
 
-MAGIC = b'GRU4REC\x00'
+# The optimiser accumulators that a model file may hold for a parameter P are named f'{kind}_P' (see
+# _adapted_step and _optimizer_updates); 't' is the step counter.
+OPT_STATE_KINDS = ('adagrad', 'rmsprop', 'adadelta_g', 'adadelta_d', 'adam_m', 'adam_v', 'velocity')
+
+
+def parameter_shapes(params, n_items):
+    """{name: shape} of the weights that the (parsed) hyper-parameters declare for n_items items, as
+    _init_weights makes them."""
+    layers, constrained = params['layers'], params['constrained_embedding']
+    K = 0 if constrained else layers[0] if params['embedding'] == 'layersize' else params['embedding']
+    shapes = OrderedDict([('Wy', (n_items, layers[-1])), ('By', (n_items,))])
+    if K:
+        shapes['E'] = (n_items, K)
+    elif not constrained:
+        shapes['Wx0'] = (n_items, 3 * layers[0])
+    for l, L in enumerate(layers):
+        if l > 0 or 'Wx0' not in shapes:
+            shapes[f'Wx{l}'] = (layers[l - 1] if l > 0 else K or layers[-1], 3 * L)
+        shapes[f'Wrz{l}'] = (L, 2 * L)
+        shapes[f'Wh{l}'] = (L, L)
+        shapes[f'Bh{l}'] = (3 * L,)
+        if params['reset_after']:
+            shapes[f'Bhc{l}'] = (L,)
+    return shapes
+
+
+def model_file_layout(params, n_items):
+    """(required, optional) {array name: (shape, dtype)} of a model file (see modelfile.read). The hidden
+    state buffers that loading allocates (batch_size x layers) must be plausible for the model's size:
+    a file must not make the loader allocate far more than the weights it holds."""
+    shapes = parameter_shapes(params, n_items)
+    n_weights = sum(math.prod(shape) for shape in shapes.values())
+    n_state = params['batch_size'] * sum(params['layers'])
+    if n_state > max(n_weights, 2 ** 24):
+        raise ValueError(f"batch_size={params['batch_size']} with layers={params['layers']} needs {n_state} hidden "
+                         f'state values, more than the model has weights ({n_weights}): refused as implausible')
+    required = OrderedDict((f'param/{name}', (shape, FLOAT)) for name, shape in shapes.items())
+    required['support'] = ((n_items,), 'float64')
+    optional = {f'opt/{kind}_{name}': (shape, FLOAT) for name, shape in shapes.items() for kind in OPT_STATE_KINDS}
+    optional['opt/t'] = ((), FLOAT)
+    return required, optional
 
 
 def _static_shared(value, name):
@@ -1271,53 +1291,6 @@ def inverse_cdf(cdf, u, max_steps=4):
         todo = todo[cdf[index[todo]] <= u[todo]]
     index[todo] = np.searchsorted(cdf, u[todo], side='right')
     return index
-
-
-def _itemids_to_array(itemidmap):
-    values = itemidmap.to_numpy()
-    if all(isinstance(v, (int, np.integer)) for v in values[:1000]):
-        return values.astype(np.int64)
-    return values.astype(str)
-
-
-def _read_model_file(path):
-    """(header dict, arrays) of a model file: MAGIC, header length, JSON header, npz arrays, and a
-    SHA-256 of all that, so that no corrupted hyper-parameter or weight loads silently."""
-    try:
-        with open(path, 'rb') as f:
-            blob = f.read()
-    except OSError as e:
-        raise ValueError(f'cannot read model file {path!r}: {e.strerror}') from None
-    if blob[:1] == b'\x80':
-        raise ValueError(f'{path!r} is a pickle file (e.g. from the original GRU4Rec); pickles can run code '
-                         'when loaded, so they are refused. Re-train, or export its weights with the original '
-                         'code into a trusted format.')
-    if blob[:len(MAGIC)] != MAGIC:
-        raise ValueError(f'{path!r} is not a GRU4Rec model file (no {MAGIC!r} header)')
-    if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
-        raise ValueError(f'{path!r} is truncated or corrupted (checksum mismatch)')
-    try:
-        n = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], 'little')
-        meta = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + n])
-        body = blob[len(MAGIC) + 8 + n:-32]
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError(f'{path!r} is corrupted: its header cannot be read') from None
-    if not isinstance(meta, dict) or meta.get('format') != MODEL_FORMAT or not isinstance(meta.get('version'), int):
-        raise ValueError(f'{path!r} is not a GRU4Rec model file')
-    if meta['version'] > MODEL_FORMAT_VERSION:
-        raise ValueError(f"{path!r} was written by a newer GRU4Rec (format {meta['version']}); "
-                         f'this one reads up to {MODEL_FORMAT_VERSION}: upgrade gru4rec')
-    try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        unknown = sorted(set(meta['params']) - set(HYPERPARAMETERS))
-        missing = [k for k in ('itemids', 'support') if k not in arrays]
-    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f'{path!r} is corrupted: {e}') from None
-    if unknown or missing:
-        raise ValueError(f'{path!r} is not a model this version can read (unknown parameters {unknown}, '
-                         f'missing arrays {missing})')
-    return meta, arrays
 
 
 def _sortable(values):

@@ -8,7 +8,8 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt', 'synthetic', 'cbackend', 'live', 'serve'],
+    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt', 'synthetic', 'cbackend', 'modelfile', 'live',
+                'serve'],
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=2.30',
