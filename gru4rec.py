@@ -486,26 +486,30 @@ class GRU4Rec:
 
     # -- parameters ----------------------------------------------------------------------------------
 
-    def _init_matrix(self, rng, rows, cols, n_blocks=1):
-        """Uniform in [-s, s] with s = sqrt(6 / (rows + cols)) per block (or N(0, s)); `sigma` overrides s."""
+    def _init_matrix(self, rng, rows, cols, n_blocks=1, fan_rows=None):
+        """Uniform in [-s, s] with s = sqrt(6 / (fan_rows + cols)) per block (or N(0, s)); `sigma` overrides
+        s. fan_rows defaults to rows; more when the rows extend a matrix (new items on retraining)."""
         blocks = []
         for _ in range(n_blocks):
-            s = self.sigma if self.sigma else np.sqrt(6.0 / (rows + cols))
+            s = self.sigma if self.sigma else np.sqrt(6.0 / ((fan_rows or rows) + cols))
             if self.init_as_normal:
                 blocks.append(rng.normal(0, s, size=(rows, cols)))
             else:
                 blocks.append(rng.uniform(-s, s, size=(rows, cols)))
         return np.hstack(blocks).astype(FLOAT)
 
-    def _init_item_rows(self, rng, n_rows):
-        """Fresh rows of the item-indexed parameters (used for new items on retraining too)."""
+    def _init_item_rows(self, rng, n_rows, n_items=None):
+        """Fresh rows of the item-indexed parameters, scaled for matrices of n_items rows (default n_rows).
+        New items on retraining get the scale of the grown matrix, as the original's extend_weights
+        (on the retraining benchmark, better for the new items than the scale of their rows alone)."""
         p = self._parsed_params()
         L0, L_last = p['layers'][0], p['layers'][-1]
-        rows = {'Wy': self._init_matrix(rng, n_rows, L_last), 'By': np.zeros(n_rows, dtype=FLOAT)}
+        fan = n_items or n_rows
+        rows = {'Wy': self._init_matrix(rng, n_rows, L_last, fan_rows=fan), 'By': np.zeros(n_rows, dtype=FLOAT)}
         if self.embedding_size:
-            rows['E'] = self._init_matrix(rng, n_rows, self.embedding_size)
+            rows['E'] = self._init_matrix(rng, n_rows, self.embedding_size, fan_rows=fan)
         elif not p['constrained_embedding']:
-            rows['Wx0'] = self._init_matrix(rng, n_rows, L0, 3)
+            rows['Wx0'] = self._init_matrix(rng, n_rows, L0, 3, fan_rows=fan)
         return rows
 
     def _init_weights(self, rng):
@@ -1003,7 +1007,7 @@ class GRU4Rec:
         if len(added) == 0:
             return
         self.itemidmap = self.itemidmap.append(pd.Index(added))
-        fresh = self._init_item_rows(self._rng, len(added))
+        fresh = self._init_item_rows(self._rng, len(added), self.n_items)
         for name, rows in fresh.items():
             self.weights[name] = np.concatenate([self.weights[name], rows])
         self.support = np.concatenate([self.support, np.zeros(len(added))])

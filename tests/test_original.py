@@ -129,6 +129,23 @@ def test_a_third_positional_argument_of_fit_does_not_retrain():
         model.fit(make_log([4] * 20, seed=5), 60, 'gpu', True)
 
 
+def test_new_items_on_retraining_get_the_grown_matrixs_scale():
+    """The original's extend_weights drew the new rows with the whole matrix's fan:
+    uniform in +-sqrt(6 / (n_old + n_new + L)) (their own fan would allow +-sqrt(6 / (n_new + L)))."""
+    old_items, new_items = np.arange(300) + 5000, np.arange(6) + 9000
+    model = fit_small(make_log([3] * 200, seed=7, items=old_items), n_epochs=1, embedding=5,
+                      constrained_embedding=False)
+    model.set_params(learning_rate=1e-9)  # the retraining leaves the new rows where they were drawn
+    n_old = model.n_items
+    model.retrain(make_log([3] * 20, seed=8, items=np.concatenate([new_items, old_items[:10]]), first_session=900),
+                  sample_store=60, n_epochs=1)
+    assert n_old >= 100 and model.n_items - n_old >= 4
+    for name, width in (('Wy', 8), ('E', 5)):
+        new_rows = model.weights[name][n_old:]
+        bound = np.sqrt(6.0 / (model.n_items + width))
+        assert bound * 0.5 < np.abs(new_rows).max() <= bound * 1.001, name
+
+
 # -- optimiser: decoupled L2 and Adadelta's step size -------------------------------------------------
 
 @pytest.mark.parametrize('momentum', [0.0, 0.4])
