@@ -5,6 +5,9 @@ in training (without sampling), and one compiled graph per mini-batch does the f
 the targets among all item scores and sums the metrics, so the work stays on the accelerator when
 the model is compiled for one. Test events of items unknown to the model are dropped first (their
 neighbours become adjacent), as in the original implementation.
+
+evaluate_sessions_batch and evaluate_sessions keep the original's other entry points for scripts
+written against it; both are computed by evaluate_gpu.
 """
 from collections import OrderedDict
 
@@ -38,18 +41,25 @@ def rank_of_target(scores, target_scores, mode, uniform=None):
 
 def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
     """Compiled step: (X, T, prev_rows, keep, active, candidates) -> metric sums for each cut-off.
-    The batch has H's static size (JAX needs static shapes: the tail is padded), or shrinks at the tail."""
+    The batch has H's static size (JAX needs static shapes: the tail is padded), or shrinks at the tail.
+    With candidates, each target is ranked against the candidate items (itself among them or not)."""
     B = H[0].type.shape[0]
     X = pt.tensor('X', dtype='int32', shape=(B,))
-    T = pt.tensor('T', dtype='int32', shape=(B,))  # target positions among the scored items
+    T = pt.tensor('T', dtype='int32', shape=(B,))  # target items
     prev_rows = pt.tensor('prev_rows', dtype='int32', shape=(B,))
     keep = pt.tensor('keep', dtype=FLOAT, shape=(B,))
     active = pt.tensor('active', dtype=FLOAT, shape=(B,))  # 0 for padding rows
     candidates = pt.ivector('candidates')
     with pytensor.config.change_flags(floatX=FLOAT):
-        H_new, scores = model.symbolic_step(X, [h[prev_rows] * keep[:, None] for h in H],
-                                            candidates if with_candidates else None, ranking=True)  # M x C
-        target_scores = scores[pt.arange(X.shape[0]), T]  # M
+        H_prev = [h[prev_rows] * keep[:, None] for h in H]
+        M = X.shape[0]
+        if with_candidates:
+            H_new, scores = model.symbolic_step(X, H_prev, pt.concatenate([T, candidates]), ranking=True)  # M x (M + C)
+            target_scores = scores[pt.arange(M), pt.arange(M)]  # M
+            scores = scores[:, M:]  # M x C
+        else:
+            H_new, scores = model.symbolic_step(X, H_prev, None, ranking=True)  # M x n_items
+            target_scores = scores[pt.arange(M), T]  # M
         updates = OrderedDict(zip(H, H_new))
         uniform = None
         if mode == 'tiebreaking':
@@ -71,9 +81,11 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     new states and scores of all items (or of the candidate indices) in the order of the final scores
     (GRU4Rec ranks by the scores before a strictly increasing final activation), and `compile_function`.
 
-    items: optional candidate item ids to rank against (default: every training item); test events
-    of other items are dropped. cut_off: one k or a list. mode: how ties with the target are ranked
-    (see rank_of_target). Returns (recall, mrr), two dicts keyed by cut-off.
+    items: optional candidate item ids to rank each target against (default: every training item); as in
+    the original, every test event of a known item is still read and predicted, its target ranked
+    against the candidates whether or not it is one (ids the model does not know are left out of the
+    candidates). cut_off: one k or a list. mode: how ties with the target are ranked (see
+    rank_of_target). Returns (recall, mrr), two dicts keyed by cut-off.
     """
     if mode not in TIE_MODES:
         raise ValueError(f'unknown tie mode {mode!r}; use one of {list(TIE_MODES)}')
@@ -83,17 +95,15 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     if int(batch_size) < 1:
         raise ValueError(f'batch_size must be positive, got {batch_size!r}')
     state_sizes = gru.state_sizes
-    itemidmap = gru.itemidmap
     candidates = np.zeros(0, dtype=np.int32)
     if items is not None:
-        candidates = itemidmap.get_indexer(pd.unique(np.asarray(items))).astype(np.int32)
+        candidates = gru.itemidmap.get_indexer(pd.unique(np.asarray(items))).astype(np.int32)
         candidates = candidates[candidates >= 0]
         if len(candidates) == 0:
             raise ValueError('none of the candidate items is known to the model')
-        itemidmap = gru.itemidmap[candidates]
-    targets, offsets, order = session_arrays(test_data, itemidmap, session_key, item_key, time_key, what='test data')
-    inputs = targets if items is None else candidates[targets]
-    if len(targets) - (len(offsets) - 1) <= 0:
+    event_items, offsets, order = session_arrays(test_data, gru.itemidmap, session_key, item_key, time_key,
+                                             what='test data')
+    if len(event_items) - (len(offsets) - 1) <= 0:
         raise ValueError('the test data has no event to predict: no session has two or more events of items '
                          'the model knows')
     B = int(batch_size)
@@ -109,12 +119,12 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     recall_sum = np.zeros(len(cutoffs))
     mrr_sum = np.zeros(len(cutoffs))
     n = 0
-    positions = np.arange(len(targets))
+    positions = np.arange(len(event_items))
 
     for pos_in, pos_out, prev_rows, keep in session_parallel_batches(positions, offsets, order, B):
         M = len(pos_in)
         size = B if static else M  # padding rows read item 0 and are masked out of the sums
-        hits, rr = step(pad(inputs[pos_in], size, 0), pad(targets[pos_out], size, 0), pad(prev_rows, size, 0),
+        hits, rr = step(pad(event_items[pos_in], size, 0), pad(event_items[pos_out], size, 0), pad(prev_rows, size, 0),
                         pad(keep, size, 0), pad(np.ones(M, dtype=FLOAT), size, 0), candidates)
         recall_sum += np.asarray(hits)  # JAX returns its own arrays
         mrr_sum += np.asarray(rr)
@@ -122,3 +132,21 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     recall = OrderedDict((k, float(recall_sum[i] / n)) for i, k in enumerate(cutoffs))
     mrr = OrderedDict((k, float(mrr_sum[i] / n)) for i, k in enumerate(cutoffs))
     return recall, mrr
+
+
+def evaluate_sessions_batch(pr, test_data, items=None, cut_off=20, batch_size=100, mode='standard',
+                            session_key='SessionId', item_key='ItemId', time_key='Time'):
+    """The original's legacy evaluation (through predict_next_batch), with its argument order: returns
+    (Recall@cut_off, MRR@cut_off) as two floats, computed by evaluate_gpu."""
+    recall, mrr = evaluate_gpu(pr, test_data, items, session_key, item_key, time_key, [cut_off], batch_size, mode)
+    return recall[int(cut_off)], mrr[int(cut_off)]
+
+
+def evaluate_sessions(pr, test_data, train_data, items=None, cut_off=20, session_key='SessionId', item_key='ItemId',
+                      time_key='Time'):
+    """The original's event-by-event evaluation of the baselines, with its argument order: returns
+    (Recall@cut_off, MRR@cut_off), ties broken randomly, computed by evaluate_gpu. train_data chose the
+    ranked items there; here they are the model's items, which it was fitted on. (The original counted a
+    hit at rank < cut_off; this counts rank <= cut_off, like evaluate_gpu.)"""
+    return evaluate_sessions_batch(pr, test_data, items, cut_off, mode='tiebreaking', session_key=session_key,
+                                   item_key=item_key, time_key=time_key)

@@ -136,11 +136,17 @@ def _n_cols(Yhat, cols):
 
 
 def _softmax_negatives(Yhat, cols):
-    """Softmax over each row's negatives only (the target column gets weight 0), as in BPR-max."""
+    """Softmax over each row's negatives only (the target column gets weight 0), as in BPR-max.
+
+    The shift before exp is the maximum over the negatives alone, as in the original: with the target
+    included, a target scored far above every negative made all of exp underflow to 0 (0 / 0 = NaN).
+    The target's own exp is taken of 0 instead, so that it cannot overflow before its weight 0 applies."""
     negatives = pt.neq(pt.arange(Yhat.shape[0])[:, None], pt.arange(Yhat.shape[1])[None, :])  # M x N
     if cols is not None:
         negatives = negatives * cols
-    e = pt.exp(Yhat - _row_max(Yhat)) * negatives
+    lowest = np.finfo(FLOAT).min
+    shift = disconnected_grad(pt.switch(negatives, Yhat, lowest).max(axis=1, keepdims=True))  # M x 1
+    e = pt.exp(pt.switch(negatives, Yhat - shift, 0)) * negatives  # M x N
     return e / e.sum(axis=1, keepdims=True)
 
 
@@ -454,9 +460,11 @@ class GRU4Rec:
             setattr(self, name, parsed[name])
         if self._compiled_for is not None and self._compiled_for != self._graph_key():
             self._compiled_for = None
+        self._pred_sessions = None  # the sessions of predict_next_batch start again
         return self
 
     _compiled_for = None
+    _pred_sessions = None  # the session id of each predict_next_batch slot (None: all start afresh)
     itemidmap = None
 
     def _graph_key(self):
@@ -477,26 +485,30 @@ class GRU4Rec:
 
     # -- parameters ----------------------------------------------------------------------------------
 
-    def _init_matrix(self, rng, rows, cols, n_blocks=1):
-        """Uniform in [-s, s] with s = sqrt(6 / (rows + cols)) per block (or N(0, s)); `sigma` overrides s."""
+    def _init_matrix(self, rng, rows, cols, n_blocks=1, fan_rows=None):
+        """Uniform in [-s, s] with s = sqrt(6 / (fan_rows + cols)) per block (or N(0, s)); `sigma` overrides
+        s. fan_rows defaults to rows; more when the rows extend a matrix (new items on retraining)."""
         blocks = []
         for _ in range(n_blocks):
-            s = self.sigma if self.sigma else np.sqrt(6.0 / (rows + cols))
+            s = self.sigma if self.sigma else np.sqrt(6.0 / ((fan_rows or rows) + cols))
             if self.init_as_normal:
                 blocks.append(rng.normal(0, s, size=(rows, cols)))
             else:
                 blocks.append(rng.uniform(-s, s, size=(rows, cols)))
         return np.hstack(blocks).astype(FLOAT)
 
-    def _init_item_rows(self, rng, n_rows):
-        """Fresh rows of the item-indexed parameters (used for new items on retraining too)."""
+    def _init_item_rows(self, rng, n_rows, n_items=None):
+        """Fresh rows of the item-indexed parameters, scaled for matrices of n_items rows (default n_rows).
+        New items on retraining get the scale of the grown matrix, as the original's extend_weights
+        (on the retraining benchmark, better for the new items than the scale of their rows alone)."""
         p = self._parsed_params()
         L0, L_last = p['layers'][0], p['layers'][-1]
-        rows = {'Wy': self._init_matrix(rng, n_rows, L_last), 'By': np.zeros(n_rows, dtype=FLOAT)}
+        fan = n_items or n_rows
+        rows = {'Wy': self._init_matrix(rng, n_rows, L_last, fan_rows=fan), 'By': np.zeros(n_rows, dtype=FLOAT)}
         if self.embedding_size:
-            rows['E'] = self._init_matrix(rng, n_rows, self.embedding_size)
+            rows['E'] = self._init_matrix(rng, n_rows, self.embedding_size, fan_rows=fan)
         elif not p['constrained_embedding']:
-            rows['Wx0'] = self._init_matrix(rng, n_rows, L0, 3)
+            rows['Wx0'] = self._init_matrix(rng, n_rows, L0, 3, fan_rows=fan)
         return rows
 
     def _init_weights(self, rng):
@@ -583,7 +595,8 @@ class GRU4Rec:
         the item indices `candidates`) for sessions reading items X (M). Scores: M x C.
         ranking=True: scores in the same order are enough, so a strictly increasing final activation
         (all but relu) is skipped; this also avoids ties that only float32 rounding of the activation
-        makes (e.g. softmax probabilities that underflow to 0)."""
+        makes (e.g. softmax probabilities that underflow to 0). Otherwise final_act='softmax_logit'
+        gives the softmax of the scores, as the original's prediction did (it trains on the logits)."""
         self._require_trained()
         H = self._forward(X, H_prev, training=False)
         Wy, By = self.params['Wy'][:self.n_items], self.params['By'][:self.n_items]
@@ -592,6 +605,8 @@ class GRU4Rec:
         scores = self._output(H[-1], Wy, By)
         if ranking and is_strictly_increasing(self.final_act):
             return H, scores
+        if self.final_act == 'softmax_logit':
+            return H, _softmax(scores)
         return H, self._final_act(scores)
 
     # -- the training graph --------------------------------------------------------------------------
@@ -739,24 +754,26 @@ class GRU4Rec:
 
     def _optimizer_updates(self, targets, grads):
         """Updates for (parameter, rows) pairs given the gradients w.r.t. the parameter (rows=None) or
-        w.r.t. its gathered rows: optional global-norm clipping (grad_cap), L2 (lmbd), the adaptive
-        step, heavy-ball momentum."""
+        w.r.t. its gathered rows: optional global-norm clipping (grad_cap), the adaptive step, L2 (lmbd)
+        added to the step as decoupled weight decay (after the adaptive scaling, so it never enters the
+        accumulators; rows only when a step reads them), heavy-ball momentum. As in the original,
+        Adadelta takes steps of its own size (learning rate 1)."""
         updates = OrderedDict()
-        lr = np.float32(self.learning_rate)
+        lr = np.float32(1.0 if self.adapt == 'adadelta' else self.learning_rate)
         if self.grad_cap > 0:
             norm = pt.sqrt(sum((g ** 2).sum() for g in grads))
             scale = pt.minimum(np.float32(1), np.float32(self.grad_cap) / (norm + np.float32(1e-12)))
             grads = [g * scale for g in grads]
         for (param, rows), grad in zip(targets, grads):
-            if self.lmbd:
-                grad = grad + np.float32(self.lmbd) * (param if rows is None else param[rows])
-            if rows is not None and self.adapt == 'adagrad' and self.backend == 'c':  # the same step, fused
+            if rows is not None and self.adapt == 'adagrad' and self.backend == 'c' and not self.lmbd:  # fused
                 vel = self._state(f'velocity_{param.name}', param) if self.momentum else None
                 updates.update(cbackend.row_adagrad_updates(param, self._state(f'adagrad_{param.name}', param), vel,
                                                             rows, grad, self.learning_rate, self.momentum, 1e-6))
                 continue
             step, opt_updates = self._adapted_step(param.name, grad, rows)
             updates.update(opt_updates)
+            if self.lmbd:
+                step = step + np.float32(self.lmbd) * (param if rows is None else param[rows])
             delta = -lr * step
             if self.momentum:
                 vel = self._state(f'velocity_{param.name}', param)
@@ -776,9 +793,13 @@ class GRU4Rec:
 
     # -- training ------------------------------------------------------------------------------------
 
-    def fit(self, data, sample_store=10000000, retrain=False, n_epochs=None, valid_data=None, valid_cutoff=20,
-            valid_metric='mrr', keep_best=False, patience=None):
+    def fit(self, data, sample_store=10000000, store_type='gpu', *, retrain=False, n_epochs=None, valid_data=None,
+            valid_cutoff=20, valid_metric='mrr', keep_best=False, patience=None):
         """Trains on a session log (DataFrame with session, item and time columns); returns self.
+
+        sample_store: how many negative sample ids to draw ahead in one go. store_type ('gpu' or 'cpu')
+        is accepted for scripts written for the original, where it chose where the sample store lived;
+        it has no effect here. Everything after it is keyword-only.
 
         retrain=False builds a new model. retrain=True continues training the current (trained or
         loaded) one: weights and optimiser state are kept, items never seen before are appended with
@@ -791,6 +812,9 @@ class GRU4Rec:
         so does Ctrl-C (KeyboardInterrupt), which returns the model trained so far.
         """
         params = self._parsed_params()
+        if store_type not in ('gpu', 'cpu'):
+            raise ValueError(f"store_type={store_type!r}: use 'gpu' or 'cpu' (it has no effect here); pass "
+                             'retrain, n_epochs and the other options by keyword')
         if retrain:
             self._check_retrainable(params)
         if valid_metric not in ('mrr', 'recall'):
@@ -820,9 +844,14 @@ class GRU4Rec:
         if (np.diff(offsets) < 2).all():
             raise ValueError('the training data has no session with two or more events: nothing to learn from')
 
+        if params['adapt'] == 'adadelta' and params['learning_rate'] != 1.0:
+            warnings.warn(f"adapt='adadelta' takes steps of its own size: learning_rate={params['learning_rate']} "
+                          'is ignored (as in the original, which set it to 1.0)', stacklevel=2)
+
         # Checks passed: from here on the model changes.
         for name in HYPERPARAMETERS:
             setattr(self, name, params[name])
+        self._pred_sessions = None  # sessions of predict_next_batch restart with the new weights
         self.history_ = self.history_ if retrain else []
         self._rng = np.random.default_rng([self.seed, len(self.history_)])
         if retrain:
@@ -899,12 +928,12 @@ class GRU4Rec:
                         raise FloatingPointError(
                             f'the loss became {cost} at epoch {epoch}, step {n_steps + 1}; the model keeps the '
                             f'weights of the last completed epoch. Lower learning_rate or set grad_cap.')
-                    total += cost
+                    total += cost * len(X)  # the epoch's loss weighs each step by its sessions, as the original
                     n_steps += 1
                     n_events += len(X)
                     if n_steps % 256 == 0:
                         seconds = time.time() - t0
-                        progress.set_postfix(loss=f'{total / n_steps:.4f}', mb_s=f'{n_steps / seconds:.0f}',
+                        progress.set_postfix(loss=f'{total / n_events:.4f}', mb_s=f'{n_steps / seconds:.0f}',
                                              refresh=False)
                         progress.update(n_events - progress.n)
             except KeyboardInterrupt:
@@ -916,7 +945,7 @@ class GRU4Rec:
                 self._train_fn.trust_input = False
                 progress.close()
             seconds = time.time() - t0
-            record = {'epoch': len(self.history_) + 1, 'loss': float(total) / max(n_steps, 1), 'seconds': seconds}
+            record = {'epoch': len(self.history_) + 1, 'loss': float(total) / max(n_events, 1), 'seconds': seconds}
             self._pull_state()
             line = (f'Epoch{epoch} --> loss: {record["loss"]:.6f} \t({seconds:.2f}s) \t'
                     f'[{n_steps / seconds:.2f} mb/s | {n_events / seconds:.0f} e/s]')
@@ -988,7 +1017,7 @@ class GRU4Rec:
         if len(added) == 0:
             return
         self.itemidmap = self.itemidmap.append(pd.Index(added))
-        fresh = self._init_item_rows(self._rng, len(added))
+        fresh = self._init_item_rows(self._rng, len(added), self.n_items)
         for name, rows in fresh.items():
             self.weights[name] = np.concatenate([self.weights[name], rows])
         self.support = np.concatenate([self.support, np.zeros(len(added))])
@@ -1007,8 +1036,10 @@ class GRU4Rec:
     def predict_next_batch(self, session_ids, input_item_ids, predict_for_item_ids=None, batch=100):
         """One step for a batch of sessions: scores (items x batch) as a DataFrame indexed by item id.
 
-        Slot i keeps its session's hidden state between calls and resets it when session_ids[i]
-        changes. Pass `batch` sessions at every call."""
+        Slot i keeps its session's hidden state between calls, whether or not predict_for_item_ids is
+        given, and resets it when session_ids[i] changes; fit, retrain and set_params restart every slot.
+        Pass `batch` sessions at every call. The scores are the final activation's (for
+        final_act='softmax_logit' the softmax, as in the original)."""
         self._require_trained()
         session_ids, input_item_ids = np.asarray(session_ids), np.asarray(input_item_ids)
         if len(session_ids) != batch or len(input_item_ids) != batch:
@@ -1016,9 +1047,12 @@ class GRU4Rec:
         X = self._item_indices(input_item_ids, 'input_item_ids')
         with_items = predict_for_item_ids is not None
         items = self._item_indices(predict_for_item_ids, 'predict_for_item_ids') if with_items else X[:0]
-        H, step = self.compiled(('predict_next_batch', batch, with_items),
-                                lambda: self._compile_stateful_step(batch, with_items))
-        if getattr(self, '_pred_sessions', None) is None or len(self._pred_sessions) != batch:
+        H = self.compiled(('predict_next_batch states', batch),  # shared by both output modes
+                          lambda: [_static_shared(np.zeros((batch, L), dtype=FLOAT), f'H{l}')
+                                   for l, L in enumerate(self.layers_)])
+        step = self.compiled(('predict_next_batch', batch, with_items),
+                             lambda: self._compile_stateful_step(H, with_items))
+        if self._pred_sessions is None or len(self._pred_sessions) != batch:
             self._pred_sessions = np.full(batch, None, dtype=object)
         keep = (session_ids == self._pred_sessions).astype(FLOAT)
         self._pred_sessions = session_ids.astype(object)
@@ -1026,15 +1060,15 @@ class GRU4Rec:
         index = pd.Index(np.asarray(predict_for_item_ids)) if with_items else self.itemidmap
         return pd.DataFrame(scores.T, index=index)
 
-    def _compile_stateful_step(self, batch, with_items):
-        """(X, keep, items) -> scores; the hidden state stays in shared variables between calls."""
-        H = [_static_shared(np.zeros((batch, L), dtype=FLOAT), f'H{l}') for l, L in enumerate(self.layers_)]
+    def _compile_stateful_step(self, H, with_items):
+        """(X, keep, items) -> scores; the hidden state stays in the shared variables H between calls."""
+        batch = H[0].type.shape[0]
         X = pt.tensor('X', dtype='int32', shape=(batch,))
         keep = pt.tensor('keep', dtype=FLOAT, shape=(batch,))
         items = pt.ivector('items')
         with pytensor.config.change_flags(floatX=FLOAT):
             H_new, scores = self.symbolic_step(X, [h * keep[:, None] for h in H], items if with_items else None)
-        return H, self.compile_function([X, keep, items], scores, OrderedDict(zip(H, H_new)))
+        return self.compile_function([X, keep, items], scores, OrderedDict(zip(H, H_new)))
 
     def _compile_session_reader(self, batch):
         """Two stateless functions: (X, *H) -> new states, and (X, *H) -> scores of all items."""

@@ -5,6 +5,9 @@
     python run.py model.gru4rec -l -t TEST1 TEST2
     python run.py TRAIN -b markov -t TEST        (a baseline, evaluated by the same code)
 
+The original's options are accepted too, with their underscores (--parameter_string, --load_model,
+--sample_store_size, ...); --sample_store_on_cpu and -g/--gru4rec_model have no effect here.
+
 Data files are TAB separated with a header (optionally compressed: .gz, .bz2, .xz, .zip), Parquet
 (.parquet, needs pyarrow), or pickled pandas DataFrames (.pickle, .pkl) with --allow-pickle.
 Results are printed as `Recall@20: 0.xxxxxx MRR@20: 0.xxxxxx`, one line per cut-off and test set.
@@ -159,14 +162,14 @@ def build_parser():
                        'Exit status: 0 on success, 2 on bad input, 1 when training diverges.')
     p.add_argument('path', metavar='PATH', help='training data, or with -l a model file written by -s / savemodel')
     source = p.add_argument_group('model')
-    source.add_argument('-ps', '--parameter-string', metavar='PARAMS',
+    source.add_argument('-ps', '--parameter-string', '--parameter_string', metavar='PARAMS',
                         help='hyper-parameters as name=value pairs separated by commas, lists separated by /, '
                         'booleans as True/False: e.g. loss=bpr-max,final_act=elu-0.5,layers=100,n_epochs=5. '
                         'Unset ones keep their defaults.')
-    source.add_argument('-pf', '--parameter-file', metavar='FILE',
+    source.add_argument('-pf', '--parameter-file', '--parameter_file', metavar='FILE',
                         help='Python file assigning a dict or OrderedDict named gru4rec_params, e.g. '
                         'paramfiles/rsc15_xe_shared_100_best.py. The file is parsed, never executed.')
-    source.add_argument('-l', '--load-model', action='store_true',
+    source.add_argument('-l', '--load-model', '--load_model', action='store_true',
                         help='PATH is a trained model: load it instead of training')
     source.add_argument('-b', '--baseline', choices=sorted(BASELINES),
                         help='train this baseline instead of GRU4Rec (pop, session popularity, item-kNN, '
@@ -174,29 +177,35 @@ def build_parser():
     source.add_argument('--backend', choices=sorted(BACKENDS),
                         help="PyTensor compile mode: 'c' (default), 'numba' or 'jax' (sets the backend "
                         'hyper-parameter; also for a loaded model)')
-    source.add_argument('-s', '--save-model', metavar='FILE', help='save the trained model to FILE')
-    source.add_argument('-ss', '--sample-store', metavar='N', type=int, default=10000000,
+    source.add_argument('-s', '--save-model', '--save_model', metavar='FILE', help='save the trained model to FILE')
+    source.add_argument('-ss', '--sample-store', '--sample_store_size', metavar='N', type=int, default=10000000,
                         help='number of negative sample ids drawn ahead of training in one go (default: 10000000)')
+    source.add_argument('--sample_store_on_cpu', action='store_true',
+                        help="accepted for the original's command lines; no effect here (the samples are drawn "
+                        'on the CPU)')
+    source.add_argument('-g', '--gru4rec_model', metavar='GRFILE',
+                        help="accepted for the original's command lines; no effect here (there is one GRU4Rec "
+                        'class)')
     evaluation = p.add_argument_group('evaluation')
     evaluation.add_argument('-t', '--test', metavar='TEST', nargs='+', default=[],
                             help='test data file(s), each evaluated on its own')
     evaluation.add_argument('-m', '--measure', metavar='K', type=int, nargs='+', default=[20],
                             help='cut-offs of Recall@K and MRR@K (default: 20)')
-    evaluation.add_argument('-e', '--eval-type', choices=TIE_MODES, default='standard',
+    evaluation.add_argument('-e', '--eval-type', '--eval_type', choices=TIE_MODES, default='standard',
                             help='how a target tied with other items is ranked: standard (ahead of its ties), '
                             'conservative (behind them), median (in the middle), tiebreaking (randomly); '
                             'default: standard')
-    evaluation.add_argument('-pm', '--primary-metric', choices=('recall', 'mrr'), default='recall',
+    evaluation.add_argument('-pm', '--primary-metric', '--primary_metric', choices=('recall', 'mrr'), default='recall',
                             help='the metric -lpm reports (default: recall)')
-    evaluation.add_argument('-lpm', '--log-primary-metric', action='store_true',
+    evaluation.add_argument('-lpm', '--log-primary-metric', '--log_primary_metric', action='store_true',
                             help='print only "PRIMARY METRIC: value" per test set, the primary metric at the first '
                             'cut-off (for hyper-parameter search), instead of the Recall/MRR lines')
     data = p.add_argument_group('data')
-    data.add_argument('-sk', '--session-key', metavar='NAME', default='SessionId',
+    data.add_argument('-sk', '--session-key', '--session_key', metavar='NAME', default='SessionId',
                       help='session id column of all data files (default: SessionId)')
-    data.add_argument('-ik', '--item-key', metavar='NAME', default='ItemId',
+    data.add_argument('-ik', '--item-key', '--item_key', metavar='NAME', default='ItemId',
                       help='item id column (default: ItemId)')
-    data.add_argument('-tk', '--time-key', metavar='NAME', default='Time', help='timestamp column (default: Time)')
+    data.add_argument('-tk', '--time-key', '--time_key', metavar='NAME', default='Time', help='timestamp column (default: Time)')
     data.add_argument('--allow-pickle', action='store_true',
                       help='read .pickle / .pkl data files (pickled DataFrames). Loading a pickle can run '
                       'arbitrary code: only for files you trust')
@@ -271,6 +280,9 @@ def _load(args):
 def run(args):
     """Does what the parsed command line asks; raises InputError on bad input."""
     keys = (args.session_key, args.item_key, args.time_key)
+    if args.sample_store_on_cpu or args.gru4rec_model:
+        print('note: --sample_store_on_cpu and -g/--gru4rec_model are accepted for the original\'s command lines '
+              'and have no effect here', file=sys.stderr, flush=True)
     tests = [read_log(path, keys, args.allow_pickle, what='test data') for path in args.test]
     model = _load(args) if args.load_model else _train(args, keys)
     if args.save_model:

@@ -1,4 +1,5 @@
-"""evaluate_gpu against a brute-force numpy ranking of predict_next_batch scores (SPEC section 8),
+"""evaluate_gpu against a brute-force numpy ranking of predict_next_batch scores (SPEC section 8; with
+candidate items, the original's semantics),
 on a model whose scores tie on purpose: with final_act relu, items with a very negative bias always
 score exactly 0, and two items share their output row and bias."""
 import itertools
@@ -44,19 +45,21 @@ def eval_log(test_log):
 
 def brute_force_counts(model, log, candidates=None):
     """For every prediction: how many scores are greater than, and equal to, the target's score
-    (the target included), from predict_next_batch run one session at a time."""
-    known = model.itemidmap if candidates is None else candidates
-    log = log[log.ItemId.isin(known)]
+    (the target included), from predict_next_batch run one session at a time. With candidates, as in
+    the original: every event of a known item is read and predicted, and its target's score is
+    compared with the candidates' scores (the target is among them or not)."""
+    log = log[log.ItemId.isin(model.itemidmap)]
     run = next(_runs)  # fresh session ids: predict_next_batch keeps a state per session id
     greater, equal = [], []
     for sid, session in log.groupby('SessionId', sort=False):
         items = session.sort_values('Time', kind='stable').ItemId.to_numpy()
         for t in range(len(items) - 1):
             scores = model.predict_next_batch(np.array([f'{run}-{sid}'], dtype=object), items[t:t + 1],
-                                              predict_for_item_ids=candidates, batch=1).iloc[:, 0]
+                                              batch=1).iloc[:, 0]
             target = scores.loc[items[t + 1]]
-            greater.append(int((scores > target).sum()))
-            equal.append(int((scores == target).sum()))
+            others = scores if candidates is None else scores.loc[candidates]
+            greater.append(int((others > target).sum()))
+            equal.append(int((others == target).sum()))
     return np.array(greater), np.array(equal)
 
 

@@ -139,7 +139,7 @@ def test_graphs_are_float32_under_float64_floatx(adapt):
     assert cost.dtype == np.float32
     model.predict_next_batch(np.array([1, 2]), model.itemidmap[[0, 1]], batch=2)
     H = [pytensor.shared(np.zeros((4, L), np.float32)) for L in model.layers]
-    compiled = [model._train_fn, model._fns[('predict_next_batch', 2, False)][1],
+    compiled = [model._train_fn, model._fns[('predict_next_batch', 2, False)],
                 evaluation._compile_eval_step(model, H, [5, 20], 'tiebreaking', True, 0)]
     for fn in compiled:
         dtypes = {v.dtype for v in fn.maker.fgraph.variables if hasattr(v, 'dtype')}
