@@ -49,7 +49,7 @@ def _elu(alpha):
 
 
 ACTIVATIONS = {'linear': lambda x: x, 'relu': lambda x: np.maximum(x, FLOAT(0)), 'tanh': np.tanh,
-               'sigmoid': _sigmoid, 'softmax_logit': lambda x: x}
+               'sigmoid': _sigmoid}
 PARAMETRIC_ACTIVATIONS = {'leaky': lambda a: (lambda x: np.where(x >= 0, x, FLOAT(a) * x)),
                           'elu': _elu,
                           'selu': lambda scale, a: (lambda x: FLOAT(scale) * _elu(a)(x))}
@@ -57,7 +57,8 @@ PARAMETRIC_ACTIVATIONS = {'leaky': lambda a: (lambda x: np.where(x >= 0, x, FLOA
 
 def numpy_activation(name):
     """The element-wise numpy function of an activation name ('tanh', 'elu-0.5', 'selu-1.05-1.67');
-    'softmax' is not element-wise and is handled by the scoring (see _Network.finish)."""
+    'softmax' and 'softmax_logit' (scored as the softmax, as predict_next_batch does) are not element-wise
+    and are handled by the scoring (see _Network.finish)."""
     if name in ACTIVATIONS:
         return ACTIVATIONS[name]
     head, *args = name.split('-')
@@ -137,7 +138,7 @@ class _Network:
         """Final scores of the selected logits (M x k) of rows whose logits over all scored items are
         `logits` (M x C), which softmax overwrites: it needs each row's normaliser, computed in place
         to save two M x C temporaries; the other activations are element-wise."""
-        if self.final_act == 'softmax':
+        if self.final_act in ('softmax', 'softmax_logit'):
             top = logits.max(axis=1, keepdims=True)
             np.exp(np.subtract(logits, top, out=logits), out=logits)
             return np.exp(selected - top) / logits.sum(axis=1, keepdims=True)

@@ -45,9 +45,10 @@ def test_scores_equal_predict_next_batch(models, name, final):
             np.testing.assert_allclose(row[model.itemidmap.get_indexer(ids)], scores, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize('name', ['onehot', 'two_layers'])
-def test_reset_after_cell_scores_equal_predict_next_batch(name):
-    model = fit_small(**dict(MODELS[name], reset_after=True))
+@pytest.mark.parametrize('name, options', [('onehot', dict(reset_after=True)), ('two_layers', dict(reset_after=True)),
+                                           ('constrained', dict(loss='xe_logit', final_act='softmax_logit'))])
+def test_cell_and_final_act_variants_score_like_predict_next_batch(name, options):
+    model = fit_small(**dict(MODELS[name], **options))
     live = SessionRecommender(model)
     rng = np.random.default_rng(4)
     sessions = np.array([21, 22, 23])
