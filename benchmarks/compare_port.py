@@ -154,7 +154,7 @@ def plot(rows, path, title):
         bars = speed.bar([i + offset for i in x], [row[index] for row in rows], 0.4, label=side, color=color)
         speed.bar_label(bars, fmt='%.1f', fontsize=8)
     speed.set_yscale('log')
-    speed.set_ylim(bottom=1)
+    speed.set_ylim(1, max(max(row[2], row[3]) for row in rows) * 1.8)  # room for the labels
     speed.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
     speed.set_ylabel('mini-batches/s (log scale)')
     speed.legend(fontsize=8)
