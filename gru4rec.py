@@ -767,7 +767,7 @@ class GRU4Rec:
     # -- training ------------------------------------------------------------------------------------
 
     def fit(self, data, sample_store=10000000, retrain=False, n_epochs=None, valid_data=None, valid_cutoff=20,
-            valid_metric='mrr', keep_best=False, patience=None):
+            valid_metric='mrr', keep_best=False, patience=None, callback=None):
         """Trains on a session log (DataFrame with session, item and time columns); returns self.
 
         retrain=False builds a new model. retrain=True continues training the current (trained or
@@ -777,6 +777,8 @@ class GRU4Rec:
         valid_data: a session log evaluated after every epoch (Recall or MRR at valid_cutoff, by
         valid_metric); its figures go into history_. keep_best=True ends with the weights of the best
         epoch; patience=K stops after K epochs without improvement.
+        callback: called with each epoch's history_ record (a dict) as soon as the epoch (and its
+        validation) is done, e.g. to report progress to a hyper-parameter search.
         A NaN/inf loss stops training with an error and leaves the weights of the last completed epoch;
         so does Ctrl-C (KeyboardInterrupt), which returns the model trained so far.
         """
@@ -838,7 +840,7 @@ class GRU4Rec:
             with SampleStore(self._sample_cdf(), self.n_sample, sample_store,
                              np.random.default_rng([self.seed, len(self.history_), 2]), max_steps) as samples:
                 self._train(samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric,
-                            keep_best, patience)
+                            keep_best, patience, callback)
         finally:
             if retrain and len(self.history_) == before[-1]:  # NaN or Ctrl-C before an epoch of the new data ended
                 self.itemidmap, self.support, self.weights, self.opt_values, _ = before
@@ -865,7 +867,7 @@ class GRU4Rec:
                              'these shape the weights: build a new GRU4Rec and fit it instead')
 
     def _train(self, samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best,
-               patience):
+               patience, callback):
         """The epochs of session-parallel training, with a snapshot after each completed epoch."""
         min_slots = 1 if self.n_sample else 2  # without samples a lone session has no negative
         n_pairs = len(items) - (len(offsets) - 1)
@@ -925,6 +927,8 @@ class GRU4Rec:
             self.history_.append(record)
             if self.verbose:
                 print(line, flush=True)
+            if callback is not None:
+                callback(dict(record))
             if patience and since_best >= patience:
                 if self.verbose:
                     print(f'Stopping early: no progress on {valid_metric}@{valid_cutoff} for {patience} epoch(s)')

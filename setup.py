@@ -22,8 +22,8 @@ setup(
     extras_require={
         'parquet': ['pyarrow>=12'],
         'jax': ['jax>=0.4.30'],
-        'paropt': ['optuna>=3.0'],
-        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=3.0',
+        'paropt': ['optuna>=4.9', 'psycopg2-binary>=2.9'],
+        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=4.9', 'psycopg2-binary>=2.9',
                  'nbclient>=0.7', 'nbformat>=5.7', 'ipykernel>=6', 'matplotlib>=3.7'],
     },
 )
