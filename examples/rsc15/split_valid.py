@@ -1,7 +1,8 @@
 """Cuts a time-based validation split from a training file, so that a search never sees the test set.
 
     python examples/rsc15/split_valid.py data/rsc15_train_full.tsv
-    python examples/rsc15/split_valid.py ../shared/data/yoochoose1_64_train_full.tsv.gz --sessions 15233 -o data/yoochoose1_64
+    python examples/rsc15/split_valid.py ../shared/data/yoochoose1_64_train_full.tsv.gz --sessions 15233 \
+        -o data/yoochoose1_64
 
 writes PREFIX_train_tr and PREFIX_train_valid (PREFIX: the input's name before _train_full, or -o; same
 format suffix as the input) for paropt.py. The rule is the RSC15 preprocessing's (preprocess.py, whose
@@ -50,7 +51,8 @@ def write_atomically(data, path):
 
 def main(argv=None):
     parser = run.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('train_full', metavar='TRAIN_FULL', help='the training file to cut (e.g. data/rsc15_train_full.tsv)')
+    parser.add_argument('train_full', metavar='TRAIN_FULL',
+                        help='the training file to cut (e.g. data/rsc15_train_full.tsv)')
     size = parser.add_mutually_exclusive_group()
     size.add_argument('--days', type=float, default=1,
                       help='validation: the sessions ending in the last DAYS days (Time in unix seconds; default: 1)')
