@@ -24,6 +24,7 @@ choices, e.g. ["elu-0.5", "elu-1"], or "200/200" for two layers). Fixed paramete
 
 Requires optuna: pip install 'gru4rec[paropt]'.
 """
+import ast
 import json
 import os
 import re
@@ -247,6 +248,9 @@ def build_parser():
     p.add_argument('-ik', '--item-key', metavar='NAME', default='ItemId', help='item id column')
     p.add_argument('-tk', '--time-key', metavar='NAME', default='Time', help='timestamp column')
     p.add_argument('--backend', choices=sorted(BACKENDS), help='PyTensor compile mode of the trials')
+    p.add_argument('--best-paramfile', metavar='FILE',
+                   help='write the best trial\'s parameters (fixed and searched) to FILE as a run.py parameter file, '
+                   'with the summary of the search in comments')
     return p
 
 
@@ -279,6 +283,7 @@ def search(args):
         command = run_command(args, OrderedDict(fixed, **suggest(trial, space)))
         trial.set_user_attr('command', command)
         trial.set_user_attr('worker', f'{socket.gethostname()}:{os.getpid()}')
+
         def report(epoch, value):
             trial.report(value, epoch)
             if trial.should_prune():
@@ -298,12 +303,51 @@ def search(args):
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         print('No trial has completed yet.')
         return
-    states = [t.state.name for t in study.get_trials(deepcopy=False, states=finished)]
-    print(f'Trials: {states.count("COMPLETE")} complete, {states.count("PRUNED")} pruned, '
-          f'{states.count("FAIL")} failed')
     best = study.best_trial
-    print(f'Best trial #{best.number}: {args.primary_metric}@{args.measure} = {best.value:.6f}')
+    lines = [summary(study.get_trials(deepcopy=False, states=finished)),
+             f'Best trial #{best.number}: {args.primary_metric}@{args.measure} = {best.value:.6f} on {args.valid}']
+    print(*lines, sep='\n')
     print('Train with them: python run.py', shlex.join(best.user_attrs['command'][:3]), '-t TEST ...')
+    if args.best_paramfile:
+        params = run.parse_param_string(best.user_attrs['command'][2])
+        write_paramfile(args.best_paramfile, OrderedDict((name, _literal(value)) for name, value in params.items()),
+                        [f'Found by paropt.py, study {args.study}.'] + lines)
+        print(f'Wrote them to {args.best_paramfile}')
+
+
+def summary(trials):
+    """One line on finished trials: how many completed, were pruned, failed; epochs trained; wall time."""
+    states = [t.state.name for t in trials]
+    epochs = sum(len(t.intermediate_values) for t in trials)
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    hours = (max(ends) - min(starts)).total_seconds() / 3600 if ends and starts else 0.0
+    return (f'Trials: {states.count("COMPLETE")} complete, {states.count("PRUNED")} pruned, {states.count("FAIL")} '
+            f'failed; {epochs} epochs trained; {hours:.2f} h from the first start to the last end')
+
+
+def _literal(text):
+    """A parameter string's value as the Python literal it spells (480, 0.2, True, [200, 200]), else the text."""
+    parts = text.split('/')
+    try:
+        values = [ast.literal_eval(part) for part in parts]
+    except (ValueError, SyntaxError):
+        return text
+    return values if len(values) > 1 else values[0]
+
+
+def write_paramfile(path, params, comments):
+    """Writes a run.py parameter file (read by run.read_paramfile), atomically."""
+    path = Path(path)
+    body = ''.join(f'    ({name!r}, {value!r}),\n' for name, value in params.items())
+    text = ''.join(f'# {line}\n' for line in comments) + \
+        f'from collections import OrderedDict\n\ngru4rec_params = OrderedDict([\n{body}])\n'
+    partial = path.parent / f'.partial-{path.name}'
+    try:
+        partial.write_text(text, encoding='utf-8')
+        os.replace(partial, path)
+    except OSError as e:
+        raise run.InputError(f'cannot write {path}: {e.strerror or e}') from None
 
 
 def main(argv=None):

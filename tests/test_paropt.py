@@ -9,6 +9,7 @@ import pytest
 
 import paropt
 import run
+from gru4rec import GRU4Rec
 from sessionlogs import synthetic_log
 
 optuna = pytest.importorskip('optuna')
@@ -148,9 +149,17 @@ def test_two_workers_share_one_sqlite_study_and_a_finished_search_resumes(tmp_pa
     assert 2 <= len(trials) <= 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE and 0 <= t.value <= 1 for t in trials)
     assert {t.user_attrs['worker'].split(':')[1] for t in trials} == {str(w.pid) for w in workers}
-    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(command + ['--best-paramfile', 'best.py'], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
     assert resumed.returncode == 0 and f'Best trial #{study.best_trial.number}' in resumed.stdout
     assert len(study.get_trials()) == len(trials)  # already finished: no new trial
+    # The best setting as a parameter file: the fixed and the searched parameters, typed, and the summary.
+    best = run.read_paramfile(tmp_path / 'best.py')
+    searched = paropt.suggest(optuna.trial.FixedTrial(study.best_params), SPACE)
+    assert best == dict(n_epochs=1, batch_size=8, n_sample=4, loss='bpr-max', **searched)
+    GRU4Rec().set_params(**best)
+    assert f'# Trials: {len(trials)} complete, 0 pruned, 0 failed; {len(trials)} epochs trained' in \
+        (tmp_path / 'best.py').read_text()
 
 
 @pytest.mark.parametrize('path', sorted((REPO / 'paramspaces').glob('*.json')), ids=lambda p: p.name)
