@@ -181,8 +181,8 @@ def storage_url(storage):
 
 def make_pruner(optuna, name):
     """The pruner named by --pruner. Median prunes a trial whose best value so far is below the median of
-    the other trials at the same epoch (after 5 trials); Hyperband (successive halving in brackets,
-    reduction factor 3) compares the trials of a bracket at epochs 1, 3, 9, ..."""
+    the completed trials' values at the same epoch (once 5 trials have completed); Hyperband (successive
+    halving in brackets, reduction factor 3) compares the trials of a bracket at epochs 1, 3, 9, ..."""
     if name == 'median':
         return optuna.pruners.MedianPruner(n_startup_trials=5)
     if name == 'hyperband':
