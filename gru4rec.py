@@ -789,6 +789,8 @@ class GRU4Rec:
             raise ValueError(f"valid_metric={valid_metric!r}: use 'mrr' or 'recall'")
         if (keep_best or patience) and valid_data is None:
             raise ValueError('keep_best and patience need valid_data to measure progress on')
+        if callback is not None and not callable(callback):
+            raise ValueError(f'callback={callback!r}: give a function of one epoch\'s history_ record, or None')
         if patience is not None and int(patience) < 1:
             raise ValueError(f'patience={patience!r}: give a positive number of epochs')
         n_epochs = self._parsed_params(n_epochs=n_epochs)['n_epochs'] if n_epochs is not None else params['n_epochs']

@@ -119,6 +119,8 @@ def test_callback_gets_each_epoch_s_record_as_the_epoch_ends(data):
     assert [record for record, _ in seen] == model.history_
     assert [n for _, n in seen] == [1, 2, 3]  # called once the epoch is in history_, before the next one
     assert all(0 <= record['mrr@20'] <= record['recall@20'] <= 1 for record, _ in seen)
+    with pytest.raises(ValueError, match="callback='print': give a function of one epoch's history_ record"):
+        GRU4Rec(**SETTINGS).fit(part, callback='print')
 
 
 # -- recommend -----------------------------------------------------------------------------------------
