@@ -7,6 +7,8 @@ Every completed trial of that search reported its validation metric after each e
 these curves, trial after trial in a random order, to a fresh study with each pruner, and counts the
 epochs the pruner lets run and whether the best trial of the search survives (and, when not, how far
 below it the best surviving trial is). Repeating over many orders averages out which trials come first.
+--trials N replays searches of N trials drawn with replacement from the recorded ones, to see the pruners
+at the scale of a real search (the median pruner spares its first 5 completed trials, whatever N).
 The sampler's reaction to pruning is not replayed: the trials are the ones the unpruned search drew.
 """
 import argparse
@@ -52,21 +54,25 @@ def main(argv=None):
     parser.add_argument('--storage', required=True, help='the storage of the unpruned search (path or URL)')
     parser.add_argument('--study', required=True, help='its study name')
     parser.add_argument('--orders', type=int, default=200, help='random trial orders to average over (default: 200)')
+    parser.add_argument('--trials', type=int,
+                        help='trials per replayed search, drawn with replacement (default: each recorded trial once)')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runs = curves(optuna, args.storage, args.study)
     n_epochs = len(runs[0][0])
-    true_best = max(final for _, final in runs)
-    print(f'{len(runs)} trials of {n_epochs} epochs; best final value {true_best:.4f}')
+    n_trials = args.trials or len(runs)
+    print(f'{len(runs)} recorded trials of {n_epochs} epochs; searches of {n_trials} trials')
     print('| pruner | epochs run (of all) | best trial kept | best kept / best (mean, worst) |')
     print('|---|---|---|---|')
     rng = np.random.default_rng(args.seed)
-    orders = [rng.permutation(len(runs)) for _ in range(args.orders)]
+    orders = [rng.choice(len(runs), n_trials) if args.trials else rng.permutation(len(runs))
+              for _ in range(args.orders)]
+    true_best = np.array([max(runs[i][1] for i in order) for order in orders])  # of each replayed search
     for name in paropt.PRUNERS:
         results = np.array([replay(optuna, name, runs, order) for order in orders])
-        share = results[:, 0].mean() / (len(runs) * n_epochs)
+        share = results[:, 0].mean() / (n_trials * n_epochs)
         ratio = results[:, 1] / true_best
         print(f'| {name} | {share:.0%} | {np.mean(results[:, 1] == true_best):.0%} of orders | '
               f'{ratio.mean():.4f}, {ratio.min():.4f} |')
