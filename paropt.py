@@ -11,7 +11,7 @@ storage and study name share one search. -nt is the number of finished trials of
 
 Pruning: run.py reports the validation metric after every epoch (`EPOCH METRIC: epoch value`), paropt
 passes it on to Optuna as it comes, and ends the trial's process as soon as the pruner (--pruner,
-median by default) finds it hopeless; the trial is then PRUNED, with the last reported value kept as
+Hyperband by default) finds it hopeless; the trial is then PRUNED, with the last reported value kept as
 an intermediate value. Workers send a heartbeat to the storage (--heartbeat); a trial whose worker
 died (machine lost, process killed) is marked FAIL by another worker after two missed heartbeats and
 retried once with the same parameters (a new trial, whose system attribute failed_trial names it).
@@ -45,7 +45,7 @@ from gru4rec import BACKENDS, HYPERPARAMETERS, GRU4Rec
 
 PRIMARY = re.compile(r'^PRIMARY METRIC: (\S+)$')
 EPOCH = re.compile(r'^EPOCH METRIC: (\d+) (\S+)$')
-PRUNERS = ('median', 'hyperband', 'none')
+PRUNERS = ('hyperband', 'median', 'none')
 DTYPES = ('int', 'float', 'categorical')
 
 
@@ -234,9 +234,9 @@ def build_parser():
                    '(default: paropt.db)')
     p.add_argument('--study', default='gru4rec', help='study name within the storage (default: gru4rec)')
     p.add_argument('--seed', type=int, help="seed of Optuna's sampler (give each worker its own)")
-    p.add_argument('--pruner', choices=PRUNERS, default='median',
-                   help='ends hopeless trials early by their validation metric after each epoch: median, hyperband '
-                   'or none (default: median, see benchmarks/README.md)')
+    p.add_argument('--pruner', choices=PRUNERS, default='hyperband',
+                   help='ends hopeless trials early by their validation metric after each epoch: hyperband, median '
+                   'or none (default: hyperband, chosen by the replay in benchmarks/README.md)')
     p.add_argument('--heartbeat', metavar='SECONDS', type=int, default=60,
                    help="a worker's heartbeat interval: a trial silent for twice as long is failed and retried "
                    'once (default: 60)')

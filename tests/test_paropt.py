@@ -110,7 +110,7 @@ def test_a_hopeless_trial_is_pruned_after_its_first_epoch(tmp_path):
     assert paropt.main([str(tmp_path / 'train.tsv'), str(tmp_path / 'valid.tsv'),
                         '-opf', str(write_space(tmp_path / 'space.json', SPACE)), '-nt', '6', '-pm', 'mrr',
                         '-ps', 'n_epochs=100,batch_size=8,n_sample=4,loss=bpr-max', '--storage', storage,
-                        '--study', 'pruned']) == 0
+                        '--study', 'pruned', '--pruner', 'median']) == 0
     trial = study.get_trials()[-1]
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert list(trial.intermediate_values) == [1] and trial.intermediate_values[1] < 1
