@@ -794,7 +794,7 @@ class GRU4Rec:
     # -- training ------------------------------------------------------------------------------------
 
     def fit(self, data, sample_store=10000000, store_type='gpu', *, retrain=False, n_epochs=None, valid_data=None,
-            valid_cutoff=20, valid_metric='mrr', keep_best=False, patience=None):
+            valid_cutoff=20, valid_metric='mrr', keep_best=False, patience=None, callback=None):
         """Trains on a session log (DataFrame with session, item and time columns); returns self.
 
         sample_store: how many negative sample ids to draw ahead in one go. store_type ('gpu' or 'cpu')
@@ -808,6 +808,8 @@ class GRU4Rec:
         valid_data: a session log evaluated after every epoch (Recall or MRR at valid_cutoff, by
         valid_metric); its figures go into history_. keep_best=True ends with the weights of the best
         epoch; patience=K stops after K epochs without improvement.
+        callback: called with each epoch's history_ record (a dict) as soon as the epoch (and its
+        validation) is done, e.g. to report progress to a hyper-parameter search.
         A NaN/inf loss stops training with an error and leaves the weights of the last completed epoch;
         so does Ctrl-C (KeyboardInterrupt), which returns the model trained so far.
         """
@@ -821,6 +823,8 @@ class GRU4Rec:
             raise ValueError(f"valid_metric={valid_metric!r}: use 'mrr' or 'recall'")
         if (keep_best or patience) and valid_data is None:
             raise ValueError('keep_best and patience need valid_data to measure progress on')
+        if callback is not None and not callable(callback):
+            raise ValueError(f'callback={callback!r}: give a function of one epoch\'s history_ record, or None')
         if patience is not None and int(patience) < 1:
             raise ValueError(f'patience={patience!r}: give a positive number of epochs')
         n_epochs = self._parsed_params(n_epochs=n_epochs)['n_epochs'] if n_epochs is not None else params['n_epochs']
@@ -877,7 +881,7 @@ class GRU4Rec:
             with SampleStore(self._sample_cdf(), self.n_sample, sample_store,
                              np.random.default_rng([self.seed, len(self.history_), 2]), max_steps) as samples:
                 self._train(samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric,
-                            keep_best, patience)
+                            keep_best, patience, callback)
         finally:
             if retrain and len(self.history_) == before[-1]:  # NaN or Ctrl-C before an epoch of the new data ended
                 self.itemidmap, self.support, self.weights, self.opt_values, _ = before
@@ -904,7 +908,7 @@ class GRU4Rec:
                              'these shape the weights: build a new GRU4Rec and fit it instead')
 
     def _train(self, samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best,
-               patience):
+               patience, callback):
         """The epochs of session-parallel training, with a snapshot after each completed epoch."""
         min_slots = 1 if self.n_sample else 2  # without samples a lone session has no negative
         n_pairs = len(items) - (len(offsets) - 1)
@@ -964,6 +968,8 @@ class GRU4Rec:
             self.history_.append(record)
             if self.verbose:
                 print(line, flush=True)
+            if callback is not None:
+                callback(dict(record))
             if patience and since_best >= patience:
                 if self.verbose:
                     print(f'Stopping early: no progress on {valid_metric}@{valid_cutoff} for {patience} epoch(s)')

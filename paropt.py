@@ -9,6 +9,13 @@ where it stopped when started again with the same storage and study name; any Op
 (e.g. postgresql://...) works too, and several workers (processes, machines) started with the same
 storage and study name share one search. -nt is the number of finished trials of the whole study.
 
+Pruning: run.py reports the validation metric after every epoch (`EPOCH METRIC: epoch value`), paropt
+passes it on to Optuna as it comes, and ends the trial's process as soon as the pruner (--pruner,
+Hyperband by default) finds it hopeless; the trial is then PRUNED, with the last reported value kept as
+an intermediate value. Workers send a heartbeat to the storage (--heartbeat); a trial whose worker
+died (machine lost, process killed) is marked FAIL by another worker after two missed heartbeats and
+retried once with the same parameters (a new trial, whose system attribute failed_trial names it).
+
 The parameter space file lists one parameter per line as JSON (or a JSON list of them), as in the
 original's paropt: {"name": "learning_rate", "dtype": "float", "values": [0.01, 0.25], "step": 0.005}
 with dtype int or float (values: [low, high]; optional "step" and "log") or categorical (values: the
@@ -17,6 +24,7 @@ choices, e.g. ["elu-0.5", "elu-1"], or "200/200" for two layers). Fixed paramete
 
 Requires optuna: pip install 'gru4rec[paropt]'.
 """
+import ast
 import json
 import os
 import re
@@ -24,7 +32,10 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -32,7 +43,9 @@ import run
 from evaluation import TIE_MODES
 from gru4rec import BACKENDS, HYPERPARAMETERS, GRU4Rec
 
-PRIMARY = re.compile(r'^PRIMARY METRIC: (\S+)$', re.M)
+PRIMARY = re.compile(r'^PRIMARY METRIC: (\S+)$')
+EPOCH = re.compile(r'^EPOCH METRIC: (\d+) (\S+)$')
+PRUNERS = ('hyperband', 'median', 'none')
 DTYPES = ('int', 'float', 'categorical')
 
 
@@ -119,18 +132,46 @@ def run_command(args, params):
     return command + (['--backend', args.backend] if args.backend else [])
 
 
-def evaluate_trial(command, timeout=None):
-    """Runs run.py with `command` in a new process; returns the primary metric it printed."""
-    try:
-        proc = subprocess.run([sys.executable, run.__file__, *command], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise TrialError(f'the trial ran longer than {timeout} s') from None
-    found = PRIMARY.findall(proc.stdout)
-    if proc.returncode != 0 or not found:
-        lines = proc.stderr.strip().splitlines() or ['no output']
-        raise TrialError(f'run.py exited with status {proc.returncode}: {lines[-1]}')
-    return float(found[-1])
+def evaluate_trial(command, timeout=None, report=None):
+    """Runs run.py with `command` in a new process; returns the primary metric it printed.
+
+    report(epoch, value) is called with each epoch's validation metric as run.py prints it; an exception
+    it raises (optuna.TrialPruned) ends the process and propagates."""
+    with tempfile.TemporaryFile('w+') as stderr:
+        proc = subprocess.Popen([sys.executable, run.__file__, *command], stdout=subprocess.PIPE, stderr=stderr,
+                                text=True)
+        timed_out = threading.Event()
+
+        def expire():
+            timed_out.set()
+            proc.kill()
+        timer = threading.Timer(timeout, expire) if timeout else None
+        if timer:
+            timer.start()
+        primary = None
+        try:
+            for line in proc.stdout:
+                line = line.rstrip('\n')
+                epoch, found = EPOCH.match(line), PRIMARY.match(line)
+                if epoch and report:
+                    report(int(epoch[1]), float(epoch[2]))
+                elif found:
+                    primary = float(found[1])
+            proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        if timed_out.is_set():
+            raise TrialError(f'the trial ran longer than {timeout} s')
+        if proc.returncode != 0 or primary is None:
+            stderr.seek(0)
+            lines = stderr.read().strip().splitlines() or ['no output']
+            raise TrialError(f'run.py exited with status {proc.returncode}: {lines[-1]}')
+    return primary
 
 
 def storage_url(storage):
@@ -138,14 +179,30 @@ def storage_url(storage):
     return storage if '://' in storage else f'sqlite:///{Path(storage).resolve()}'
 
 
-def open_study(optuna, url, name, seed, attempts=5):
+def make_pruner(optuna, name):
+    """The pruner named by --pruner. Median prunes a trial whose best value so far is below the median of
+    the completed trials' values at the same epoch (once 5 trials have completed); Hyperband (successive
+    halving in brackets, reduction factor 3) compares the trials of a bracket at epochs 1, 3, 9, ..."""
+    if name == 'median':
+        return optuna.pruners.MedianPruner(n_startup_trials=5)
+    if name == 'hyperband':
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(optuna, url, name, seed, pruner, heartbeat, attempts=5):
     """Creates or loads the study. Workers started together on a new database race to create its
     tables; the losers see an integrity or locking error and try again."""
     from sqlalchemy.exc import IntegrityError, OperationalError
     for attempt in range(attempts):
         try:
-            return optuna.create_study(storage=url, study_name=name, direction='maximize', load_if_exists=True,
-                                       sampler=optuna.samplers.TPESampler(seed=seed))
+            with warnings.catch_warnings():  # the heartbeat is marked experimental
+                warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            return optuna.create_study(storage=storage, study_name=name, direction='maximize', load_if_exists=True,
+                                       sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
         except (IntegrityError, OperationalError):
             if attempt == attempts - 1:
                 raise
@@ -177,6 +234,12 @@ def build_parser():
                    '(default: paropt.db)')
     p.add_argument('--study', default='gru4rec', help='study name within the storage (default: gru4rec)')
     p.add_argument('--seed', type=int, help="seed of Optuna's sampler (give each worker its own)")
+    p.add_argument('--pruner', choices=PRUNERS, default='hyperband',
+                   help='ends hopeless trials early by their validation metric after each epoch: hyperband, median '
+                   'or none (default: hyperband, chosen by the replay in benchmarks/README.md)')
+    p.add_argument('--heartbeat', metavar='SECONDS', type=int, default=60,
+                   help="a worker's heartbeat interval: a trial silent for twice as long is failed and retried "
+                   'once (default: 60)')
     p.add_argument('--trial-timeout', metavar='SECONDS', type=float,
                    help='fail a trial that runs longer than this (default: no limit)')
     p.add_argument('-ss', '--sample-store', metavar='N', type=int, default=10000000,
@@ -185,6 +248,9 @@ def build_parser():
     p.add_argument('-ik', '--item-key', metavar='NAME', default='ItemId', help='item id column')
     p.add_argument('-tk', '--time-key', metavar='NAME', default='Time', help='timestamp column')
     p.add_argument('--backend', choices=sorted(BACKENDS), help='PyTensor compile mode of the trials')
+    p.add_argument('--best-paramfile', metavar='FILE',
+                   help='write the best trial\'s parameters (fixed and searched) to FILE as a run.py parameter file, '
+                   'with the summary of the search in comments')
     return p
 
 
@@ -207,17 +273,24 @@ def search(args):
         if not Path(path).is_file():
             raise run.InputError(f'no such data file: {path}')
     try:
-        study = open_study(optuna, storage_url(args.storage), args.study, args.seed)
+        study = open_study(optuna, storage_url(args.storage), args.study, args.seed,
+                           make_pruner(optuna, args.pruner), args.heartbeat)
     except Exception as e:  # SQLAlchemy and Optuna raise many kinds for a bad URL or an unusable database
         raise run.InputError(f'cannot open the Optuna storage {args.storage}: {str(e).splitlines()[0]}') from None
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
     def objective(trial):
         command = run_command(args, OrderedDict(fixed, **suggest(trial, space)))
         trial.set_user_attr('command', command)
         trial.set_user_attr('worker', f'{socket.gethostname()}:{os.getpid()}')
+
+        def report(epoch, value):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f'{args.primary_metric}@{args.measure} = {value:.6f} after epoch {epoch}')
+
         try:
-            return evaluate_trial(command, args.trial_timeout)
+            return evaluate_trial(command, args.trial_timeout, report)
         except TrialError as e:
             trial.set_user_attr('error', str(e))
             print(f'Trial {trial.number} failed: {e}', file=sys.stderr, flush=True)
@@ -231,8 +304,50 @@ def search(args):
         print('No trial has completed yet.')
         return
     best = study.best_trial
-    print(f'Best trial #{best.number}: {args.primary_metric}@{args.measure} = {best.value:.6f}')
+    lines = [summary(study.get_trials(deepcopy=False, states=finished)),
+             f'Best trial #{best.number}: {args.primary_metric}@{args.measure} = {best.value:.6f} on {args.valid}']
+    print(*lines, sep='\n')
     print('Train with them: python run.py', shlex.join(best.user_attrs['command'][:3]), '-t TEST ...')
+    if args.best_paramfile:
+        params = run.parse_param_string(best.user_attrs['command'][2])
+        write_paramfile(args.best_paramfile, OrderedDict((name, _literal(value)) for name, value in params.items()),
+                        [f'Found by paropt.py, study {args.study}.'] + lines)
+        print(f'Wrote them to {args.best_paramfile}')
+
+
+def summary(trials):
+    """One line on finished trials: how many completed, were pruned, failed; epochs trained; wall time."""
+    states = [t.state.name for t in trials]
+    epochs = sum(len(t.intermediate_values) for t in trials)
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    hours = (max(ends) - min(starts)).total_seconds() / 3600 if ends and starts else 0.0
+    return (f'Trials: {states.count("COMPLETE")} complete, {states.count("PRUNED")} pruned, {states.count("FAIL")} '
+            f'failed; {epochs} epochs trained; {hours:.2f} h from the first start to the last end')
+
+
+def _literal(text):
+    """A parameter string's value as the Python literal it spells (480, 0.2, True, [200, 200]), else the text."""
+    parts = text.split('/')
+    try:
+        values = [ast.literal_eval(part) for part in parts]
+    except (ValueError, SyntaxError):
+        return text
+    return values if len(values) > 1 else values[0]
+
+
+def write_paramfile(path, params, comments):
+    """Writes a run.py parameter file (read by run.read_paramfile), atomically."""
+    path = Path(path)
+    body = ''.join(f'    ({name!r}, {value!r}),\n' for name, value in params.items())
+    text = ''.join(f'# {line}\n' for line in comments) + \
+        f'from collections import OrderedDict\n\ngru4rec_params = OrderedDict([\n{body}])\n'
+    partial = path.parent / f'.partial-{path.name}'
+    try:
+        partial.write_text(text, encoding='utf-8')
+        os.replace(partial, path)
+    except OSError as e:
+        raise run.InputError(f'cannot write {path}: {e.strerror or e}') from None
 
 
 def main(argv=None):
@@ -240,6 +355,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.n_trials < 1:
         parser.error(f'-nt must be positive, got {args.n_trials}')
+    if args.heartbeat < 1:
+        parser.error(f'--heartbeat must be a positive number of seconds, got {args.heartbeat}')
     try:
         search(args)
     except run.InputError as e:

@@ -199,7 +199,8 @@ def build_parser():
                             help='the metric -lpm reports (default: recall)')
     evaluation.add_argument('-lpm', '--log-primary-metric', '--log_primary_metric', action='store_true',
                             help='print only "PRIMARY METRIC: value" per test set, the primary metric at the first '
-                            'cut-off (for hyper-parameter search), instead of the Recall/MRR lines')
+                            'cut-off (for hyper-parameter search), instead of the Recall/MRR lines; while training, '
+                            'also "EPOCH METRIC: epoch value" on the first test set after every epoch')
     data = p.add_argument_group('data')
     data.add_argument('-sk', '--session-key', '--session_key', metavar='NAME', default='SessionId',
                       help='session id column of all data files (default: SessionId)')
@@ -246,7 +247,9 @@ def _make_model(args):
         raise InputError(e) from None
 
 
-def _train(args, keys):
+def _train(args, keys, valid=None):
+    """The trained model; with `valid` (and -lpm) it prints `EPOCH METRIC: n value` after every epoch,
+    the primary metric on `valid`, which a pruned search (paropt.py) reads as the epoch ends."""
     model = _make_model(args)
     train = read_log(args.path, keys, args.allow_pickle, what='training data')
     print(f'Training data {args.path}: {len(train)} events, {train[keys[0]].nunique()} sessions, '
@@ -256,7 +259,10 @@ def _train(args, keys):
         if args.baseline:
             model.fit(train, *keys)
         else:
-            model.fit(train, sample_store=args.sample_store)
+            metric = f'{args.primary_metric}@{args.measure[0]}'
+            model.fit(train, sample_store=args.sample_store, valid_data=valid, valid_cutoff=args.measure[0],
+                      valid_metric=args.primary_metric, callback=None if valid is None else (
+                          lambda epoch: print(f'EPOCH METRIC: {epoch["epoch"]} {epoch[metric]:.6f}', flush=True)))
     except ValueError as e:
         raise InputError(f'cannot train on {args.path}: {e}') from None
     seconds = time.time() - t0
@@ -284,7 +290,8 @@ def run(args):
         print('note: --sample_store_on_cpu and -g/--gru4rec_model are accepted for the original\'s command lines '
               'and have no effect here', file=sys.stderr, flush=True)
     tests = [read_log(path, keys, args.allow_pickle, what='test data') for path in args.test]
-    model = _load(args) if args.load_model else _train(args, keys)
+    valid = tests[0] if args.log_primary_metric and tests and not args.baseline else None
+    model = _load(args) if args.load_model else _train(args, keys, valid)
     if args.save_model:
         try:
             model.savemodel(args.save_model)

@@ -23,9 +23,9 @@ setup(
     extras_require={
         'parquet': ['pyarrow>=12'],
         'jax': ['jax>=0.4.30'],
-        'paropt': ['optuna>=3.0'],
+        'paropt': ['optuna>=4.9', 'psycopg2-binary>=2.9'],
         'serve': ['fastapi>=0.110', 'uvicorn[standard]>=0.29'],  # standard: httptools and uvloop
-        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=3.0',
+        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=4.9', 'psycopg2-binary>=2.9',
                  'nbclient>=0.7', 'nbformat>=5.7', 'ipykernel>=6', 'matplotlib>=3.7',
                  'fastapi>=0.110', 'uvicorn[standard]>=0.29', 'httpx>=0.27', 'schemathesis>=4.0'],
     },

@@ -2,12 +2,14 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import paropt
 import run
+from gru4rec import GRU4Rec
 from sessionlogs import synthetic_log
 
 optuna = pytest.importorskip('optuna')
@@ -71,6 +73,50 @@ def test_a_failing_trial_reports_run_py_error_line(tmp_path):
         paropt.evaluate_trial([str(tmp_path / 'train.tsv'), '-ps', 'n_epochs=1', '-t', 'missing.tsv', '-lpm'])
 
 
+def write_logs(folder):
+    synthetic_log(60, seed=1).to_csv(folder / 'train.tsv', sep='\t', index=False)
+    synthetic_log(20, seed=2, first_session=501, first_time=1e5).to_csv(folder / 'valid.tsv', sep='\t', index=False)
+
+
+def test_trials_report_every_epoch_and_a_stopped_trial_ends_its_process(tmp_path):
+    write_logs(tmp_path)
+    command = [str(tmp_path / 'train.tsv'), '-t', str(tmp_path / 'valid.tsv'), '-lpm', '-pm', 'recall', '-m', '5',
+               '-ps', 'n_epochs=3,batch_size=8,n_sample=4,loss=bpr-max,layers=8']
+    reports = []
+    final = paropt.evaluate_trial(command, report=lambda epoch, value: reports.append((epoch, value)))
+    assert [epoch for epoch, _ in reports] == [1, 2, 3]
+    assert reports[-1][1] == final and all(0 <= value <= 1 for _, value in reports)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, value):
+        raise Stop(epoch)
+    started = time.time()
+    with pytest.raises(Stop, match='1'):  # after the first of 1000 epochs
+        paropt.evaluate_trial(command[:-1] + ['n_epochs=1000,batch_size=8,n_sample=4,loss=bpr-max,layers=8'],
+                              report=stop)
+    assert time.time() - started < 120
+
+
+def test_a_hopeless_trial_is_pruned_after_its_first_epoch(tmp_path):
+    write_logs(tmp_path)
+    storage = f'sqlite:///{tmp_path / "search.db"}'
+    study = optuna.create_study(storage=storage, study_name='pruned', direction='maximize')
+    for _ in range(5):  # earlier trials that scored a perfect MRR at every epoch
+        study.add_trial(optuna.trial.create_trial(value=1.0, intermediate_values={e: 1.0 for e in range(1, 101)},
+                                                  user_attrs={'command': ['train.tsv', '-ps', 'layers=8']}))
+    started = time.time()
+    assert paropt.main([str(tmp_path / 'train.tsv'), str(tmp_path / 'valid.tsv'),
+                        '-opf', str(write_space(tmp_path / 'space.json', SPACE)), '-nt', '6', '-pm', 'mrr',
+                        '-ps', 'n_epochs=100,batch_size=8,n_sample=4,loss=bpr-max', '--storage', storage,
+                        '--study', 'pruned', '--pruner', 'median']) == 0
+    trial = study.get_trials()[-1]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [1] and trial.intermediate_values[1] < 1
+    assert time.time() - started < 120  # not the 100 epochs
+
+
 def test_storage_paths_become_sqlite_urls(tmp_path):
     assert paropt.storage_url(str(tmp_path / 's.db')) == f'sqlite:///{tmp_path / "s.db"}'
     assert paropt.storage_url('postgresql://user@host/db') == 'postgresql://user@host/db'
@@ -85,8 +131,7 @@ def test_bad_input_exits_with_status_2(tmp_path, capsys):
 
 
 def test_two_workers_share_one_sqlite_study_and_a_finished_search_resumes(tmp_path):
-    synthetic_log(60, seed=1).to_csv(tmp_path / 'train.tsv', sep='\t', index=False)
-    synthetic_log(20, seed=2, first_session=501, first_time=1e5).to_csv(tmp_path / 'valid.tsv', sep='\t', index=False)
+    write_logs(tmp_path)
     command = [sys.executable, str(REPO / 'paropt.py'), 'train.tsv', 'valid.tsv',
                '-opf', str(write_space(tmp_path / 'space.json', SPACE)),
                '-ps', 'n_epochs=1,batch_size=8,n_sample=4,loss=bpr-max', '-nt', '2', '-pm', 'mrr',
@@ -104,9 +149,17 @@ def test_two_workers_share_one_sqlite_study_and_a_finished_search_resumes(tmp_pa
     assert 2 <= len(trials) <= 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE and 0 <= t.value <= 1 for t in trials)
     assert {t.user_attrs['worker'].split(':')[1] for t in trials} == {str(w.pid) for w in workers}
-    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(command + ['--best-paramfile', 'best.py'], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
     assert resumed.returncode == 0 and f'Best trial #{study.best_trial.number}' in resumed.stdout
     assert len(study.get_trials()) == len(trials)  # already finished: no new trial
+    # The best setting as a parameter file: the fixed and the searched parameters, typed, and the summary.
+    best = run.read_paramfile(tmp_path / 'best.py')
+    searched = paropt.suggest(optuna.trial.FixedTrial(study.best_params), SPACE)
+    assert best == dict(n_epochs=1, batch_size=8, n_sample=4, loss='bpr-max', **searched)
+    GRU4Rec().set_params(**best)
+    assert f'# Trials: {len(trials)} complete, 0 pruned, 0 failed; {len(trials)} epochs trained' in \
+        (tmp_path / 'best.py').read_text()
 
 
 @pytest.mark.parametrize('path', sorted((REPO / 'paramspaces').glob('*.json')), ids=lambda p: p.name)

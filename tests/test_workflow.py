@@ -110,6 +110,19 @@ def test_verbose_prints_one_line_per_epoch(data, capfd):
         assert 'valid mrr@20: ' in line
 
 
+def test_callback_gets_each_epoch_s_record_as_the_epoch_ends(data):
+    part, valid = data
+    model = GRU4Rec(n_epochs=3, **SETTINGS)
+    seen = []
+    model.fit(part, valid_data=valid, valid_metric='recall', callback=lambda record: seen.append(
+        (record, len(model.history_))))
+    assert [record for record, _ in seen] == model.history_
+    assert [n for _, n in seen] == [1, 2, 3]  # called once the epoch is in history_, before the next one
+    assert all(0 <= record['mrr@20'] <= record['recall@20'] <= 1 for record, _ in seen)
+    with pytest.raises(ValueError, match="callback='print': give a function of one epoch's history_ record"):
+        GRU4Rec(**SETTINGS).fit(part, callback='print')
+
+
 # -- recommend -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')

@@ -47,14 +47,18 @@ def filter_clicks(data):
     return _sessions_with(data, MIN_SESSION_LENGTH)
 
 
-def split_last_day(data):
-    """(train, test): test holds the sessions that end in the last day, restricted to training items and
-    to sessions of length 2 or more."""
-    session_end = data.groupby('SessionId').Time.max()
-    last_day = session_end.index[session_end >= data.Time.max() - DAY]
-    in_test = data.SessionId.isin(last_day)
+def split_sessions(data, sessions):
+    """(train, test): test holds the given sessions, restricted to training items and to sessions of
+    length 2 or more; train holds the others."""
+    in_test = data.SessionId.isin(sessions)
     train, test = data[~in_test], data[in_test]
     return train, _sessions_with(test[test.ItemId.isin(train.ItemId)], MIN_SESSION_LENGTH)
+
+
+def split_last_day(data, days=1):
+    """(train, test): test holds the sessions that end in the last day, or days (see split_sessions)."""
+    session_end = data.groupby('SessionId').Time.max()
+    return split_sessions(data, session_end.index[session_end >= data.Time.max() - days * DAY])
 
 
 def preprocess(clicks):
