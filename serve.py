@@ -14,7 +14,7 @@ past one, run several and route each session id to one of them (README, "Live se
 Clicks are micro-batched: one scoring task takes the clicks that queued up while it scored the previous
 batch and scores them with one SessionRecommender.update_many (one read of the output matrix for all of
 them, in a worker thread, so that the event loop meanwhile parses the next requests). A lone click is
-scored at once; nothing waits for a batch to fill. The clicks are read in their arrival order, so a
+scored at once, on the event loop; nothing waits for a batch to fill. The clicks are read in their arrival order, so a
 session's clicks keep their order, and each answer equals the one the click would get scored alone.
 """
 import argparse
@@ -134,7 +134,8 @@ def score_clicks(recommender, clicks):
 
 class ClickBatcher:
     """Queues /click requests; one scoring task scores all that queued up meanwhile together in a
-    worker thread (numpy's product and selections run outside the GIL, next to the event loop)."""
+    worker thread (numpy's product and selections run outside the GIL, next to the event loop, which
+    meanwhile reads the next requests), a lone click on the event loop."""
 
     def __init__(self, recommender):
         self.recommender = recommender
@@ -154,9 +155,10 @@ class ClickBatcher:
             batch = [await self.queue.get()]
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
-            try:
-                results = await loop.run_in_executor(self.worker, score_clicks, self.recommender,
-                                                     [body for body, _ in batch])
+            clicks = [body for body, _ in batch]
+            try:  # a lone click is scored at once: handing it to the thread would cost more than scoring it
+                results = (score_clicks(self.recommender, clicks) if len(clicks) == 1 else
+                           await loop.run_in_executor(self.worker, score_clicks, self.recommender, clicks))
             except Exception as error:  # the task must live on: this batch gets a 500
                 results = [error] * len(batch)
             for (_, future), result in zip(batch, results):
