@@ -124,7 +124,8 @@ def score_clicks(recommender, clicks):
             continue
         for i, click in enumerate(run):
             try:
-                result = scored[i] if scored else recommender.update(click.session_id, click.item_id, *options)
+                result = (scored[i] if scored is not None else
+                          recommender.update(click.session_id, click.item_id, *options))
                 results.append((result, recommender.knows(click.item_id)))
             except Exception as error:  # this click's error (400 for a ValueError), not its neighbours'
                 results.append(error)
@@ -200,7 +201,8 @@ def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20):
         return JSONResponse(status_code=404, content={'detail': error.args[0]})
 
     # The hot path reads its body with pydantic's own JSON parser, in one pass, rather than through
-    # FastAPI's dependency machinery (which cost as much as scoring the click); the description is the same.
+    # FastAPI's body machinery (json.loads, then its own validation); the OpenAPI description and the
+    # 422 answers are the same.
     @app.post('/click', response_model=Recommendations, responses=ERRORS, openapi_extra={'requestBody': {
         'required': True, 'content': {'application/json': {'schema': Click.model_json_schema()}}}})
     async def click(request: Request):
@@ -208,12 +210,13 @@ def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20):
         try:
             body = Click.model_validate_json(await request.body())
         except ValidationError as error:  # the 422 FastAPI gives
-            raise RequestValidationError([{**e, 'loc': ('body', *e['loc'])} for e in error.errors(include_url=False)])
+            raise RequestValidationError([{**e, 'loc': ('body', *e['loc'])}
+                                          for e in error.errors(include_url=False)])
         result, known = await app.state.batcher.click(body)
         return _answer(body.session_id, known, result)
 
-    # A recommendation without a click takes well under a millisecond: it runs on the event loop,
-    # which saves the thread pool's hand-over.
+    # A recommendation without a click is not batched: it runs on the event loop, which saves the
+    # thread pool's hand-over.
     @app.post('/recommend', response_model=Recommendations,
               responses={**ERRORS, 404: {'model': Error, 'description': 'the session is not live'}})
     async def recommend(body: Query):
