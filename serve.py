@@ -10,17 +10,26 @@ JSON endpoints (the OpenAPI description is at /openapi.json, a browsable one at 
 The rules for sessions, unknown items and model swaps are live.SessionRecommender's. A bad request
 gets a 4xx answer {"detail": ...} that says what is wrong. One process serves its sessions; to scale
 past one, run several and route each session id to one of them (README, "Live sessions").
+
+Clicks are micro-batched: one scoring task takes the clicks that queued up while it scored the previous
+batch and scores them with one SessionRecommender.update_many (one read of the output matrix for all of
+them, in a worker thread, so that the event loop meanwhile parses the next requests). A lone click is
+scored at once, on the event loop; nothing waits for a batch to fill. The clicks are read in their arrival order, so a
+session's clicks keep their order, and each answer equals the one the click would get scored alone.
 """
 import argparse
 import asyncio
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import List, Optional, Union
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gru4rec import GRU4Rec
 from live import SessionRecommender, UnknownSession
@@ -92,12 +101,95 @@ def _answer(session_id, known, result):
                          'scores': scores.tolist()})
 
 
+def score_clicks(recommender, clicks):
+    """The results of queued clicks (Click bodies, in arrival order): ((item ids, scores), item known)
+    or the exception that the click alone raises, one per click. Each run of consecutive clicks with
+    the same k, exclude_seen and items is scored with one update_many (the usual case: all of them);
+    update_many validates before it changes any state, so a run it refuses (ValueError) is scored click
+    by click and only the clicks at fault get the error."""
+    results, start = [], 0
+    while start < len(clicks):
+        options = (clicks[start].k, clicks[start].exclude_seen, clicks[start].items)
+        end = start + 1
+        while end < len(clicks) and (clicks[end].k, clicks[end].exclude_seen, clicks[end].items) == options:
+            end += 1
+        run = clicks[start:end]
+        try:
+            scored = recommender.update_many([c.session_id for c in run], [c.item_id for c in run], *options)
+        except ValueError:
+            scored = None
+        except Exception as error:  # a fault of ours (500): the states may have changed, nothing is retried
+            results.extend([error] * len(run))
+            start = end
+            continue
+        for i, click in enumerate(run):
+            try:
+                result = (scored[i] if scored is not None else
+                          recommender.update(click.session_id, click.item_id, *options))
+                results.append((result, recommender.knows(click.item_id)))
+            except Exception as error:  # this click's error (400 for a ValueError), not its neighbours'
+                results.append(error)
+        start = end
+    return results
+
+
+class ClickBatcher:
+    """Queues /click requests; one scoring task scores all that queued up meanwhile together in a
+    worker thread (numpy's product and selections run outside the GIL, next to the event loop, which
+    meanwhile reads the next requests), a lone click on the event loop."""
+
+    def __init__(self, recommender):
+        self.recommender = recommender
+        self.queue = asyncio.Queue()  # (Click, future)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gru4rec-score')
+
+    async def click(self, body):
+        """((item ids, scores), item known) after the click, once its batch is scored."""
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((body, future))
+        return await future
+
+    async def run(self):
+        """The scoring task: waits for a click, takes every other one queued by then, scores them."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            clicks = [body for body, _ in batch]
+            try:  # a lone click is scored at once: handing it to the thread would cost more than scoring it
+                results = (score_clicks(self.recommender, clicks) if len(clicks) == 1 else
+                           await loop.run_in_executor(self.worker, score_clicks, self.recommender, clicks))
+            except Exception as error:  # the task must live on: this batch gets a 500
+                results = [error] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if future.done():  # the client went away
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
 def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20):
     """The FastAPI application serving the model file at `model_path`."""
     recommender = SessionRecommender(GRU4Rec.loadmodel(model_path), capacity, idle_timeout, history)
     state = {'path': str(model_path), 'reloads': 0}
     reload_lock = asyncio.Lock()
-    app = FastAPI(title='GRU4Rec live sessions', version='1',
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher = ClickBatcher(recommender)
+        scoring = asyncio.create_task(batcher.run())
+        app.state.batcher = batcher
+        try:
+            yield
+        finally:
+            scoring.cancel()
+            await asyncio.gather(scoring, return_exceptions=True)
+            batcher.worker.shutdown(wait=True)
+
+    app = FastAPI(title='GRU4Rec live sessions', version='1', lifespan=lifespan,
                   description='Next-click recommendations for live sessions of a GRU4Rec model.')
 
     @app.exception_handler(ValueError)
@@ -108,15 +200,23 @@ def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20):
     async def unknown_session(request: Request, error: UnknownSession):
         return JSONResponse(status_code=404, content={'detail': error.args[0]})
 
-    # The scoring takes well under a millisecond: it runs on the event loop, which saves the thread
-    # pool's hand-over on every request.
-    @app.post('/click', response_model=Recommendations, responses=ERRORS)
-    async def click(body: Click):
+    # The hot path reads its body with pydantic's own JSON parser, in one pass, rather than through
+    # FastAPI's body machinery (json.loads, then its own validation); the OpenAPI description and the
+    # 422 answers are the same.
+    @app.post('/click', response_model=Recommendations, responses=ERRORS, openapi_extra={'requestBody': {
+        'required': True, 'content': {'application/json': {'schema': Click.model_json_schema()}}}})
+    async def click(request: Request):
         """Feeds one click of a session and returns its top k next items."""
-        result = recommender.update(body.session_id, body.item_id, body.k, body.exclude_seen, body.items)
-        known = recommender.knows(body.item_id)
+        try:
+            body = Click.model_validate_json(await request.body())
+        except ValidationError as error:  # the 422 FastAPI gives
+            raise RequestValidationError([{**e, 'loc': ('body', *e['loc'])}
+                                          for e in error.errors(include_url=False)])
+        result, known = await app.state.batcher.click(body)
         return _answer(body.session_id, known, result)
 
+    # A recommendation without a click is not batched: it runs on the event loop, which saves the
+    # thread pool's hand-over.
     @app.post('/recommend', response_model=Recommendations,
               responses={**ERRORS, 404: {'model': Error, 'description': 'the session is not live'}})
     async def recommend(body: Query):
@@ -168,7 +268,10 @@ def main(argv=None):
     except ValueError as e:
         print(f'{parser.prog}: error: {e}', file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    # uvloop and httptools (the [serve] extra installs both; 'auto' falls back to asyncio and h11), no
+    # access log: a log record per request would cost as much as the request.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1,
+                loop='auto', http='auto', access_log=False)
     return 0
 
 

@@ -2,7 +2,12 @@
 clients, against a real server on 127.0.0.1 that this script starts and stops.
 
     python benchmarks/http_speed.py --model /tmp/yc64.gru4rec --data yoochoose1_64_test
+    python benchmarks/http_speed.py --model /tmp/yc64.gru4rec --baseline /tmp/main   # before/after
 
+With --baseline, the server of another checkout (e.g. `git worktree add /tmp/main main`) runs too, and
+each level drives it and then this checkout's server, back to back, with the ratio of their req/s.
+`cpu ms` is the server process's CPU time per request (user + system, from /proc), which depends less
+on what else the machine runs than the rates do; `load` the 1-minute load average after the level.
 Each client holds one keep-alive connection and sends the clicks of its own sessions (from the test
 log) one request after another, top 20 each; the load generator is a minimal asyncio HTTP/1.1 client
 in this process (it shares the machine's cores with the server). Bounded by --seconds per level and
@@ -28,9 +33,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(model, port):
+def start_server(model, port, root=ROOT):
     env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get('OPENBLAS_NUM_THREADS', '1'))
-    process = subprocess.Popen([sys.executable, 'run.py', 'serve', model, '--port', str(port)], cwd=ROOT, env=env)
+    process = subprocess.Popen([sys.executable, 'run.py', 'serve', model, '--port', str(port)], cwd=root, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -42,6 +47,16 @@ def start_server(model, port):
             time.sleep(0.3)
     process.kill()
     sys.exit('the server did not start')
+
+
+def cpu_seconds(process):
+    """User + system CPU seconds a process has used so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f'/proc/{process.pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+        return float('nan')
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
 async def client(port, clicks, latencies, failures, deadline):
@@ -81,28 +96,41 @@ def main():
     parser.add_argument('--clients', type=int, nargs='+', default=[1, 16, 64])
     parser.add_argument('--requests', type=int, default=20000, help='at most this many requests per level')
     parser.add_argument('--seconds', type=float, default=10, help='at most about this long per level')
+    parser.add_argument('--baseline', help="another checkout's root whose server to measure alongside")
     args = parser.parse_args()
     log = load_log(args.data).sort_values(['SessionId', 'Time'], kind='stable')
     clicks = list(zip(log.SessionId.tolist(), log.ItemId.tolist()))[:args.requests]
-    port = free_port()
-    server = start_server(args.model, port)
+    servers = {}  # name -> (port, process)
     try:
-        print(f'{"clients":>7} {"requests":>8} {"req/s":>8} {"p50 ms":>7} {"p99 ms":>7} {"errors":>6}')
+        for name, root in ([('baseline', args.baseline)] if args.baseline else []) + [('this', ROOT)]:
+            port = free_port()
+            servers[name] = (port, start_server(args.model, port, root))
+        print(f'{"server":>8} {"clients":>7} {"requests":>8} {"req/s":>8} {"p50 ms":>7} {"p99 ms":>7} '
+              f'{"errors":>6} {"cpu ms":>7} {"load":>5}')
         for n_clients in args.clients:
             # Clients take whole sessions in turn, so that each session's clicks stay in order.
             bounds = np.r_[0, np.flatnonzero(np.diff([s for s, _ in clicks])) + 1, len(clicks)]
             streams = [[] for _ in range(n_clients)]
             for j in range(len(bounds) - 1):
                 streams[j % n_clients].extend(clicks[bounds[j]:bounds[j + 1]])
-            latencies, failures, seconds = asyncio.run(level(port, streams, args.seconds))
-            print(f'{n_clients:>7} {len(latencies):>8} {len(latencies) / seconds:>8.0f} '
-                  f'{1e3 * np.median(latencies):>7.2f} {1e3 * np.quantile(latencies, 0.99):>7.2f} '
-                  f'{len(failures):>6}', flush=True)
-            if failures:
-                print('  first failures:', failures[:3])
+            rates = []
+            for name, (port, process) in servers.items():
+                cpu = cpu_seconds(process)
+                latencies, failures, seconds = asyncio.run(level(port, streams, args.seconds))
+                cpu = cpu_seconds(process) - cpu
+                rates.append(len(latencies) / seconds)
+                print(f'{name:>8} {n_clients:>7} {len(latencies):>8} {rates[-1]:>8.0f} '
+                      f'{1e3 * np.median(latencies):>7.2f} {1e3 * np.quantile(latencies, 0.99):>7.2f} '
+                      f'{len(failures):>6} {1e3 * cpu / len(latencies):>7.2f} {os.getloadavg()[0]:>5.2f}',
+                      flush=True)
+                if failures:
+                    print('  first failures:', failures[:3])
+            if len(rates) == 2:
+                print(f'{"ratio":>8} {n_clients:>7} {"":>8} {rates[1] / rates[0]:>8.2f}', flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for _, process in servers.values():
+            process.terminate()
+            process.wait(timeout=30)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """serve.py against a real uvicorn server on 127.0.0.1 (started and stopped here, `gru4rec serve`):
 answers equal to SessionRecommender's, 4xx JSON errors, reload without dropped requests, and a
 schemathesis property run of the service's own OpenAPI description (no 5xx, no schema violation)."""
+import asyncio
 import socket
 import subprocess
 import sys
@@ -127,6 +128,46 @@ def test_reload_without_dropping_requests(server, model_file):
         thread.join()
     assert len(statuses) > 10 and set(statuses) == {200}
     assert httpx.get(f'{server}/health').json()['reloads'] == 1
+
+
+def test_concurrent_clicks_answer_as_sequential_ones(server, model_file):
+    """Many sessions clicking at once (so that the server scores the clicks that queue up together,
+    with mixed k, exclude_seen and items) get the answers of the same clicks fed one by one, in each
+    session's order; a bad click among them gets its 400 and spoils no other answer."""
+    model, _ = model_file
+    rng = np.random.default_rng(7)
+    sessions = {f'c{s}': [int(i) for i in rng.choice(ITEM_IDS, 6)] + ['unknown'] for s in range(24)}
+
+    def options(n):
+        return {'k': 3 + n % 4, 'exclude_seen': n % 2 == 0, **({'items': [int(i) for i in ITEM_IDS[:8]]}
+                                                                if n % 3 == 0 else {})}
+
+    async def session(client, n, session_id):
+        answers = []
+        for item in sessions[session_id]:
+            answer = await client.post('/click', json={'session_id': session_id, 'item_id': item, **options(n)})
+            answers.append(answer.json())
+        return answers
+
+    async def bad(client):
+        return [await client.post('/click', json={'session_id': 'bad', 'item_id': int(ITEM_IDS[0]),
+                                                  'items': [int(ITEM_IDS[0]), -1]}) for _ in range(6)]
+
+    async def all_at_once():
+        limits = httpx.Limits(max_connections=len(sessions) + 1)
+        async with httpx.AsyncClient(base_url=server, limits=limits, timeout=30) as client:
+            return await asyncio.gather(bad(client), *(session(client, n, s) for n, s in enumerate(sessions)))
+    refused, *answers = asyncio.run(all_at_once())
+    assert all(r.status_code == 400 and 'does not know' in r.json()['detail'] for r in refused)
+    live = SessionRecommender(model)
+    for n, (session_id, items) in enumerate(sessions.items()):
+        for item, answer in zip(items, answers[n]):
+            ids, scores = live.update(session_id, item, **options(n))
+            assert answer['items'] == ids.tolist() and answer['item_known'] == live.knows(item)
+            np.testing.assert_allclose(answer['scores'], scores, rtol=1e-6)
+    with httpx.Client(base_url=server) as client:
+        for session_id in sessions:
+            assert client.post('/end', json={'session_id': session_id}).json()['ended']
 
 
 def test_serve_reports_a_bad_model_file(tmp_path):
