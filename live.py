@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 
+import numba
 import numpy as np
 
 FLOAT = np.float32
@@ -150,14 +151,36 @@ def _mixed(values):
 
 
 def top_k(logits, k):
-    """Column indices of the k largest entries of each row, best first (M x k)."""
-    C = logits.shape[1]
-    if k < C:
-        part = np.argpartition(logits, C - k, axis=1)[:, C - k:]  # the k largest, in any order
-    else:
-        part = np.broadcast_to(np.arange(C), logits.shape)
-    order = np.argsort(np.take_along_axis(logits, part, 1), axis=1, kind='stable')[:, ::-1]
-    return np.take_along_axis(part, order, 1)
+    """Column indices of the k largest entries of each row, best first, ties by lower index (M x k)."""
+    k = min(k, logits.shape[1])
+    top = np.empty((logits.shape[0], k), dtype=np.int64)
+    _top_k_rows(np.ascontiguousarray(logits), top, np.empty(k, dtype=logits.dtype))
+    return top
+
+
+@numba.njit(cache=True, nogil=True)
+def _top_k_rows(logits, top, best):
+    """One pass over each row keeping its k best entries sorted by insertion: a new entry enters only
+    when it beats the k-th best, which over all items is rare, so the pass costs about a comparison per
+    item (np.argpartition costs several times that, and as much again as the scoring product)."""
+    k = top.shape[1]
+    for m in range(logits.shape[0]):
+        n = 0
+        for j in range(logits.shape[1]):
+            v = logits[m, j]
+            if n < k:
+                p = n
+                n += 1
+            elif v > best[k - 1]:
+                p = k - 1
+            else:
+                continue
+            while p > 0 and best[p - 1] < v:
+                best[p] = best[p - 1]
+                top[m, p] = top[m, p - 1]
+                p -= 1
+            best[p] = v
+            top[m, p] = j
 
 
 class UnknownSession(KeyError):
