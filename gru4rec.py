@@ -123,7 +123,7 @@ def is_strictly_increasing(name):
 # Losses over the score matrix Yhat (M x N, after the final activation). Row i's target is column i;
 # the other columns are the other rows' targets and the shared samples. Each returns the per-row loss
 # (a vector of M); the caller sums it and divides by the configured batch size. `cols` (N, 1 or 0)
-# marks the scored columns when the batch is padded to a fixed size (see GRU4Rec._compile_train);
+# marks the scored columns when the batch is padded to a fixed size (see training.TrainingStep);
 # None means all columns count.
 
 def _diag(Yhat):
@@ -438,7 +438,7 @@ class GRU4Rec:
     backend: how PyTensor compiles the graphs: 'c' (C virtual machine) or 'jax'.
     reset_after (not in the original): False is the original's GRU cell, the reset gate applied to the
         previous state before the recurrent product; True applies it after, with a hidden-side
-        candidate bias, as cuDNN and torch.nn.GRUCell do (see _gru).
+        candidate bias, as cuDNN and torch.nn.GRUCell do (see gru_step).
     """
 
     def __init__(self, loss='bpr-max', final_act='linear', hidden_act='tanh', layers=[100], n_epochs=10,
@@ -539,8 +539,8 @@ class GRU4Rec:
         """Hidden states after reading items X (M) from states H_prev (list of M x L).
         input_rows, when given, holds the input table's rows already gathered for X (the sparse
         training path)."""
-        p_embed = self.dropout_p_embed if training else 0.0
-        p_hidden = self.dropout_p_hidden if training else 0.0
+        p_embed = self.hyperparameters_['dropout_p_embed'] if training else 0.0
+        p_hidden = self.hyperparameters_['dropout_p_hidden'] if training else 0.0
         table = 'Wx0' if self._onehot_input else 'E' if 'E' in self.params else 'Wy'
         rows = self.params[table][X] if input_rows is None else input_rows  # M x 3L (one-hot) or M x K
         if self._onehot_input:
@@ -583,9 +583,10 @@ class GRU4Rec:
         if candidates is not None:
             Wy, By = Wy[candidates], By[candidates]
         scores = self._output(H[-1], Wy, By)
-        if ranking and is_strictly_increasing(self.final_act):
+        final_act = self.hyperparameters_['final_act']
+        if ranking and is_strictly_increasing(final_act):
             return H, scores
-        if self.final_act == 'softmax_logit':
+        if final_act == 'softmax_logit':
             return H, _softmax(scores)
         return H, self._final_act(scores)
 
@@ -597,25 +598,26 @@ class GRU4Rec:
         Every graph has static shapes (the JAX backend needs them): the mini-batch always has
         batch_size rows, and the item-indexed parameters one extra row, after the n_items real ones,
         that padded rows read and write."""
-        self.layers_ = self._parsed_params()['layers']
-        self._onehot_input = not self.constrained_embedding and not self.embedding_size
-        self._hidden_act = parse_activation(self.hidden_act)
-        self._final_act = parse_activation(self.final_act, final=True)
+        hp = self.hyperparameters_ = self._parsed_params()
+        self.layers_ = hp['layers']
+        self._onehot_input = not hp['constrained_embedding'] and not self.embedding_size
+        self._hidden_act = parse_activation(hp['hidden_act'])
+        self._final_act = parse_activation(hp['final_act'], final=True)
         item_params = [n for n in ('E', 'Wx0', 'Wy', 'By') if n in self.weights and (n != 'Wx0' or self._onehot_input)]
         with_pad_row = lambda n, w: np.concatenate([w, np.zeros((1,) + w.shape[1:], FLOAT)]) if n in item_params else w
         with pytensor.config.change_flags(floatX=FLOAT):
             self.params = OrderedDict((n, static_shared(with_pad_row(n, w), n)) for n, w in self.weights.items())
-            self.H = [static_shared(np.zeros((self.batch_size, L), dtype=FLOAT), f'H{l}')
+            self.H = [static_shared(np.zeros((hp['batch_size'], L), dtype=FLOAT), f'H{l}')
                       for l, L in enumerate(self.layers_)]
             self.P_target = static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_target')
             self.P_sample = static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_sample')
-            optimizer = Optimizer(self.adapt, self.adapt_params, self.learning_rate, self.momentum, self.lmbd,
-                                  self.grad_cap)
-            input_table = 'Wy' if self.constrained_embedding else 'E' if 'E' in self.params else 'Wx0'
+            optimizer = Optimizer(hp['adapt'], hp['adapt_params'], hp['learning_rate'], hp['momentum'], hp['lmbd'],
+                                  hp['grad_cap'])
+            input_table = 'Wy' if hp['constrained_embedding'] else 'E' if 'E' in self.params else 'Wx0'
             self.training_step_ = TrainingStep(
                 self.params, item_params, self.H, input_table, self._training_network, self._output,
-                self._training_loss, optimizer, self.batch_size, self.n_sample, self.n_items,
-                self.constrained_embedding, self.compile_function)
+                self._training_loss, optimizer, hp['batch_size'], hp['n_sample'], self.n_items,
+                hp['constrained_embedding'], self.compile_function)
         self._compiled_for = self._graph_key()
         self._fns = {}
         self._push_state()
@@ -632,14 +634,15 @@ class GRU4Rec:
 
     def _training_loss(self, logits, T, samples, cols):
         """The loss of each row of the training scores (B x N), with the logQ correction of sampled softmax."""
-        if self.logq:
+        hp = self.hyperparameters_
+        if hp['logq']:
             log_q = pt.concatenate([self.P_target[T], self.P_sample[samples]])  # N
-            logits = logits - np.float32(self.logq) * log_q
+            logits = logits - np.float32(hp['logq']) * log_q
         Yhat = self._final_act(logits)  # B x N
-        return LOSSES[self.loss](Yhat, smoothing=np.float32(self.smoothing), bpreg=np.float32(self.bpreg), cols=cols)
+        return LOSSES[hp['loss']](Yhat, smoothing=np.float32(hp['smoothing']), bpreg=np.float32(hp['bpreg']), cols=cols)
 
     def compile_function(self, inputs, outputs, updates=None):
-        return compile_function(inputs, outputs, updates, self.backend)
+        return compile_function(inputs, outputs, updates, self._parsed_params()['backend'])
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -702,12 +705,11 @@ class GRU4Rec:
             warnings.warn(f"adapt='adadelta' takes steps of its own size: learning_rate={params['learning_rate']} "
                           'is ignored (as in the original, which set it to 1.0)', stacklevel=2)
 
-        # Checks passed: from here on the model changes.
-        for name in HYPERPARAMETERS:
-            setattr(self, name, params[name])
+        # Checks passed: from here on the model changes (its hyper-parameters stay as they were given).
+        self.hyperparameters_ = params
         self._pred_sessions = None  # sessions of predict_next_batch restart with the new weights
         self.history_ = self.history_ if retrain else []
-        self._rng = np.random.default_rng([self.seed, len(self.history_)])
+        self._rng = np.random.default_rng([params['seed'], len(self.history_)])
         if retrain:
             self._pull_state()
             before = (self.itemidmap, self.support.copy(), OrderedDict(self.weights), dict(self.opt_values),
@@ -719,17 +721,17 @@ class GRU4Rec:
             self.weights = init_weights(params, self.n_items, self._rng)
             self.opt_values = {}
             self._architecture = self._architecture_of(params)
-        counts = data[self.item_key].value_counts()
+        counts = data[params['item_key']].value_counts()
         self.support[self.itemidmap.get_indexer(counts.index)] += counts.to_numpy()
         if self._compiled_for != self._graph_key():
             self._build()
         else:
             self._push_state()
-        self.training_step_.rng = np.random.default_rng([self.seed, len(self.history_), 1])  # dropout masks
+        self.training_step_.rng = np.random.default_rng([params['seed'], len(self.history_), 1])  # dropout masks
         try:
             max_steps = n_epochs * (len(items) - (len(offsets) - 1))  # a step trains on one event or more
-            with SampleStore(sample_cdf(self.support, self.sample_alpha), self.n_sample, sample_store,
-                             np.random.default_rng([self.seed, len(self.history_), 2]), max_steps) as samples:
+            with SampleStore(sample_cdf(self.support, params['sample_alpha']), params['n_sample'], sample_store,
+                             np.random.default_rng([params['seed'], len(self.history_), 2]), max_steps) as samples:
                 self._train(samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric,
                             keep_best, patience, callback)
         finally:
@@ -760,22 +762,23 @@ class GRU4Rec:
     def _train(self, samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best,
                patience, callback):
         """The epochs of session-parallel training, with a snapshot after each completed epoch."""
-        min_slots = 1 if self.n_sample else 2  # without samples a lone session has no negative
+        p = self.hyperparameters_
+        min_slots = 1 if p['n_sample'] else 2  # without samples a lone session has no negative
         n_pairs = len(items) - (len(offsets) - 1)
         best, since_best = None, 0
         for epoch in range(1, n_epochs + 1):
             t0 = time.time()
-            session_order = self._rng.permutation(order) if self.train_random_order else order
+            session_order = self._rng.permutation(order) if p['train_random_order'] else order
             total, n_steps, n_events = 0.0, 0, 0
             progress = tqdm(total=n_pairs, desc=f'Epoch{epoch}', leave=False, unit='e',
-                            disable=None if self.verbose else True)
+                            disable=None if p['verbose'] else True)
             # The batches have exactly the graph's input types, so the per-call input checks (most of
             # the call's overhead) are skipped while training.
             step = self.training_step_
             step.function.trust_input = True
             try:
                 for X, T, prev_rows, keep in session_parallel_batches(items, offsets, session_order,
-                                                                      self.batch_size, min_slots):
+                                                                      p['batch_size'], min_slots):
                     cost = step(X, T, prev_rows, keep, samples.next())
                     if not np.isfinite(cost):
                         self._push_state()
@@ -804,8 +807,8 @@ class GRU4Rec:
             line = (f'Epoch{epoch} --> loss: {record["loss"]:.6f} \t({seconds:.2f}s) \t'
                     f'[{n_steps / seconds:.2f} mb/s | {n_events / seconds:.0f} e/s]')
             if valid_data is not None:
-                recall, mrr = evaluate_gpu(self, valid_data, session_key=self.session_key, item_key=self.item_key,
-                                           time_key=self.time_key, cut_off=[valid_cutoff])
+                recall, mrr = evaluate_gpu(self, valid_data, session_key=p['session_key'], item_key=p['item_key'],
+                                           time_key=p['time_key'], cut_off=[valid_cutoff])
                 record[f'recall@{valid_cutoff}'] = float(recall[valid_cutoff])
                 record[f'mrr@{valid_cutoff}'] = float(mrr[valid_cutoff])
                 score = record[f'{valid_metric}@{valid_cutoff}']
@@ -815,18 +818,18 @@ class GRU4Rec:
                 else:
                     since_best += 1
             self.history_.append(record)
-            if self.verbose:
+            if p['verbose']:
                 print(line, flush=True)
             if callback is not None:
                 callback(dict(record))
             if patience and since_best >= patience:
-                if self.verbose:
+                if p['verbose']:
                     print(f'Stopping early: no progress on {valid_metric}@{valid_cutoff} for {patience} epoch(s)')
                 break
         if keep_best and best is not None and best[3] != len(self.history_):
             _, self.weights, self.opt_values, best_epoch = best
             self._push_state()
-            if self.verbose:
+            if p['verbose']:
                 print(f'Keeping the weights of epoch {best_epoch} (best valid {valid_metric}@{valid_cutoff})')
 
     def _pull_state(self):
@@ -838,7 +841,7 @@ class GRU4Rec:
         """Loads self.weights and self.opt_values into the compiled graph's shared variables."""
         self.training_step_.set_state(self.weights, self.opt_values)
         self.P_target.set_value(self._log_support(1.0))
-        self.P_sample.set_value(self._log_support(self.sample_alpha))
+        self.P_sample.set_value(self._log_support(self.hyperparameters_['sample_alpha']))
 
     def _grow(self, added):
         """Appends items never seen before: fresh parameter rows, zero optimiser state and support."""
@@ -918,6 +921,7 @@ class GRU4Rec:
         input (the dict's, or the log's when its sessions are contiguous and in time order, else by session id).
         """
         self._require_trained()
+        p = self._parsed_params()
         if int(k) < 1:
             raise ValueError(f'k must be a positive number of items, got {k!r}')
         if int(batch_size) < 1:
@@ -925,12 +929,12 @@ class GRU4Rec:
         k = min(int(k), self.n_items)
         if isinstance(sessions, dict):
             rows = [(sid, pos, item) for sid, its in sessions.items() for pos, item in enumerate(its)]
-            sessions = pd.DataFrame(rows, columns=[self.session_key, self.time_key, self.item_key])
-        items, offsets, _ = session_arrays(sessions, self.itemidmap, self.session_key, self.item_key,
-                                           self.time_key, what='sessions')
-        ordered = sort_log(sessions, self.session_key, self.time_key)  # positions, not labels: the index may repeat
-        known = ordered[self.item_key].isin(self.itemidmap).to_numpy()
-        session_ids = pd.unique(ordered[self.session_key].to_numpy()[known])
+            sessions = pd.DataFrame(rows, columns=[p['session_key'], p['time_key'], p['item_key']])
+        items, offsets, _ = session_arrays(sessions, self.itemidmap, p['session_key'], p['item_key'],
+                                           p['time_key'], what='sessions')
+        ordered = sort_log(sessions, p['session_key'], p['time_key'])  # positions, not labels: the index may repeat
+        known = ordered[p['item_key']].isin(self.itemidmap).to_numpy()
+        session_ids = pd.unique(ordered[p['session_key']].to_numpy()[known])
         step, score = self.compiled(('recommend', batch_size), lambda: self._compile_session_reader(batch_size))
         lengths = np.diff(offsets)
         results = []
@@ -955,8 +959,8 @@ class GRU4Rec:
             top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
             results.append(pd.DataFrame({
-                self.session_key: np.repeat(session_ids[batch], k), 'rank': np.tile(np.arange(1, k + 1), len(batch)),
-                self.item_key: self.itemidmap[top.ravel()], 'score': np.take_along_axis(scores, top, 1).ravel()}))
+                p['session_key']: np.repeat(session_ids[batch], k), 'rank': np.tile(np.arange(1, k + 1), len(batch)),
+                p['item_key']: self.itemidmap[top.ravel()], 'score': np.take_along_axis(scores, top, 1).ravel()}))
         result = pd.concat(results, ignore_index=True)
         if exclude_seen:  # when k exceeds the unseen items, the seen ones (score -inf) filled the top k
             result = result[result['score'] > -np.inf].reset_index(drop=True)

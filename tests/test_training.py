@@ -166,3 +166,12 @@ def test_fit_does_not_modify_the_callers_data():
     before = shuffled.copy()
     fit_small(shuffled, n_epochs=1)
     pd.testing.assert_frame_equal(shuffled, before)
+
+
+def test_fit_keeps_the_hyper_parameters_as_given():
+    """fit parses command-line strings for its own use (hyperparameters_) and leaves the hyper-parameters
+    as the caller gave them, as a scikit-learn estimator does."""
+    model = fit_small(layers='8', n_epochs='1', constrained_embedding='True', learning_rate='0.05')
+    assert model.get_params()['layers'] == '8' and model.n_epochs == '1' and model.learning_rate == '0.05'
+    assert model.hyperparameters_['layers'] == [8] and model.hyperparameters_['constrained_embedding'] is True
+    assert model.layers_ == [8] and np.isfinite(model.history_[0]['loss'])
