@@ -36,7 +36,8 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    boolean matrix of all items and a reduction over it. `RowCount` counts in one pass.
 9. Loops gcc would not vectorise. Its guessed branch probabilities mark each compiled op's run() as
    cold, so it compiled PyTensor's generated loops and ours for size, unvectorised:
-   -fno-guess-branch-probability restores vectorisation (e.g. of a fused Adagrad update). A fused loop of a loss and its gradient reads and writes a dozen arrays that might
+   -fno-guess-branch-probability restores vectorisation (e.g. of a fused Adagrad update). A fused loop
+   of a loss and its gradient reads and writes a dozen arrays that might
    overlap; gcc checks the overlaps at run time only up to 10 pairs and otherwise leaves the loop
    scalar: --param=vect-max-version-for-alias-checks=1000 (e.g. BPR-max's 9-input, 6-output loop).
    -fno-tree-sink: gcc sank a libm call into the branch of a select that uses it, and the
@@ -717,6 +718,7 @@ def c_mode():
     """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
     op, nor element-wise work into (slow, scalar) C reductions."""
     return (get_mode('CVM').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
-            .register((RowAdagradRewrite(), 0.02), (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_matrix_reduce), 99),
+            .register((RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
+                      (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
                       (in2out(local_contiguous_elemwise_inputs), 99)))

@@ -21,6 +21,8 @@ the optimisers, the sample store), evaluation.py, sessions.py (session logs and 
 mini-batches), backends.py (the only place that knows about backends) with cbackend.py, and
 modelfile.py (the file format).
 """
+import copy
+import inspect
 import math
 import sys
 import time
@@ -346,21 +348,50 @@ def _as_str(value):
     return str(value)
 
 
-# name -> (default, parser). The names and defaults are the original implementation's.
+# name -> (default, parser, description): the one list of the hyper-parameters. The names and defaults are
+# the original implementation's; GRU4Rec's signature, its docstring and parse_hyperparameters derive from it.
 HYPERPARAMETERS = OrderedDict([
-    ('loss', ('bpr-max', _as_str)), ('final_act', ('linear', _as_str)), ('hidden_act', ('tanh', _as_str)),
-    ('layers', ([100], _as_int_list)), ('n_epochs', (10, int)), ('batch_size', (32, int)),
-    ('dropout_p_hidden', (0.0, float)), ('dropout_p_embed', (0.0, float)), ('learning_rate', (0.1, float)),
-    ('momentum', (0.0, float)), ('lmbd', (0.0, float)), ('embedding', (0, _as_embedding)),
-    ('n_sample', (2048, int)), ('sample_alpha', (0.75, float)), ('smoothing', (0.0, float)),
-    ('constrained_embedding', (False, _as_bool)), ('adapt', ('adagrad', _as_adapt)),
-    ('adapt_params', ([], _as_float_list)), ('grad_cap', (0.0, float)), ('bpreg', (1.0, float)),
-    ('logq', (0.0, float)), ('sigma', (0.0, float)), ('init_as_normal', (False, _as_bool)),
-    ('train_random_order', (False, _as_bool)), ('time_sort', (True, _as_bool)),
-    ('session_key', ('SessionId', _as_str)), ('item_key', ('ItemId', _as_str)), ('time_key', ('Time', _as_str)),
-    ('seed', (42, int)), ('backend', ('c', _as_str)), ('verbose', (True, _as_bool)),
-    ('reset_after', (False, _as_bool)),  # not in the original: its cell is reset_after=False
+    ('loss', ('bpr-max', _as_str, "'cross-entropy' (with final_act='softmax'), 'xe_logit' (with "
+                                  "'softmax_logit'), 'bpr', 'top1', 'bpr-max', 'top1-max'")),
+    ('final_act', ('linear', _as_str, "activation of the scores: 'linear', 'relu', 'tanh', 'leaky-X', 'elu-X', "
+                                      "'selu-X-Y', 'softmax', 'softmax_logit'")),
+    ('hidden_act', ('tanh', _as_str, "activation of the GRU candidate state (as final_act, without the softmaxes)")),
+    ('layers', ([100], _as_int_list, "GRU layer sizes, e.g. [100] or '200/200'")),
+    ('n_epochs', (10, int, 'epochs that fit trains')),
+    ('batch_size', (32, int, 'sessions trained in parallel (ICLR 2016, section 3.1.1)')),
+    ('dropout_p_hidden', (0.0, float, 'dropout on the GRU layers\' outputs')),
+    ('dropout_p_embed', (0.0, float, 'dropout on the item embedding')),
+    ('learning_rate', (0.1, float, 'step size (Adadelta takes steps of its own size)')),
+    ('momentum', (0.0, float, 'heavy-ball momentum')),
+    ('lmbd', (0.0, float, 'L2 regularisation, as decoupled weight decay')),
+    ('embedding', (0, _as_embedding, "0 (the first layer reads one-hot items through an n_items x 3L matrix), K "
+                                     "or 'layersize' (a separate K-dimensional item embedding)")),
+    ('n_sample', (2048, int, 'extra negatives per step, shared by the mini-batch (CIKM 2018)')),
+    ('sample_alpha', (0.75, float, 'negatives drawn by support ** sample_alpha')),
+    ('smoothing', (0.0, float, 'label smoothing of the cross-entropy losses')),
+    ('constrained_embedding', (False, _as_bool, 'True uses the output weights Wy as the input embedding')),
+    ('adapt', ('adagrad', _as_adapt, "'adagrad', 'rmsprop', 'adadelta', 'adam' or None (SGD)")),
+    ('adapt_params', ([], _as_float_list, 'the decay of rmsprop and adadelta, or the betas of adam')),
+    ('grad_cap', (0.0, float, 'clips the gradients to this global norm (0: no clipping)')),
+    ('bpreg', (1.0, float, 'weight of the score regularisation of BPR-max')),
+    ('logq', (0.0, float, 'weight of the logQ correction of sampled softmax (with cross-entropy)')),
+    ('sigma', (0.0, float, 'the scale of the initial weights (0: sqrt(6 / (rows + columns)) per block)')),
+    ('init_as_normal', (False, _as_bool, 'normal instead of uniform initial weights')),
+    ('train_random_order', (False, _as_bool, 'shuffles the sessions in every epoch')),
+    ('time_sort', (True, _as_bool, 'sessions enter training by the time of their first event (else by id)')),
+    ('session_key', ('SessionId', _as_str, 'the session column of the data')),
+    ('item_key', ('ItemId', _as_str, 'the item column of the data')),
+    ('time_key', ('Time', _as_str, 'the time column of the data')),
+    ('seed', (42, int, 'seeds initialisation, sampling, dropout and session order: same seed and data, same model')),
+    ('backend', ('c', _as_str, "how PyTensor compiles the graphs: 'c' (C virtual machine) or 'jax'")),
+    ('verbose', (True, _as_bool, 'prints the loss of each epoch and shows progress')),
+    ('reset_after', (False, _as_bool, "(not in the original) False is the original's GRU cell, the reset gate "
+                                      'applied to the previous state before the recurrent product; True applies '
+                                      'it after, with a hidden-side candidate bias, as cuDNN and torch.nn.GRUCell '
+                                      'do (see gru_step)')),
 ])
+SIGNATURE = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+                               for name, (default, _, _) in HYPERPARAMETERS.items()])
 # Changing these changes the model's parameters or what they mean: they are fixed once a model is trained.
 ARCHITECTURE = ('layers', 'embedding', 'constrained_embedding', 'reset_after')
 
@@ -409,7 +440,7 @@ def parse_hyperparameters(**values):
     if unknown:
         raise ValueError(f'unknown hyper-parameter(s) {unknown}; known ones: {list(HYPERPARAMETERS)}')
     parsed = {}
-    for name, (default, parse) in HYPERPARAMETERS.items():
+    for name, (default, parse, _) in HYPERPARAMETERS.items():
         raw = values.get(name, default)
         try:
             parsed[name] = parse(raw)
@@ -422,64 +453,18 @@ def parse_hyperparameters(**values):
 class GRU4Rec:
     """GRU4Rec model (see the module docstring). Construct with hyper-parameters, then `fit`.
 
-    Hyper-parameters (names and defaults of the original implementation):
-    loss: 'cross-entropy' (with final_act='softmax'), 'xe_logit' (with 'softmax_logit'), 'bpr',
-        'top1', 'bpr-max', 'top1-max'.
-    final_act, hidden_act: 'linear', 'relu', 'tanh', 'leaky-X', 'elu-X', 'selu-X-Y'
-        (final_act also 'softmax', 'softmax_logit').
-    layers: GRU layer sizes, e.g. [100] or '200/200'.
-    embedding: 0 (the first layer reads one-hot items through an n_items x 3L matrix), K or
-        'layersize' (a separate K-dimensional item embedding); constrained_embedding=True uses the
-        output weights Wy as the input embedding.
-    n_sample, sample_alpha: extra negatives per step, drawn by support^sample_alpha.
-    adapt: 'adagrad', 'rmsprop', 'adadelta', 'adam' or None (SGD); adapt_params: decay or betas.
-    logq: weight of the logQ correction of sampled softmax (with cross-entropy).
-    seed: seeds initialisation, sampling, dropout and session order: same seed and data, same model.
-    backend: how PyTensor compiles the graphs: 'c' (C virtual machine) or 'jax'.
-    reset_after (not in the original): False is the original's GRU cell, the reset gate applied to the
-        previous state before the recurrent product; True applies it after, with a hidden-side
-        candidate bias, as cuDNN and torch.nn.GRUCell do (see gru_step).
+    Hyper-parameters (names and defaults of the original implementation; see HYPERPARAMETERS):
     """
 
-    def __init__(self, loss='bpr-max', final_act='linear', hidden_act='tanh', layers=[100], n_epochs=10,
-                 batch_size=32, dropout_p_hidden=0.0, dropout_p_embed=0.0, learning_rate=0.1, momentum=0.0,
-                 lmbd=0.0, embedding=0, n_sample=2048, sample_alpha=0.75, smoothing=0.0,
-                 constrained_embedding=False, adapt='adagrad', adapt_params=[], grad_cap=0.0, bpreg=1.0,
-                 logq=0.0, sigma=0.0, init_as_normal=False, train_random_order=False, time_sort=True,
-                 session_key='SessionId', item_key='ItemId', time_key='Time', seed=42, backend='c',
-                 verbose=True, reset_after=False):
-        self.loss = loss
-        self.final_act = final_act
-        self.hidden_act = hidden_act
-        self.layers = layers
-        self.n_epochs = n_epochs
-        self.batch_size = batch_size
-        self.dropout_p_hidden = dropout_p_hidden
-        self.dropout_p_embed = dropout_p_embed
-        self.learning_rate = learning_rate
-        self.momentum = momentum
-        self.lmbd = lmbd
-        self.embedding = embedding
-        self.n_sample = n_sample
-        self.sample_alpha = sample_alpha
-        self.smoothing = smoothing
-        self.constrained_embedding = constrained_embedding
-        self.adapt = adapt
-        self.adapt_params = adapt_params
-        self.grad_cap = grad_cap
-        self.bpreg = bpreg
-        self.logq = logq
-        self.sigma = sigma
-        self.init_as_normal = init_as_normal
-        self.train_random_order = train_random_order
-        self.time_sort = time_sort
-        self.session_key = session_key
-        self.item_key = item_key
-        self.time_key = time_key
-        self.seed = seed
-        self.backend = backend
-        self.verbose = verbose
-        self.reset_after = reset_after
+    def __init__(self, *args, **kwargs):
+        # The signature is SIGNATURE's (inspect.signature(GRU4Rec) shows it); binding raises Python's
+        # TypeError for an unknown or repeated name, as a written-out signature would.
+        given = SIGNATURE.bind(*args, **kwargs).arguments
+        for name, (default, _, _) in HYPERPARAMETERS.items():
+            setattr(self, name, given[name] if name in given else copy.deepcopy(default))
+
+    __init__.__signature__ = SIGNATURE.replace(
+        parameters=[inspect.Parameter('self', inspect.Parameter.POSITIONAL_OR_KEYWORD), *SIGNATURE.parameters.values()])
 
     # -- hyper-parameters ----------------------------------------------------------------------------
 
@@ -1010,6 +995,10 @@ class GRU4Rec:
         model._architecture = model._architecture_of(params)
         model._build()
         return model
+
+
+GRU4Rec.__doc__ = GRU4Rec.__doc__.rstrip() + '\n' + ''.join(f'    {name}={default!r}: {text}.\n'
+                                                               for name, (default, _, text) in HYPERPARAMETERS.items())
 
 
 def model_file_layout(params, n_items):

@@ -3,6 +3,7 @@ recommend, evaluate_gpu) rejects malformed session logs and arguments with an er
 wrong, never modifies the caller's DataFrame, and training failures (NaN loss, Ctrl-C) leave a usable
 model. tests/README.md tabulates the inputs tried and the error each gets."""
 import copy
+import inspect
 import re
 import warnings
 
@@ -12,7 +13,7 @@ import pytest
 
 import sessions
 from evaluation import evaluate_gpu
-from gru4rec import GRU4Rec
+from gru4rec import HYPERPARAMETERS, GRU4Rec, parse_hyperparameters
 from training import TrainingStep
 
 PARAMS = dict(layers=[8], n_epochs=1, batch_size=4, n_sample=6, learning_rate=0.1, verbose=False, seed=5)
@@ -530,3 +531,21 @@ def test_a_retrain_that_fails_in_its_first_epoch_leaves_item_map_and_supports(lo
     # Consistent with its item map: it scores exactly the old items.
     recs = model.recommend({1: [100]}, k=model.n_items + 5)
     assert sorted(recs.ItemId) == sorted(log.ItemId.unique())
+
+
+def test_the_signature_docstring_and_parsing_come_from_one_table():
+    """HYPERPARAMETERS is the one list: the constructor's signature (names, order, defaults), the docstring
+    and parse_hyperparameters follow it; positional arguments bind in its order, and a default list is
+    never shared between models."""
+    signature = inspect.signature(GRU4Rec)
+    assert list(signature.parameters) == list(HYPERPARAMETERS)
+    assert {n: p.default for n, p in signature.parameters.items()} == {n: d for n, (d, _, _) in HYPERPARAMETERS.items()}
+    assert all(f'    {name}=' in GRU4Rec.__doc__ for name in HYPERPARAMETERS)
+    assert parse_hyperparameters() == parse_hyperparameters(**GRU4Rec().get_params())
+    model = GRU4Rec('top1', 'tanh', layers='8/4')
+    assert (model.loss, model.final_act, model.layers, model.hidden_act) == ('top1', 'tanh', '8/4', 'tanh')
+    with pytest.raises(TypeError, match="multiple values for argument 'loss'"):
+        GRU4Rec('top1', loss='bpr')
+    first, second = GRU4Rec(), GRU4Rec()
+    first.layers.append(5)
+    assert second.layers == [100] and GRU4Rec().adapt_params == []
