@@ -8,7 +8,7 @@ import pytest
 
 from backends import compile_function
 from cbackend import MatrixReduce, RowAdagrad, RowCount, RowScatter, RowSoftmax
-from conftest import fit_small, make_log
+from conftest import RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
 from training import Optimizer
 
@@ -95,25 +95,6 @@ def test_element_wise_loops_with_broadcast_and_strided_inputs(rows):
     X, C, R, W = (rng.standard_normal(s).astype(np.float32) for s in [(rows, 40), (rows, 1), (1, 40), (rows, 60)])
     for got, expected in zip(fn(X, C, R, W), [X - X * C, np.exp(X + R), np.tanh(W[:, 20:]) * X]):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-
-
-class RecordingModel:
-    """A trained model seen through the interface evaluate_gpu scores it by, keeping what it compiles."""
-
-    def __init__(self, model):
-        self.model, self.functions = model, []
-        self.itemidmap, self.state_sizes = model.itemidmap, model.state_sizes
-
-    def get_params(self):
-        return self.model.get_params()
-
-    def symbolic_step(self, *args, **kwargs):
-        return self.model.symbolic_step(*args, **kwargs)
-
-    def compile_function(self, inputs, outputs, updates=None):
-        fn = self.model.compile_function(inputs, outputs, updates)
-        self.functions.append(fn)
-        return fn
 
 
 def c_ops(fn):

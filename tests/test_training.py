@@ -7,7 +7,7 @@ import pytensor
 import pytest
 
 import evaluation
-from conftest import (ACTIVATIONS, INPUT_MODES, fit_small, hidden_reference, loss_reference,
+from conftest import (ACTIVATIONS, INPUT_MODES, RecordingModel, fit_small, hidden_reference, loss_reference,
                       make_log, make_train_log, weights64)
 from sessions import session_arrays, session_parallel_batches
 
@@ -140,9 +140,12 @@ def test_graphs_are_float32_under_float64_floatx(adapt):
                                 np.ones(2, np.float32), np.arange(model.n_sample, dtype=np.int32))
     assert cost.dtype == np.float32
     model.predict_next_batch(np.array([1, 2]), model.itemidmap[[0, 1]], batch=2)
-    H = [pytensor.shared(np.zeros((4, L), np.float32)) for L in model.layers]
+    recording = RecordingModel(model)  # the evaluation step, with candidates and random tie-breaking
+    evaluation.evaluate_gpu(recording, make_train_log(), items=model.itemidmap[:5], cut_off=[5, 20], batch_size=4,
+                            mode='tiebreaking')
     compiled = [model.training_step_.function, model.compiled(('predict_next_batch', 2, False), None),
-                evaluation._compile_eval_step(model, H, [5, 20], 'tiebreaking', True, 0)]
+                *recording.functions]
+    assert len(compiled) == 3
     for fn in compiled:
         dtypes = {v.dtype for v in fn.maker.fgraph.variables if hasattr(v, 'dtype')}
         assert 'float64' not in dtypes
