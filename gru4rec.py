@@ -24,8 +24,6 @@ modelfile.py (the file format).
 import copy
 import inspect
 import math
-import sys
-import time
 import warnings
 from collections import OrderedDict
 
@@ -34,13 +32,13 @@ import pandas as pd
 import pytensor
 import pytensor.tensor as pt
 from pytensor.gradient import disconnected_grad
-from tqdm import tqdm
 
 import modelfile
 from backends import BACKENDS, compile_function
 from evaluation import evaluate_gpu
 from sessions import FLOAT, pad, session_arrays, session_parallel_batches, sort_log, validate_log
-from training import ADAPT_DEFAULTS, OPT_STATE_KINDS, Optimizer, SampleStore, TrainingStep, sample_cdf, static_shared
+from training import (ADAPT_DEFAULTS, OPT_STATE_KINDS, Optimizer, SampleStore, TrainingStep, sample_cdf, static_shared,
+                      train_epochs)
 from training import distinct_rows, inverse_cdf  # noqa: F401  (public names of gru4rec before issue 13)
 
 
@@ -746,76 +744,31 @@ class GRU4Rec:
 
     def _train(self, samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric, keep_best,
                patience, callback):
-        """The epochs of session-parallel training, with a snapshot after each completed epoch."""
+        """The epochs of session-parallel training (training.train_epochs) on the session arrays."""
         p = self.hyperparameters_
         min_slots = 1 if p['n_sample'] else 2  # without samples a lone session has no negative
-        n_pairs = len(items) - (len(offsets) - 1)
-        best, since_best = None, 0
-        for epoch in range(1, n_epochs + 1):
-            t0 = time.time()
+
+        def epoch_batches():
             session_order = self._rng.permutation(order) if p['train_random_order'] else order
-            total, n_steps, n_events = 0.0, 0, 0
-            progress = tqdm(total=n_pairs, desc=f'Epoch{epoch}', leave=False, unit='e',
-                            disable=None if p['verbose'] else True)
-            # The batches have exactly the graph's input types, so the per-call input checks (most of
-            # the call's overhead) are skipped while training.
-            step = self.training_step_
-            step.function.trust_input = True
-            try:
-                for X, T, prev_rows, keep in session_parallel_batches(items, offsets, session_order,
-                                                                      p['batch_size'], min_slots):
-                    cost = step(X, T, prev_rows, keep, samples.next())
-                    if not np.isfinite(cost):
-                        self._push_state()
-                        raise FloatingPointError(
-                            f'the loss became {cost} at epoch {epoch}, step {n_steps + 1}; the model keeps the '
-                            f'weights of the last completed epoch. Lower learning_rate or set grad_cap.')
-                    total += cost * len(X)  # the epoch's loss weighs each step by its sessions, as the original
-                    n_steps += 1
-                    n_events += len(X)
-                    if n_steps % 256 == 0:
-                        seconds = time.time() - t0
-                        progress.set_postfix(loss=f'{total / n_events:.4f}', mb_s=f'{n_steps / seconds:.0f}',
-                                             refresh=False)
-                        progress.update(n_events - progress.n)
-            except KeyboardInterrupt:
-                self._push_state()
-                print(f'Training interrupted in epoch {epoch}: the model keeps the weights of the '
-                      f'{len(self.history_)} completed epoch(s).', file=sys.stderr, flush=True)
-                return
-            finally:
-                step.function.trust_input = False
-                progress.close()
-            seconds = time.time() - t0
-            record = {'epoch': len(self.history_) + 1, 'loss': float(total) / max(n_events, 1), 'seconds': seconds}
+            return session_parallel_batches(items, offsets, session_order, p['batch_size'], min_slots)
+
+        def save():
             self._pull_state()
-            line = (f'Epoch{epoch} --> loss: {record["loss"]:.6f} \t({seconds:.2f}s) \t'
-                    f'[{n_steps / seconds:.2f} mb/s | {n_events / seconds:.0f} e/s]')
-            if valid_data is not None:
-                recall, mrr = evaluate_gpu(self, valid_data, session_key=p['session_key'], item_key=p['item_key'],
-                                           time_key=p['time_key'], cut_off=[valid_cutoff])
-                record[f'recall@{valid_cutoff}'] = float(recall[valid_cutoff])
-                record[f'mrr@{valid_cutoff}'] = float(mrr[valid_cutoff])
-                score = record[f'{valid_metric}@{valid_cutoff}']
-                line += f' \tvalid {valid_metric}@{valid_cutoff}: {score:.6f}'
-                if best is None or score > best[0]:
-                    best, since_best = (score, self.weights, self.opt_values, len(self.history_) + 1), 0
-                else:
-                    since_best += 1
-            self.history_.append(record)
-            if p['verbose']:
-                print(line, flush=True)
-            if callback is not None:
-                callback(dict(record))
-            if patience and since_best >= patience:
-                if p['verbose']:
-                    print(f'Stopping early: no progress on {valid_metric}@{valid_cutoff} for {patience} epoch(s)')
-                break
-        if keep_best and best is not None and best[3] != len(self.history_):
-            _, self.weights, self.opt_values, best_epoch = best
+            return self.weights, self.opt_values
+
+        def restore(snapshot):
+            if snapshot is not None:
+                self.weights, self.opt_values = snapshot
             self._push_state()
-            if p['verbose']:
-                print(f'Keeping the weights of epoch {best_epoch} (best valid {valid_metric}@{valid_cutoff})')
+
+        def validate():
+            recall, mrr = evaluate_gpu(self, valid_data, session_key=p['session_key'], item_key=p['item_key'],
+                                       time_key=p['time_key'], cut_off=[valid_cutoff])
+            return {f'recall@{valid_cutoff}': float(recall[valid_cutoff]),
+                    f'mrr@{valid_cutoff}': float(mrr[valid_cutoff])}
+        train_epochs(self.training_step_, samples, epoch_batches, len(items) - (len(offsets) - 1), n_epochs,
+                     self.history_, save, restore, validate if valid_data is not None else None,
+                     f'{valid_metric}@{valid_cutoff}', keep_best, patience, callback, p['verbose'])
 
     def _pull_state(self):
         """Copies weights and optimiser state out of the compiled graph (self.weights, self.opt_values):

@@ -1,10 +1,13 @@
 """The training engine behind the GRU4Rec estimator: the padded sparse training step, the optimisers as
-graph definitions, and the negative sample store.
+graph definitions, the negative sample store, and the epoch loop (validation, early stopping, NaN and
+Ctrl-C rollback).
 
 The estimator (gru4rec.py) hands this module its network; nothing here knows the model's equations.
 A step reads a session-parallel mini-batch (sessions.py) padded to a static shape, gathers only the
 item rows it touches, and updates them with their summed gradient: the exact sparse gradient.
 """
+import sys
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +15,7 @@ import numba
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
+from tqdm import tqdm
 
 from sessions import FLOAT, pad
 
@@ -228,6 +232,78 @@ class TrainingStep:
                 value = opt_values.get(acc.name)
                 acc.set_value(self.with_pad_row(name, np.zeros_like(weights[name]) if value is None else value))
         self.optimizer.t.set_value(np.float32(opt_values.get('t', 0)))
+
+
+def train_epochs(step, samples, epoch_batches, n_pairs, n_epochs, history, save, restore, validate=None,
+                 valid_name=None, keep_best=False, patience=None, callback=None, verbose=True):
+    """The epochs of session-parallel training, with a snapshot after each completed epoch.
+
+    step: the TrainingStep; samples: the SampleStore; epoch_batches(): the mini-batches of the next epoch;
+    n_pairs: the events an epoch predicts (for the progress bar). history: the list that gets each
+    completed epoch's record (epoch, loss, seconds and the validation figures). save() snapshots the
+    trained state after an epoch and returns it; restore(snapshot) loads one back (None: the last saved).
+    validate(): the validation figures {name: value} after an epoch, valid_name the one to maximise;
+    keep_best ends with the best epoch's state, patience stops after that many epochs without progress.
+    callback(record) is called after each epoch. A NaN or infinite loss restores the last completed epoch
+    and raises FloatingPointError; Ctrl-C (KeyboardInterrupt) restores it and returns."""
+    best, since_best = None, 0
+    for epoch in range(1, n_epochs + 1):
+        t0 = time.time()
+        total, n_steps, n_events = 0.0, 0, 0
+        progress = tqdm(total=n_pairs, desc=f'Epoch{epoch}', leave=False, unit='e', disable=None if verbose else True)
+        # The batches have exactly the graph's input types, so the per-call input checks (most of the
+        # call's overhead) are skipped while training.
+        step.function.trust_input = True
+        try:
+            for X, T, prev_rows, keep in epoch_batches():
+                cost = step(X, T, prev_rows, keep, samples.next())
+                if not np.isfinite(cost):
+                    restore(None)
+                    raise FloatingPointError(
+                        f'the loss became {cost} at epoch {epoch}, step {n_steps + 1}; the model keeps the '
+                        f'weights of the last completed epoch. Lower learning_rate or set grad_cap.')
+                total += cost * len(X)  # the epoch's loss weighs each step by its sessions, as the original
+                n_steps += 1
+                n_events += len(X)
+                if n_steps % 256 == 0:
+                    seconds = time.time() - t0
+                    progress.set_postfix(loss=f'{total / n_events:.4f}', mb_s=f'{n_steps / seconds:.0f}', refresh=False)
+                    progress.update(n_events - progress.n)
+        except KeyboardInterrupt:
+            restore(None)
+            print(f'Training interrupted in epoch {epoch}: the model keeps the weights of the '
+                  f'{len(history)} completed epoch(s).', file=sys.stderr, flush=True)
+            return
+        finally:
+            step.function.trust_input = False
+            progress.close()
+        seconds = time.time() - t0
+        record = {'epoch': len(history) + 1, 'loss': float(total) / max(n_events, 1), 'seconds': seconds}
+        snapshot = save()
+        line = (f'Epoch{epoch} --> loss: {record["loss"]:.6f} \t({seconds:.2f}s) \t'
+                f'[{n_steps / seconds:.2f} mb/s | {n_events / seconds:.0f} e/s]')
+        if validate is not None:
+            record.update(validate())
+            score = record[valid_name]
+            line += f' \tvalid {valid_name}: {score:.6f}'
+            if best is None or score > best[0]:
+                best, since_best = (score, snapshot, len(history) + 1), 0
+            else:
+                since_best += 1
+        history.append(record)
+        if verbose:
+            print(line, flush=True)
+        if callback is not None:
+            callback(dict(record))
+        if patience and since_best >= patience:
+            if verbose:
+                print(f'Stopping early: no progress on {valid_name} for {patience} epoch(s)')
+            break
+    if keep_best and best is not None and best[2] != len(history):
+        _, snapshot, best_epoch = best
+        restore(snapshot)
+        if verbose:
+            print(f'Keeping the weights of epoch {best_epoch} (best valid {valid_name})')
 
 
 @numba.njit(cache=True)
