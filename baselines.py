@@ -8,7 +8,7 @@
 
 Each baseline is fitted on a session log (same format as GRU4Rec's training data) and then exposes the
 interface evaluate_gpu scores a model through: `itemidmap`, `state_sizes`, `symbolic_step` and
-`compile_function`. Scores are float32 and compiled in GRU4Rec's mode (see gru4rec.compile_function),
+`compile_function`. Scores are float32 and compiled in GRU4Rec's mode (see backends.compile_function),
 so a baseline runs on the same backend as the model it is compared with.
 
     >>> from baselines import MarkovChain
@@ -28,7 +28,8 @@ import pytensor
 import pytensor.tensor as pt
 import scipy.sparse as sp
 
-from gru4rec import BACKENDS, FLOAT, compile_function, session_arrays, validate_log
+from backends import check_backend, compile_function
+from sessions import FLOAT, session_arrays, validate_log
 
 
 class Baseline:
@@ -47,8 +48,7 @@ class Baseline:
         return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
 
     def _check_params(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f'backend={self.backend!r}: use one of {sorted(BACKENDS)}')
+        check_backend(self.backend)
 
     def fit(self, data, session_key='SessionId', item_key='ItemId', time_key='Time'):
         """Fits on a session log (a DataFrame with session, item and time columns); returns self."""

@@ -18,7 +18,7 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    and runs numpy's np.add.at. `RowScatter` is a C loop over the rows, swapped in by a graph rewrite
    for in-place scatters of matrices.
 4. Reductions. PyTensor's C reductions walk a generic strided loop one element at a time (a row sum
-   of a 32 x 2080 matrix took ~10x numpy's), and numpy's, called from Python, cost tens of us each;
+   of a matrix ran many times slower than numpy's), and numpy's, called from Python, cost a call each;
    `MatrixReduce` sums, maxima and minima of vectors and matrices over rows, columns or everything
    in a vectorised C loop. Element-wise work is not fused into reductions.
 5. Softmax is an op that PyTensor 3's C backend runs in Python. `RowSoftmax` computes it in C, a row
@@ -28,20 +28,20 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    dot22scalar rewrite would fold each factor into its own copy of the product).
 7. The sparse Adagrad step of the item matrices. As a graph it gathers the step's rows of the weights,
    of the accumulator and of the velocity, computes the step on the copies, and scatters three
-   results back: about half of a training step on RSC15, mostly memory traffic and a fused
-   element-wise loop (see 9.). `RowAdagrad` does it in one pass over each row, in
-   place (GRU4Rec uses it on this backend; the graph version stays the definition, and the tests
-   compare the two).
+   results back: a large part of a training step, mostly memory traffic and a fused element-wise
+   loop (see 9.). `RowAdagrad` does it in one pass over each row, in place. The optimiser
+   (training.py) writes the graph, the definition on every backend; `RowAdagradRewrite` recognises
+   it in this mode and substitutes the op (the tests check that it does, and that the two agree).
 8. Ranking. Evaluation counts, per row, the scores above (or equal to) the target's: as a graph, a
    boolean matrix of all items and a reduction over it. `RowCount` counts in one pass.
 9. Loops gcc would not vectorise. Its guessed branch probabilities mark each compiled op's run() as
    cold, so it compiled PyTensor's generated loops and ours for size, unvectorised:
-   -fno-guess-branch-probability restores vectorisation (a fused Adagrad update of 2,112 x 100 values:
-   620 -> 150 us). A fused loop of a loss and its gradient reads and writes a dozen arrays that might
+   -fno-guess-branch-probability restores vectorisation (e.g. of a fused Adagrad update). A fused loop
+   of a loss and its gradient reads and writes a dozen arrays that might
    overlap; gcc checks the overlaps at run time only up to 10 pairs and otherwise leaves the loop
-   scalar: --param=vect-max-version-for-alias-checks=1000 (BPR-max's 9-input, 6-output loop: 0.9 ms ->
-   ~0.1 ms). -fno-tree-sink: gcc sank a libm call into the branch of a select that uses it, and the
-   branch stopped vectorisation (switch(x >= 0, g, 0.5 * g * exp(x)) over 32 x 2,080: 472 -> 88 us).
+   scalar: --param=vect-max-version-for-alias-checks=1000 (e.g. BPR-max's 9-input, 6-output loop).
+   -fno-tree-sink: gcc sank a libm call into the branch of a select that uses it, and the
+   branch stopped vectorisation (of switch(x >= 0, g, 0.5 * g * exp(x)), in an ELU's gradient).
    -fopenmp-simd honours `#pragma omp simd` (no OpenMP runtime), used for the max and sum reductions
    of RowSoftmax.
 10. Element-wise loops over strided or broadcast operands (`local_contiguous_elemwise_inputs`) and
@@ -60,13 +60,16 @@ import pytensor
 import pytensor.tensor as pt
 from pytensor.compile.mode import get_mode
 from pytensor.graph.basic import Apply
-from pytensor.graph.rewriting.basic import in2out, node_rewriter
+from pytensor.graph.features import ReplaceValidate
+from pytensor.graph.rewriting.basic import GraphRewriter, in2out, node_rewriter
 from pytensor.link.c.op import COp
 from pytensor.scalar import basic as ps
 from pytensor.tensor.elemwise import CAReduce, DimShuffle, Elemwise
 from pytensor.tensor.special import Softmax
 from pytensor.tensor.type import TensorType
-from pytensor.tensor.subtensor import AdvancedIncSubtensor1, Subtensor
+from pytensor.tensor.exceptions import NotScalarConstantError
+from pytensor.tensor.subtensor import (AdvancedIncSubtensor, AdvancedIncSubtensor1, AdvancedSubtensor,
+                                      AdvancedSubtensor1, Subtensor)
 
 @functools.cache
 def blas_ldflags():
@@ -308,11 +311,113 @@ def local_row_adagrad_inplace(fgraph, node):
     return RowAdagrad(op.learning_rate, op.momentum, op.epsilon, inplace=True)(*node.inputs, return_list=True)
 
 
-def row_adagrad_updates(w, acc, vel, rows, grad, learning_rate, momentum, epsilon):
-    """Updates {w: ..., acc: ..., vel: ...} of RowAdagrad (vel None without momentum)."""
-    state = [w, acc] + ([vel] if momentum else [])
-    outputs = RowAdagrad(learning_rate, momentum, epsilon)(*state, rows, grad, return_list=True)
-    return dict(zip(state, outputs))
+def _constant(v):
+    """The value of a scalar constant (also broadcast by a DimShuffle), else None."""
+    try:
+        return float(pt.get_underlying_scalar_constant_value(v))
+    except NotScalarConstantError:
+        return None
+
+
+def _op_of(v, op_type, scalar_op=None):
+    """v's node when v is computed by op_type (an Elemwise of scalar_op), else None."""
+    node = v.owner
+    if node is None or not isinstance(node.op, op_type):
+        return None
+    if scalar_op is not None and not isinstance(node.op.scalar_op, scalar_op):
+        return None
+    return node
+
+
+def _gathered(v, rows):
+    """The matrix x when v is x[rows], else None."""
+    node = _op_of(v, (AdvancedSubtensor1, AdvancedSubtensor))
+    return node.inputs[0] if node is not None and len(node.inputs) == 2 and node.inputs[1] is rows else None
+
+
+def _is_row_scatter(node, set_instead_of_inc):
+    """Whether node is x[rows] = y (or += y) with one vector of row indices, before or after PyTensor
+    has specialised the indexing (AdvancedIncSubtensor1)."""
+    return (isinstance(node.op, (AdvancedIncSubtensor1, AdvancedIncSubtensor)) and len(node.inputs) == 3
+            and node.op.set_instead_of_inc == set_instead_of_inc and node.inputs[2].ndim == 1
+            and node.inputs[2].dtype.startswith('int') and node.inputs[0].ndim in (1, 2))
+
+
+def _scatter_client(fgraph, value, rows, set_instead_of_inc):
+    """The node x[rows] = value (or += value) among value's clients, else None."""
+    for client, _ in fgraph.clients.get(value, []):
+        if _is_row_scatter(client, set_instead_of_inc) and client.inputs[1] is value and client.inputs[2] is rows:
+            return client
+    return None
+
+
+def _match_row_adagrad(fgraph, node):
+    """For w[rows] += delta (node), the sparse Adagrad step of training.py written as a graph:
+        a = acc[rows] + g ** 2;  acc[rows] = a;  step = -lr * (g / sqrt(a + eps))
+        delta = step, or delta = momentum * vel[rows] + step with vel[rows] = delta,
+    returns (RowAdagrad op, its inputs, the scatter nodes it replaces), else None."""
+    w, delta, rows = node.inputs
+    velocity, momentum = None, 0.0
+    add = _op_of(delta, Elemwise, ps.Add)
+    if add is not None and len(add.inputs) == 2:
+        for i in (0, 1):
+            decay = _op_of(add.inputs[i], Elemwise, ps.Mul)
+            if decay is not None and len(decay.inputs) == 2 and _constant(decay.inputs[0]) is not None:
+                vel = _gathered(decay.inputs[1], rows)
+                if vel is not None:
+                    velocity, momentum, delta = vel, _constant(decay.inputs[0]), add.inputs[1 - i]
+                    break
+        else:
+            return None
+    scaled = _op_of(delta, Elemwise, ps.Mul)
+    if scaled is None or len(scaled.inputs) != 2 or _constant(scaled.inputs[0]) is None:
+        return None
+    learning_rate = -_constant(scaled.inputs[0])
+    div = _op_of(scaled.inputs[1], Elemwise, ps.TrueDiv)
+    sqrt = div and _op_of(div.inputs[1], Elemwise, ps.Sqrt)
+    shifted = sqrt and _op_of(sqrt.inputs[0], Elemwise, ps.Add)
+    if shifted is None or len(shifted.inputs) != 2 or _constant(shifted.inputs[1]) is None:
+        return None
+    grad, a_new, epsilon = div.inputs[0], shifted.inputs[0], _constant(shifted.inputs[1])
+    accumulate = _op_of(a_new, Elemwise, ps.Add)
+    square = accumulate and len(accumulate.inputs) == 2 and _op_of(accumulate.inputs[1], Elemwise, ps.Pow)
+    if not square or square.inputs[0] is not grad or _constant(square.inputs[1]) != 2:
+        return None
+    acc = _gathered(accumulate.inputs[0], rows)
+    acc_node = acc is not None and _scatter_client(fgraph, a_new, rows, True)
+    if not acc_node or acc_node.inputs[0] is not acc:
+        return None
+    state, scatters = [w, acc], [node, acc_node]
+    if velocity is not None:
+        vel_node = _scatter_client(fgraph, node.inputs[1], rows, True)
+        if vel_node is None or vel_node.inputs[0] is not velocity:
+            return None
+        state.append(velocity)
+        scatters.append(vel_node)
+    if any(v.dtype != w.dtype or v.ndim != w.ndim for v in state + [grad]):
+        return None
+    return RowAdagrad(learning_rate, momentum, epsilon), state + [rows, grad], scatters
+
+
+class RowAdagradRewrite(GraphRewriter):
+    """Finds the sparse Adagrad step written as a graph (see _match_row_adagrad) and computes it with
+    RowAdagrad: the graph stays the definition on every backend, this backend runs it in one pass.
+    It runs before canonicalisation, on the graph as the optimiser wrote it."""
+
+    def add_requirements(self, fgraph):
+        fgraph.attach_feature(ReplaceValidate())
+
+    def apply(self, fgraph):
+        for node in list(fgraph.toposort()):
+            if node not in fgraph.apply_nodes or not _is_row_scatter(node, False):
+                continue
+            match = _match_row_adagrad(fgraph, node)
+            if match is None:
+                continue
+            op, inputs, scatters = match
+            outputs = op(*inputs, return_list=True)
+            fgraph.replace_all_validate([(s.outputs[0], o) for s, o in zip(scatters, outputs)],
+                                        reason='row_adagrad')
 
 
 class MatrixReduce(COp):
@@ -579,9 +684,8 @@ def local_contiguous_elemwise_inputs(fgraph, node):
     known only at run time, where gcc vectorises arithmetic but calls exp, tanh, ... one value at a
     time, and vectorises nothing when an input steps by zero along the row (a column broadcast, M x 1).
     So column broadcasts are always copied out into a full M x N matrix first, and row broadcasts
-    (1 x N) and views of some columns are when the loop calls such functions. Measured over 32 x 2,080:
-    a - b * c with c 32 x 1, 72 us, 15 + 5 with c copied out; exp(x + r) with r 1 x 2,080, 431 us against
-    20 for exp(x); over 32 x 100, z * tanh(g) with z a column slice, 43 us against 4."""
+    (1 x N) and views of some columns are when the loop calls such functions (the measurements are in
+    benchmarks/README.md, "Speed figures moved out of the code")."""
     out = node.outputs[0]
     if out.ndim != 2 or out.type.shape[1] is not None and out.type.shape[1] < 8:
         return None
@@ -614,6 +718,7 @@ def c_mode():
     """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
     op, nor element-wise work into (slow, scalar) C reductions."""
     return (get_mode('CVM').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
-            .register((in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_matrix_reduce), 99),
+            .register((RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
+                      (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
                       (in2out(local_contiguous_elemwise_inputs), 99)))

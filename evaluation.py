@@ -16,7 +16,8 @@ import pandas as pd
 import pytensor
 import pytensor.tensor as pt
 
-from gru4rec import FLOAT, pad, session_arrays, session_parallel_batches
+from backends import needs_static_shapes
+from sessions import FLOAT, pad, session_arrays, session_parallel_batches
 
 TIE_MODES = ('standard', 'conservative', 'median', 'tiebreaking')
 
@@ -79,7 +80,8 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     The model provides `itemidmap` (item ids in index order), `state_sizes` (widths of the states it
     carries along a session) and `symbolic_step(X, H_prev, candidates, ranking=True)`, returning the
     new states and scores of all items (or of the candidate indices) in the order of the final scores
-    (GRU4Rec ranks by the scores before a strictly increasing final activation), and `compile_function`.
+    (GRU4Rec ranks by the scores before a strictly increasing final activation), `compile_function`, and
+    `get_params()['backend']`, the backend it compiles for (see backends.py).
 
     items: optional candidate item ids to rank each target against (default: every training item); as in
     the original, every test event of a known item is still read and predicted, its target ranked
@@ -107,7 +109,7 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
         raise ValueError('the test data has no event to predict: no session has two or more events of items '
                          'the model knows')
     B = int(batch_size)
-    static = getattr(gru, 'backend', 'c') == 'jax'
+    static = needs_static_shapes(gru.get_params()['backend'])
 
     def make():
         H = [pytensor.shared(np.zeros((B, L), dtype=FLOAT), shape=(B if static else None, L)) for L in state_sizes]

@@ -2,7 +2,7 @@
 
 `predict_next_batch` was built for evaluation (fixed batch slots, a compiled graph). A service sees a
 stream of clicks from many users instead; SessionRecommender keeps one hidden state per live session
-and runs the trained network's step (GRU4Rec's `_gru`, ICLR 2016 eq. 1-4 with the reset gate applied
+and runs the trained network's step (gru4rec's `gru_step`, ICLR 2016 eq. 1-4 with the reset gate applied
 to h before the recurrent product) in plain numpy float32, so it needs no graph compiler and starts in
 milliseconds. Its scores are the model's own (predict_next_batch's) to float32 rounding.
 
@@ -67,7 +67,7 @@ def numpy_activation(name):
 
 
 def gru_step(x_proj, h, Wrz, Wh, act, Bhc=None):
-    """One GRU step, as GRU4Rec._gru. x_proj = x·Wx + Bh (M x 3L), h the previous state (M x L).
+    """One GRU step, as gru4rec.gru_step. x_proj = x·Wx + Bh (M x 3L), h the previous state (M x L).
     r = σ(x·Wr + h·Ur), z = σ(x·Wz + h·Uz), h' = (1-z)*h + z*c with
     c = act(x·Wc + (r*h)·Uh) (the original's cell), or c = act(x·Wc + r*(h·Uh + bhc)) when the model
     was trained with reset_after=True (Bhc is then its bhc)."""

@@ -175,7 +175,7 @@ def build_parser():
                         help='train this baseline instead of GRU4Rec (pop, session popularity, item-kNN, '
                         'first-order Markov chain); -ps / -pf then set its parameters')
     source.add_argument('--backend', choices=sorted(BACKENDS),
-                        help="PyTensor compile mode: 'c' (default), 'numba' or 'jax' (sets the backend "
+                        help="PyTensor compile mode: 'c' (default) or 'jax' (sets the backend "
                         'hyper-parameter; also for a loaded model)')
     source.add_argument('-s', '--save-model', '--save_model', metavar='FILE', help='save the trained model to FILE')
     source.add_argument('-ss', '--sample-store', '--sample_store_size', metavar='N', type=int, default=10000000,

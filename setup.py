@@ -8,11 +8,11 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['gru4rec', 'evaluation', 'baselines', 'run', 'paropt', 'synthetic', 'cbackend', 'modelfile', 'live',
-                'serve'],
+    py_modules=['modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'gru4rec', 'baselines',
+                'synthetic', 'live', 'serve', 'run', 'paropt'],
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
-        'pytensor>=2.30',
+        'pytensor>=3.0.7,<3.1',  # cbackend.py uses PyTensor's internals; tested with 3.0.7
         'numba>=0.57',  # the training loop's host side (distinct_rows)
         'numpy>=1.26',
         'pandas>=2.0',

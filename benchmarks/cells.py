@@ -36,7 +36,7 @@ def main(argv=None):
     parser.add_argument('--data', nargs='+', choices=sorted(SETTINGS), default=sorted(SETTINGS),
                         help='data sets (default: all of them that are present)')
     parser.add_argument('--seeds', nargs='+', type=int, help="seeds to train each cell with (default: the model's)")
-    parser.add_argument('--backend', choices=('c', 'numba', 'jax'), help='PyTensor compile mode')
+    parser.add_argument('--backend', choices=('c', 'jax'), help='PyTensor compile mode')
     parser.add_argument('--output', help='also write the markdown table to this file')
     parser.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ def add_common_arguments(parser):
     parser.add_argument('-ps', '--params', default='',
                         help='hyper-parameters as k=v,k=v, or the name of a preset: ' + ', '.join(PRESETS))
     parser.add_argument('-pf', '--paramfile', help='a Python file defining an ordered dict gru4rec_params')
-    parser.add_argument('--backend', help="'c', 'numba' or 'jax' (overrides the parameters)")
+    parser.add_argument('--backend', help="'c' or 'jax' (overrides the parameters)")
 
 
 def load_log(spec):

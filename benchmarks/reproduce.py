@@ -70,7 +70,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', nargs='+', choices=sorted(SETTINGS), default=sorted(SETTINGS),
                         help='data sets (default: all of them that are present)')
-    parser.add_argument('--backend', choices=('c', 'numba', 'jax'), help='PyTensor compile mode')
+    parser.add_argument('--backend', choices=('c', 'jax'), help='PyTensor compile mode')
     parser.add_argument('--epochs', type=int, help="override the settings' number of epochs (quick checks)")
     parser.add_argument('--output', help='also write the markdown table to this file')
     parser.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')

@@ -6,9 +6,9 @@
 
 Trains one epoch, or the first --steps mini-batches of it (on the whole data set and item set; the
 seconds per epoch are then extrapolated and labelled so). The speed excludes the first step, which on
-the Numba and JAX backends also compiles the graph; that step is reported on its own. --profile prints
+the JAX backend also compiles the graph; that step is reported on its own. --profile prints
 the per-op profile of the training step: PyTensor's own for the C backend (in thread CPU time unless
---wall-clock), node_profile.py's for Numba and JAX, which compile the whole graph into one function.
+--wall-clock), node_profile.py's for JAX, which compiles the whole graph into one function.
 """
 import argparse
 import itertools
@@ -21,18 +21,18 @@ from gru4rec import GRU4Rec
 
 
 class FirstCallTimer:
-    """Stands in for the compiled training step until its first call, which it times (on Numba and
-    JAX that call compiles the graph) and whose inputs it keeps for the per-node profile."""
+    """Stands in for the compiled training step until its first call, which it times (on JAX
+    that call compiles the graph) and whose inputs it keeps for the per-node profile."""
 
-    def __init__(self, model, fn, timings):
-        self.__dict__.update(model=model, fn=fn, timings=timings)
+    def __init__(self, step, fn, timings):
+        self.__dict__.update(step=step, fn=fn, timings=timings)
 
     def __call__(self, *inputs):
         start = time.perf_counter()
         cost = self.fn(*inputs)
         self.timings['first_step'] = time.perf_counter() - start
         self.timings['inputs'] = [i.copy() if hasattr(i, 'copy') else i for i in inputs]
-        self.model._train_fn = self.fn
+        self.step.function = self.fn
         return cost
 
     def __getattr__(self, name):
@@ -68,7 +68,7 @@ def main():
         start = time.perf_counter()
         build(self)
         timings['compile'] += time.perf_counter() - start
-        self._train_fn = FirstCallTimer(self, self._train_fn, timings)
+        self.training_step_.function = FirstCallTimer(self.training_step_, self.training_step_.function, timings)
     GRU4Rec._build = timed_build
 
     counts = {'steps': 0, 'events': 0, 'epoch_steps': None}
@@ -111,10 +111,10 @@ def main():
     print(f'peak RSS: {peak_rss_mb():,.0f} MiB (after loading the data: {rss_data:,.0f} MiB)')
     print(f"loss: {model.history_[-1]['loss']:.6f}")
     if c_profile:
-        model._train_fn.profile.summary()
+        model.training_step_.function.profile.summary()
     elif args.profile:
         from node_profile import print_node_profile
-        print_node_profile(model._train_fn, timings['inputs'])
+        print_node_profile(model.training_step_.function, timings['inputs'])
 
 
 if __name__ == '__main__':

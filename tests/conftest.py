@@ -182,3 +182,22 @@ def forward_reference(model, X, H_prev, candidates=None):
     H = hidden_reference(model, W, X, H_prev)
     Wy, By = (W['Wy'], W['By']) if candidates is None else (W['Wy'][candidates], W['By'][candidates])
     return H, ACTIVATIONS[model.final_act](H[-1] @ Wy.T + By)
+
+
+class RecordingModel:
+    """A trained model seen through the interface evaluate_gpu scores it by, keeping what it compiles."""
+
+    def __init__(self, model):
+        self.model, self.functions = model, []
+        self.itemidmap, self.state_sizes = model.itemidmap, model.state_sizes
+
+    def get_params(self):
+        return self.model.get_params()
+
+    def symbolic_step(self, *args, **kwargs):
+        return self.model.symbolic_step(*args, **kwargs)
+
+    def compile_function(self, inputs, outputs, updates=None):
+        fn = self.model.compile_function(inputs, outputs, updates)
+        self.functions.append(fn)
+        return fn

@@ -43,7 +43,7 @@ def trained(backend, **settings):
 
 
 def assert_same_model(c_model, jax_model):
-    assert type(jax_model._train_fn.maker.linker).__name__ == 'JAXLinker'
+    assert type(jax_model.training_step_.function.maker.linker).__name__ == 'JAXLinker'
     assert list(c_model.weights) == list(jax_model.weights)
     for name in c_model.weights:
         np.testing.assert_allclose(jax_model.weights[name], c_model.weights[name], rtol=1e-3, atol=2e-5,

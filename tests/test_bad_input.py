@@ -3,6 +3,7 @@ recommend, evaluate_gpu) rejects malformed session logs and arguments with an er
 wrong, never modifies the caller's DataFrame, and training failures (NaN loss, Ctrl-C) leave a usable
 model. tests/README.md tabulates the inputs tried and the error each gets."""
 import copy
+import inspect
 import re
 import warnings
 
@@ -10,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import gru4rec
+import sessions
 from evaluation import evaluate_gpu
-from gru4rec import GRU4Rec
+from gru4rec import HYPERPARAMETERS, GRU4Rec, parse_hyperparameters
+from training import TrainingStep
 
 PARAMS = dict(layers=[8], n_epochs=1, batch_size=4, n_sample=6, learning_rate=0.1, verbose=False, seed=5)
 
@@ -37,8 +39,8 @@ def model(log):
 
 
 def snapshot(model):
-    model._pull_state()
-    return ({n: w.copy() for n, w in model.weights.items()}, {n: np.copy(v) for n, v in model.opt_values.items()},
+    weights, opt_values = model.training_step_.get_state()  # what the compiled step holds
+    return ({n: w.copy() for n, w in weights.items()}, {n: np.copy(v) for n, v in opt_values.items()},
             copy.deepcopy(model.history_), model.itemidmap.copy(), model.support.copy())
 
 
@@ -247,6 +249,7 @@ BAD_PARAMS = [
     (dict(adapt='adam', adapt_params=[0.9]), r'adam takes 2 values'),
     (dict(constrained_embedding='maybe'), r"constrained_embedding='maybe' cannot be read"),
     (dict(backend='cuda'), r"backend='cuda': use one of"),
+    (dict(backend='numba'), r"backend='numba': use one of \['c', 'jax'\]"),  # no longer offered
 ]
 
 
@@ -461,19 +464,15 @@ def test_nan_loss_in_a_later_epoch_names_it(log, monkeypatch):
     """The loss turns NaN in the middle of the 2nd epoch: the error names epoch 2 and the step; the
     model is the one after epoch 1 (equal to a model trained for 1 epoch with the same seed)."""
     one_epoch = GRU4Rec(**dict(PARAMS, n_epochs=1)).fit(log)
-    compile_train = GRU4Rec._compile_train
+    train = TrainingStep.__call__
+    calls = {'n': 0}
 
-    def poisoned(self):
-        train = compile_train(self)
-        calls = {'n': 0}
-
-        def step(*args):
-            calls['n'] += 1
-            cost = train(*args)
-            return np.float32(np.nan) if calls['n'] == steps_per_epoch + 5 else cost
-        return step
+    def poisoned(self, *args):
+        calls['n'] += 1
+        cost = train(self, *args)
+        return np.float32(np.nan) if calls['n'] == steps_per_epoch + 5 else cost
     steps_per_epoch = count_steps(log)
-    monkeypatch.setattr(GRU4Rec, '_compile_train', poisoned)
+    monkeypatch.setattr(TrainingStep, '__call__', poisoned)
     model = GRU4Rec(**dict(PARAMS, n_epochs=3))
     with pytest.raises(FloatingPointError, match=r'at epoch 2, step 5;'):
         model.fit(log)
@@ -482,26 +481,22 @@ def test_nan_loss_in_a_later_epoch_names_it(log, monkeypatch):
 
 def count_steps(log):
     itemidmap = pd.Index(np.sort(log.ItemId.unique()))
-    items, offsets, order = gru4rec.session_arrays(log, itemidmap, 'SessionId', 'ItemId', 'Time')
-    return sum(1 for _ in gru4rec.session_parallel_batches(items, offsets, order, PARAMS['batch_size']))
+    items, offsets, order = sessions.session_arrays(log, itemidmap, 'SessionId', 'ItemId', 'Time')
+    return sum(1 for _ in sessions.session_parallel_batches(items, offsets, order, PARAMS['batch_size']))
 
 
 def test_ctrl_c_keeps_the_completed_epochs(log, monkeypatch, capfd):
     one_epoch = GRU4Rec(**dict(PARAMS, n_epochs=1)).fit(log)
-    compile_train = GRU4Rec._compile_train
+    train = TrainingStep.__call__
     steps_per_epoch = count_steps(log)
+    calls = {'n': 0}
 
-    def interrupted(self):
-        train = compile_train(self)
-        calls = {'n': 0}
-
-        def step(*args):
-            calls['n'] += 1
-            if calls['n'] == steps_per_epoch + 3:
-                raise KeyboardInterrupt
-            return train(*args)
-        return step
-    monkeypatch.setattr(GRU4Rec, '_compile_train', interrupted)
+    def interrupted(self, *args):
+        calls['n'] += 1
+        if calls['n'] == steps_per_epoch + 3:
+            raise KeyboardInterrupt
+        return train(self, *args)
+    monkeypatch.setattr(TrainingStep, '__call__', interrupted)
     capfd.readouterr()
     model = GRU4Rec(**dict(PARAMS, n_epochs=3)).fit(log)  # returns: Ctrl-C ends training, not the program
     err = capfd.readouterr().err
@@ -527,18 +522,30 @@ def test_a_retrain_that_fails_in_its_first_epoch_leaves_item_map_and_supports(lo
     with pytest.raises(FloatingPointError, match='at epoch 1'):
         model.retrain(new)
     assert_same_state(model, before)
-    compile_train = GRU4Rec._compile_train
-
-    def interrupted(self):
-        train = compile_train(self)
-
-        def step(*args):
-            raise KeyboardInterrupt
-        return step
-    monkeypatch.setattr(GRU4Rec, '_compile_train', interrupted)
-    model.retrain(new)  # the new items need a new graph: compiled through the patched method
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(TrainingStep, '__call__', interrupted)
+    model.retrain(new)  # the new items need a new graph, whose steps are interrupted
     monkeypatch.undo()
     assert_same_state(model, before)
     # Consistent with its item map: it scores exactly the old items.
     recs = model.recommend({1: [100]}, k=model.n_items + 5)
     assert sorted(recs.ItemId) == sorted(log.ItemId.unique())
+
+
+def test_the_signature_docstring_and_parsing_come_from_one_table():
+    """HYPERPARAMETERS is the one list: the constructor's signature (names, order, defaults), the docstring
+    and parse_hyperparameters follow it; positional arguments bind in its order, and a default list is
+    never shared between models."""
+    signature = inspect.signature(GRU4Rec)
+    assert list(signature.parameters) == list(HYPERPARAMETERS)
+    assert {n: p.default for n, p in signature.parameters.items()} == {n: d for n, (d, _, _) in HYPERPARAMETERS.items()}
+    assert all(f'    {name}=' in GRU4Rec.__doc__ for name in HYPERPARAMETERS)
+    assert parse_hyperparameters() == parse_hyperparameters(**GRU4Rec().get_params())
+    model = GRU4Rec('top1', 'tanh', layers='8/4')
+    assert (model.loss, model.final_act, model.layers, model.hidden_act) == ('top1', 'tanh', '8/4', 'tanh')
+    with pytest.raises(TypeError, match="multiple values for argument 'loss'"):
+        GRU4Rec('top1', loss='bpr')
+    first, second = GRU4Rec(), GRU4Rec()
+    first.layers.append(5)
+    assert second.layers == [100] and GRU4Rec().adapt_params == []

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gru4rec import distinct_rows, session_parallel_batches
+from sessions import session_parallel_batches
+from training import distinct_rows
 
 
 def run_epoch(lengths, order, batch_size, min_slots=1):
@@ -100,7 +101,7 @@ def test_every_pair_once_for_any_sessions_including_single_events(lengths, batch
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 40), st.integers(0, 300), st.integers(1, 60), st.booleans(), st.integers(0, 2 ** 32 - 1))
 def test_distinct_rows_lists_each_row_once_and_finds_every_read(B, n_sample, n_items, constrained, seed):
-    """The rows a training step reads (see GRU4Rec._step_inputs), against np.unique; the scratch slot
+    """The rows a training step reads (see training.TrainingStep.inputs), against np.unique; the scratch slot
     array carries stale entries from the previous call, as it does between steps."""
     rng = np.random.default_rng(seed)
     X, T, samples = (rng.integers(0, n_items, n).astype(np.int32) for n in (B, B, n_sample))

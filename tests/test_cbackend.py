@@ -1,11 +1,16 @@
 """The C backend's own ops (cbackend.py) against float64 numpy, on the shapes and memory layouts that
-GRU4Rec's graphs give them, and the check that the rewrites really put them into compiled graphs."""
+GRU4Rec's graphs give them, and the check that the rewrites really put them into the compiled training
+and evaluation graphs."""
 import numpy as np
+import pytensor
 import pytensor.tensor as pt
 import pytest
 
-from cbackend import MatrixReduce
-from gru4rec import compile_function
+from backends import compile_function
+from cbackend import MatrixReduce, RowAdagrad, RowCount, RowScatter, RowSoftmax
+from conftest import RecordingModel, fit_small, make_log
+from evaluation import evaluate_gpu
+from training import Optimizer
 
 REDUCTIONS = {'add': (pt.sum, np.sum), 'maximum': (pt.max, np.max), 'minimum': (pt.min, np.min)}
 
@@ -90,3 +95,50 @@ def test_element_wise_loops_with_broadcast_and_strided_inputs(rows):
     X, C, R, W = (rng.standard_normal(s).astype(np.float32) for s in [(rows, 40), (rows, 1), (1, 40), (rows, 60)])
     for got, expected in zip(fn(X, C, R, W), [X - X * C, np.exp(X + R), np.tanh(W[:, 20:]) * X]):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def c_ops(fn):
+    return {type(node.op) for node in fn.maker.fgraph.toposort()} & {RowAdagrad, RowScatter, MatrixReduce,
+                                                                       RowSoftmax, RowCount}
+
+
+def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
+    """The rewrites of the C mode find their patterns in the graphs GRU4Rec and evaluate_gpu build (the
+    graphs are written backend-neutrally, so a change to them could silently lose an op)."""
+    log = make_log([4] * 60, seed=1)
+    model = fit_small(log, loss='cross-entropy', final_act='softmax', adapt='adagrad', momentum=0.2, n_epochs=1)
+    assert c_ops(model.training_step_.function) == {RowAdagrad, RowScatter, MatrixReduce, RowSoftmax}
+    recording = RecordingModel(model)
+    evaluate_gpu(recording, log, cut_off=[5])
+    assert [c_ops(fn) for fn in recording.functions] == [{MatrixReduce, RowCount}]
+
+
+@pytest.mark.parametrize('momentum', [0.0, 0.3])
+@pytest.mark.parametrize('shape', [(30, 6), (30,)])
+def test_the_sparse_adagrad_graph_becomes_row_adagrad_and_computes_the_same(momentum, shape):
+    """training.Optimizer writes the sparse Adagrad step as a graph; on the C backend a rewrite computes it
+    with RowAdagrad, elsewhere the graph runs as written (here PyTensor's Python linker): same values."""
+    rng = np.random.default_rng(4)
+    values = {'w': rng.standard_normal(shape), 'adagrad': rng.uniform(0.1, 1, shape), 'velocity': rng.standard_normal(shape)}
+    rows = np.array([7, 2, 29, 0, 13], dtype=np.int32)
+    grad = rng.standard_normal((len(rows),) + shape[1:]).astype(np.float32)
+    results = []
+    for compile_with in ('c', 'python'):
+        w = pytensor.shared(values['w'].astype(np.float32), name='w', shape=shape)
+        optimizer = Optimizer('adagrad', [], 0.05, momentum, 0.0, 0.0)
+        for kind in ('adagrad', 'velocity') if momentum else ('adagrad',):
+            optimizer.accumulator(w, kind).set_value(values[kind].astype(np.float32))
+        r, g = pt.ivector('rows'), pt.tensor('g', dtype='float32', shape=(None,) + shape[1:])
+        updates = optimizer.updates([(w, r)], [g])
+        if compile_with == 'c':
+            fn = compile_function([r, g], [], updates, backend='c')
+            assert RowAdagrad in c_ops(fn)
+        else:
+            fn = pytensor.function([r, g], [], updates=updates, mode='FAST_COMPILE')
+        fn(rows, grad)
+        results.append([w.get_value()] + [v.get_value() for v in optimizer.state['w'].values()])
+    for got, expected in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    acc = values['adagrad'].astype(np.float32).astype(np.float64)
+    acc[rows] += grad.astype(np.float64) ** 2
+    np.testing.assert_allclose(results[0][1], acc, rtol=1e-6)

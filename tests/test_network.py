@@ -2,13 +2,12 @@
 the GRU cell, the forward pass of every input mode, prediction with state carried between calls,
 and the initialisation."""
 import numpy as np
-import pandas as pd
 import pytensor
 import pytensor.tensor as pt
 import pytest
 
 from conftest import INPUT_MODES, MODELS, SMALL, forward_reference, gru_reference, weights64
-from gru4rec import GRU4Rec
+from gru4rec import GRU4Rec, gru_step, init_weights, parse_activation, parse_hyperparameters
 
 
 def expected_shapes(params, n_items):
@@ -41,7 +40,8 @@ def test_parameters_have_the_shapes_of_the_input_mode(models, name):
 def test_gru_step_matches_numpy(models, name, layer):
     model = models(name)
     x_proj, h = pt.dmatrix('x_proj'), pt.dmatrix('h')
-    f = pytensor.function([x_proj, h], model._gru(layer, x_proj, h))
+    f = pytensor.function([x_proj, h], gru_step(x_proj, h, model.params[f'Wrz{layer}'], model.params[f'Wh{layer}'],
+                                                 parse_activation(model.hidden_act)))
     L = model.layers[layer]
     rng = np.random.default_rng(layer)
     xp, h0 = rng.normal(0, 1, size=(5, 3 * L)), rng.normal(0, 0.7, size=(5, L))
@@ -105,9 +105,7 @@ def test_predict_next_batch_scores_candidates(models):
 def test_initialisation_is_uniform_per_block_with_zero_biases(params):
     """Each weight block is uniform in [-s, s], s = sqrt(6 / (rows + cols)) of the block (not of the
     concatenated matrix): with this many draws the largest magnitude is within 10% of s."""
-    model = GRU4Rec(**dict(SMALL, **params))
-    model.itemidmap = pd.Index(np.arange(40))
-    weights = model._init_weights(np.random.default_rng(0))
+    weights = init_weights(parse_hyperparameters(**dict(SMALL, **params)), 40, np.random.default_rng(0))
     shapes = expected_shapes(params, 40)
     assert {n: w.shape for n, w in weights.items()} == shapes
     for name, w in weights.items():

@@ -66,12 +66,13 @@ def test_halves_split_by_session_start(halves):
 def test_retrain_after_save_and_load_equals_retrain_in_memory(models, halves):
     retrained, loaded = models['A + B'], models['loaded + B']
     assert loaded.itemidmap.equals(retrained.itemidmap)
-    retrained._pull_state()
-    loaded._pull_state()
-    for name, weights in retrained.weights.items():
-        np.testing.assert_array_equal(loaded.weights[name], weights, err_msg=name)
-    for name, values in retrained.opt_values.items():
-        np.testing.assert_array_equal(loaded.opt_values[name], values, err_msg=name)
+    (retrained_weights, retrained_opt), (loaded_weights, loaded_opt) = (m.training_step_.get_state()
+                                                                        for m in (retrained, loaded))
+    for name, weights in retrained_weights.items():
+        np.testing.assert_array_equal(loaded_weights[name], weights, err_msg=name)
+    assert loaded_opt.keys() == retrained_opt.keys()
+    for name, values in retrained_opt.items():
+        np.testing.assert_array_equal(loaded_opt[name], values, err_msg=name)
     np.testing.assert_array_equal(loaded.support, retrained.support)
     assert [h['loss'] for h in loaded.history_] == [h['loss'] for h in retrained.history_]
     assert models['mrr loaded + B'] == models['mrr A + B']

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import ITEM_IDS, fit_small, make_train_log
-from gru4rec import SampleStore, inverse_cdf
+from training import SampleStore, inverse_cdf, sample_cdf
 
 SUPPORT = np.array([1, 2, 3, 5, 8, 13, 40, 100, 1, 7, 20, 60], dtype=np.float64)
 N_DRAWS = 240000
@@ -36,7 +36,7 @@ def test_support_counts_the_training_events(model):
 def test_samples_follow_support_to_the_power_alpha(model, alpha):
     model.support = SUPPORT.copy()
     model.sample_alpha = alpha
-    with SampleStore(model._sample_cdf(), model.n_sample, N_DRAWS, np.random.default_rng(0)) as samples:
+    with SampleStore(sample_cdf(model.support, model.sample_alpha), model.n_sample, N_DRAWS, np.random.default_rng(0)) as samples:
         store = samples.draw()
     assert store.shape == (N_DRAWS // model.n_sample, model.n_sample) and store.dtype == np.int32
     counts = np.bincount(store.ravel(), minlength=model.n_items)

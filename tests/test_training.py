@@ -7,9 +7,9 @@ import pytensor
 import pytest
 
 import evaluation
-from conftest import (ACTIVATIONS, INPUT_MODES, fit_small, hidden_reference, loss_reference,
+from conftest import (ACTIVATIONS, INPUT_MODES, RecordingModel, fit_small, hidden_reference, loss_reference,
                       make_log, make_train_log, weights64)
-from gru4rec import session_arrays, session_parallel_batches
+from sessions import session_arrays, session_parallel_batches
 
 STEP_CASES = {
     'xe-logq-smoothing-constrained': dict(loss='cross-entropy', final_act='softmax', logq=1.0, smoothing=0.1,
@@ -49,7 +49,7 @@ def test_sgd_step_matches_numpy(case):
     H_prev = [h.astype(np.float64)[prev_rows] * keep[:, None] for h in H_state]
     W = weights64(model)
 
-    cost = model._train_fn(*model._step_inputs(X, T, prev_rows, keep, store[1]))
+    cost = model.training_step_(X, T, prev_rows, keep, store[1])
 
     expected_cost, expected_H = step_cost(model, W, X, T, store[1], H_prev)
     np.testing.assert_allclose(cost, expected_cost, rtol=1e-4)
@@ -70,11 +70,12 @@ def test_adagrad_momentum_step_sums_the_gradient_of_a_row_read_several_times(mod
                       **INPUT_MODES[mode])
     rng = np.random.default_rng(1)
     state = {}
-    for key, shared in model.opt_state.items():
-        state[key] = rng.uniform(0.1, 1.0, size=shared.get_value().shape).astype(np.float32)
-        if key.startswith('velocity'):
-            state[key] -= 0.5
-        shared.set_value(state[key])
+    for name, accumulators in model.training_step_.optimizer.state.items():
+        for kind, shared in accumulators.items():
+            state[kind, name] = rng.uniform(0.1, 1.0, size=shared.get_value().shape).astype(np.float32)
+            if kind == 'velocity':
+                state[kind, name] -= 0.5
+            shared.set_value(state[kind, name])
     for shared in model.H:
         shared.set_value(np.zeros_like(shared.get_value()))
     X, T = np.array([3, 3, 7], dtype=np.int32), np.array([5, 3, 0], dtype=np.int32)
@@ -83,14 +84,14 @@ def test_adagrad_momentum_step_sums_the_gradient_of_a_row_read_several_times(mod
     W = weights64(model)
     H_prev = [np.zeros((len(X), L)) for L in model.layers]
 
-    model._train_fn(*model._step_inputs(X, T, prev_rows, keep, samples))
+    model.training_step_(X, T, prev_rows, keep, samples)
 
     read = {'Wy': np.concatenate([T, samples] + ([X] if mode == 'constrained' else [])),
             'By': np.concatenate([T, samples])}  # the rows each item-indexed parameter reads
     if mode == 'onehot':
         read['Wx0'] = X
     for name, G in numeric_gradients(model, W, X, T, samples, H_prev).items():
-        acc, vel = (state[f'{kind}_{name}'][:len(G)].astype(np.float64) for kind in ('adagrad', 'velocity'))
+        acc, vel = (state[kind, name][:len(G)].astype(np.float64) for kind in ('adagrad', 'velocity'))
         touched = np.ones(len(G), bool)
         if name in read:
             touched[:] = False
@@ -99,8 +100,9 @@ def test_adagrad_momentum_step_sums_the_gradient_of_a_row_read_several_times(mod
         acc_new = np.where(touched, acc + G ** 2, acc)
         vel_new = np.where(touched, model.momentum * vel - model.learning_rate * G / np.sqrt(acc_new + 1e-6), vel)
         w_new = np.where(touched, W[name] + vel_new, W[name])
-        for got, expected, what in [(model.opt_state[f'adagrad_{name}'], acc_new, 'accumulator'),
-                                    (model.opt_state[f'velocity_{name}'], vel_new, 'velocity'),
+        accumulators = model.training_step_.optimizer.state[name]
+        for got, expected, what in [(accumulators['adagrad'], acc_new, 'accumulator'),
+                                    (accumulators['velocity'], vel_new, 'velocity'),
                                     (model.params[name], w_new, 'weights')]:
             np.testing.assert_allclose(got.get_value()[:len(G)], expected, rtol=2e-3, atol=1e-6,
                                        err_msg=f'{name} {what}')
@@ -130,17 +132,20 @@ def test_graphs_are_float32_under_float64_floatx(adapt):
     model = fit_small(loss='cross-entropy', final_act='softmax', logq=1.0, smoothing=0.1, adapt=adapt,
                       momentum=0.5, grad_cap=1.0, lmbd=0.01, dropout_p_hidden=0.2, dropout_p_embed=0.1,
                       **INPUT_MODES['embedding'])
-    shared = (list(model.params.values()) + model.H + list(model.opt_state.values())
-              + [model.opt_step, model.P_target, model.P_sample])
+    optimizer = model.training_step_.optimizer
+    shared = (list(model.params.values()) + model.H + [v for state in optimizer.state.values() for v in state.values()]
+              + [optimizer.t, model.P_target, model.P_sample])
     assert {v.name: v.get_value().dtype for v in shared} == {v.name: np.float32 for v in shared}
-    cost = model._train_fn(*model._step_inputs(np.array([1, 2], np.int32), np.array([3, 4], np.int32),
-                                               np.array([0, 1], np.int32), np.ones(2, np.float32),
-                                               np.arange(model.n_sample, dtype=np.int32)))
+    cost = model.training_step_(np.array([1, 2], np.int32), np.array([3, 4], np.int32), np.array([0, 1], np.int32),
+                                np.ones(2, np.float32), np.arange(model.n_sample, dtype=np.int32))
     assert cost.dtype == np.float32
     model.predict_next_batch(np.array([1, 2]), model.itemidmap[[0, 1]], batch=2)
-    H = [pytensor.shared(np.zeros((4, L), np.float32)) for L in model.layers]
-    compiled = [model._train_fn, model._fns[('predict_next_batch', 2, False)],
-                evaluation._compile_eval_step(model, H, [5, 20], 'tiebreaking', True, 0)]
+    recording = RecordingModel(model)  # the evaluation step, with candidates and random tie-breaking
+    evaluation.evaluate_gpu(recording, make_train_log(), items=model.itemidmap[:5], cut_off=[5, 20], batch_size=4,
+                            mode='tiebreaking')
+    compiled = [model.training_step_.function, model.compiled(('predict_next_batch', 2, False), None),
+                *recording.functions]
+    assert len(compiled) == 3
     for fn in compiled:
         dtypes = {v.dtype for v in fn.maker.fgraph.variables if hasattr(v, 'dtype')}
         assert 'float64' not in dtypes
@@ -164,3 +169,12 @@ def test_fit_does_not_modify_the_callers_data():
     before = shuffled.copy()
     fit_small(shuffled, n_epochs=1)
     pd.testing.assert_frame_equal(shuffled, before)
+
+
+def test_fit_keeps_the_hyper_parameters_as_given():
+    """fit parses command-line strings for its own use (hyperparameters_) and leaves the hyper-parameters
+    as the caller gave them, as a scikit-learn estimator does."""
+    model = fit_small(layers='8', n_epochs='1', constrained_embedding='True', learning_rate='0.05')
+    assert model.get_params()['layers'] == '8' and model.n_epochs == '1' and model.learning_rate == '0.05'
+    assert model.hyperparameters_['layers'] == [8] and model.hyperparameters_['constrained_embedding'] is True
+    assert model.layers_ == [8] and np.isfinite(model.history_[0]['loss'])

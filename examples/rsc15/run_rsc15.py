@@ -51,7 +51,7 @@ def main(argv=None):
     parser.add_argument('--setting', choices=SETTINGS, default='rsc15_xe_shared_100_best',
                         help='parameter file in paramfiles/ (default: rsc15_xe_shared_100_best)')
     parser.add_argument('--epochs', type=int, help="override the setting's number of epochs")
-    parser.add_argument('--backend', choices=('c', 'numba', 'jax'), help='PyTensor compile mode')
+    parser.add_argument('--backend', choices=('c', 'jax'), help='PyTensor compile mode')
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         if args.prefix or find_split(SHARED_PREFIX, 'train_full'):

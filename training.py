@@ -1,0 +1,407 @@
+"""The training engine behind the GRU4Rec estimator: the padded sparse training step, the optimisers as
+graph definitions, the negative sample store, and the epoch loop (validation, early stopping, NaN and
+Ctrl-C rollback).
+
+The estimator (gru4rec.py) hands this module its network; nothing here knows the model's equations.
+A step reads a session-parallel mini-batch (sessions.py) padded to a static shape, gathers only the
+item rows it touches, and updates them with their summed gradient: the exact sparse gradient.
+"""
+import sys
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+from tqdm import tqdm
+
+from sessions import FLOAT, pad
+
+# adapt -> its adapt_params' defaults (decay, or the betas of Adam); None is SGD.
+ADAPT_DEFAULTS = {None: [], 'adagrad': [], 'rmsprop': [0.9], 'adadelta': [0.95], 'adam': [0.9, 0.999]}
+# The optimiser accumulators that a parameter may have; a model file names them f'{kind}_{parameter}'.
+OPT_STATE_KINDS = ('adagrad', 'rmsprop', 'adadelta_g', 'adadelta_d', 'adam_m', 'adam_v', 'velocity')
+
+
+def static_shared(value, name):
+    """A shared variable whose shape is fixed when the graph is compiled."""
+    return pytensor.shared(value, name=name, shape=value.shape)
+
+
+class Optimizer:
+    """The parameter updates of one training step as a graph: optional global-norm clipping (grad_cap),
+    the adaptive step (adapt: None (SGD), 'adagrad', 'rmsprop', 'adadelta', 'adam'), L2 (lmbd) added
+    to the step as decoupled weight decay (after the adaptive scaling, so it never enters the
+    accumulators; rows only when a step reads them), heavy-ball momentum. As in the original,
+    Adadelta takes steps of its own size (learning rate 1).
+
+    state[parameter name][kind] holds the accumulators (shared variables, shaped like the parameter),
+    created as the graph needs them; t counts Adam's steps."""
+
+    def __init__(self, adapt, adapt_params, learning_rate, momentum, lmbd, grad_cap):
+        self.adapt, self.momentum, self.lmbd, self.grad_cap = adapt, momentum, lmbd, grad_cap
+        self.args = [np.float32(a) for a in (adapt_params or ADAPT_DEFAULTS[adapt])]
+        self.learning_rate = np.float32(1.0 if adapt == 'adadelta' else learning_rate)
+        self.state = OrderedDict()
+        self.t = pytensor.shared(np.float32(0), name='t')
+
+    def accumulator(self, param, kind):
+        """The accumulator `kind` of a parameter (zeros shaped like it), created once."""
+        state = self.state.setdefault(param.name, OrderedDict())
+        if kind not in state:
+            state[kind] = static_shared(np.zeros_like(param.get_value(borrow=True)), f'{kind}_{param.name}')
+        return state[kind]
+
+    def adapted_step(self, param, grad, rows):
+        """The step direction for one gradient, and the accumulator updates; `rows` is None for a dense
+        parameter, else the indices the gradient's rows belong to (accumulators are gathered and
+        scattered)."""
+        updates = OrderedDict()
+
+        def read(kind):
+            acc = self.accumulator(param, kind)
+            return acc, (acc if rows is None else acc[rows])
+
+        def write(acc, value):
+            updates[acc] = value if rows is None else pt.set_subtensor(acc[rows], value)
+
+        eps = np.float32(1e-6)
+        if self.adapt is None:
+            return grad, updates
+        if self.adapt == 'adagrad':
+            acc, a = read('adagrad')
+            a_new = a + grad ** 2
+            write(acc, a_new)
+            return grad / pt.sqrt(a_new + eps), updates
+        if self.adapt == 'rmsprop':
+            (decay,) = self.args
+            acc, a = read('rmsprop')
+            a_new = decay * a + (1 - decay) * grad ** 2
+            write(acc, a_new)
+            return grad / pt.sqrt(a_new + eps), updates
+        if self.adapt == 'adadelta':
+            (rho,) = self.args
+            acc, a = read('adadelta_g')
+            acc_d, ad = read('adadelta_d')
+            a_new = rho * a + (1 - rho) * grad ** 2
+            step = grad * pt.sqrt(ad + eps) / pt.sqrt(a_new + eps)
+            write(acc, a_new)
+            write(acc_d, rho * ad + (1 - rho) * step ** 2)
+            return step, updates
+        # Adam with both bias corrections right (the original used beta1 for both and fed g^2 into
+        # the first moment on the sparse path).
+        beta1, beta2 = self.args
+        acc_m, m = read('adam_m')
+        acc_v, v = read('adam_v')
+        m_new = beta1 * m + (1 - beta1) * grad
+        v_new = beta2 * v + (1 - beta2) * grad ** 2
+        write(acc_m, m_new)
+        write(acc_v, v_new)
+        t = self.t + 1
+        return (m_new / (1 - beta1 ** t)) / pt.sqrt(v_new / (1 - beta2 ** t) + eps), updates
+
+    def updates(self, targets, grads):
+        """Updates for (parameter, rows) pairs given the gradients w.r.t. the parameter (rows=None) or
+        w.r.t. its gathered rows."""
+        updates = OrderedDict()
+        if self.grad_cap > 0:
+            norm = pt.sqrt(sum((g ** 2).sum() for g in grads))
+            scale = pt.minimum(np.float32(1), np.float32(self.grad_cap) / (norm + np.float32(1e-12)))
+            grads = [g * scale for g in grads]
+        for (param, rows), grad in zip(targets, grads):
+            step, opt_updates = self.adapted_step(param, grad, rows)
+            updates.update(opt_updates)
+            if self.lmbd:
+                step = step + np.float32(self.lmbd) * (param if rows is None else param[rows])
+            delta = -self.learning_rate * step
+            if self.momentum:
+                vel = self.accumulator(param, 'velocity')
+                delta = np.float32(self.momentum) * (vel if rows is None else vel[rows]) + delta
+                updates[vel] = delta if rows is None else pt.set_subtensor(vel[rows], delta)
+            updates[param] = param + delta if rows is None else pt.inc_subtensor(param[rows], delta)
+        if self.adapt == 'adam':
+            updates[self.t] = self.t + 1
+        return updates
+
+
+class TrainingStep:
+    """One compiled training step of session-parallel mini-batches, with static shapes (the JAX backend
+    needs them): the batch always has batch_size rows, and the item-indexed parameters one extra row,
+    after the n_items real ones, that padded rows read and write.
+
+    params: the network's shared variables by name, the item-indexed ones (item_params) with the pad
+    row; states: the hidden states (batch_size x L each) carried between steps; input_table: the
+    item-indexed parameter that the inputs read ('Wx0', 'E', or 'Wy' with a constrained embedding);
+    network(X, H_prev, input_rows) -> (H_new, dropout): the network's new states for inputs whose
+    input_table rows are input_rows, and its dropout (mask input, p) pairs; output(h, Wy, By): the
+    scores of the items whose output rows are Wy, By; row_loss(logits, T, samples, cols): the loss of
+    each row (see gru4rec's losses). Call the step with a mini-batch of M <= batch_size sessions and
+    its samples; it returns the cost.
+    """
+
+    def __init__(self, params, item_params, states, input_table, network, output, row_loss, optimizer,
+                 batch_size, n_sample, n_items, constrained_embedding, compile_function):
+        self.params, self.item_params, self.states = params, item_params, states
+        self.optimizer, self.batch_size, self.n_sample = optimizer, batch_size, n_sample
+        self.constrained_embedding, self.pad_item = constrained_embedding, n_items
+        self.slot = np.zeros(n_items + 1, dtype=np.int32)  # scratch space of distinct_rows
+        self.rng = np.random.default_rng(0)  # draws the dropout masks; the estimator seeds it
+        B, N = batch_size, batch_size + n_sample
+        X = pt.tensor('X', dtype='int32', shape=(B,))  # input items (padded rows read the pad item)
+        T = pt.tensor('T', dtype='int32', shape=(B,))  # target items
+        prev_rows = pt.tensor('prev_rows', dtype='int32', shape=(B,))  # rows of the previous state to carry
+        keep = pt.tensor('keep', dtype=FLOAT, shape=(B,))  # 0 resets a slot's state
+        active = pt.tensor('active', dtype=FLOAT, shape=(B,))  # 1 for the M sessions in the batch, 0 for padding
+        # The item rows a step reads, each listed once (see distinct_rows), so that a row read several
+        # times gets one optimiser step with its summed gradient.
+        rows_Y = pt.tensor('rows_Y', dtype='int32', shape=(N,))  # distinct items of Y = [T | samples]
+        inv_Y = pt.tensor('inv_Y', dtype='int32', shape=(N,))  # Y = rows_Y[inv_Y]
+        rows_X = pt.tensor('rows_X', dtype='int32', shape=(B,))  # distinct inputs (constrained: those not in rows_Y)
+        inv_X = pt.tensor('inv_X', dtype='int32', shape=(B,))  # X = input rows[inv_X]
+        Y = rows_Y[inv_Y]  # N scored items
+        cols = pt.concatenate([active, pt.ones(n_sample, dtype=FLOAT)])  # N: the columns that count
+
+        # Sparse path: gather the item rows a step touches, differentiate w.r.t. the gathered rows.
+        if constrained_embedding:  # the inputs' rows are Wy rows: in rows_Y, or after it
+            reads = OrderedDict([('Wy', pt.concatenate([rows_Y, rows_X])), ('By', rows_Y)])
+        else:
+            reads = OrderedDict([(input_table, rows_X), ('Wy', rows_Y), ('By', rows_Y)])
+        gathered = OrderedDict((name, params[name][idx]) for name, idx in reads.items())
+        H_prev = [H[prev_rows] * keep[:, None] for H in states]
+        H_new, self.dropout = network(X, H_prev, gathered[input_table][inv_X])
+        logits = output(H_new[-1], gathered['Wy'][inv_Y], gathered['By'][inv_Y])  # B x N
+        logits = logits - np.float32(1e9) * (1 - cols)  # padded columns score as impossible items
+        cost = (row_loss(logits, T, Y[B:], cols) * active).sum() / np.float32(B)
+
+        dense = [v for n, v in params.items() if n not in reads]
+        grads = pytensor.grad(cost, dense + list(gathered.values()))
+        targets = [(p, None) for p in dense] + [(params[n], idx) for n, idx in reads.items()]
+        updates = optimizer.updates(targets, grads)
+        for H, h in zip(states, H_new):
+            updates[H] = h
+        self.function = compile_function([X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X]
+                                         + [mask for mask, _ in self.dropout], cost, updates)
+
+    def inputs(self, X, T, prev_rows, keep, samples):
+        """The compiled function's inputs for a mini-batch of M <= batch_size sessions and its samples.
+
+        The batch is padded to the graph's fixed size. Every item row the step reads is listed once,
+        with where each read finds it, so a row read several times (an item sampled twice, or both a
+        target and a sample) gets its summed gradient and ONE optimiser step: the exact sparse
+        gradient. The original applied adagrad and momentum once per read, which slows and destabilises
+        the rows that are read most often."""
+        M, B, pad_item = len(X), self.batch_size, self.pad_item
+        active = np.ones(B, dtype=FLOAT)
+        if M < B:
+            X, T, prev_rows, keep = pad(X, B, pad_item), pad(T, B, pad_item), pad(prev_rows, B, 0), pad(keep, B, 0)
+            active[M:] = 0
+        rows_Y, inv_Y, rows_X, inv_X = distinct_rows(X, T, samples, self.constrained_embedding, self.slot, pad_item)
+        masks = [(self.rng.random(mask.type.shape, dtype=np.float32) < np.float32(1 - p))
+                 * np.float32(1 / (1 - p)) for mask, p in self.dropout]
+        return X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X, *masks
+
+    def __call__(self, X, T, prev_rows, keep, samples):
+        return self.function(*self.inputs(X, T, prev_rows, keep, samples))
+
+    def with_pad_row(self, name, value):
+        """An item-indexed parameter's value (or its optimiser state's) with the padding row appended."""
+        if name not in self.item_params:
+            return value
+        return np.concatenate([value, np.zeros((1,) + value.shape[1:], dtype=value.dtype)])
+
+    def without_pad_row(self, name, value):
+        return value[:-1] if name in self.item_params else value
+
+    def get_state(self):
+        """(weights, optimiser values) as numpy arrays without the pad row: {name: array} and
+        {f'{kind}_{name}': array, 't': step count} (the names of a model file)."""
+        weights = OrderedDict((n, self.without_pad_row(n, v.get_value())) for n, v in self.params.items())
+        opt_values = {acc.name: self.without_pad_row(name, acc.get_value())
+                      for name, state in self.optimizer.state.items() for acc in state.values()}
+        opt_values['t'] = self.optimizer.t.get_value()
+        return weights, opt_values
+
+    def set_state(self, weights, opt_values):
+        """Loads weights and optimiser values (as get_state returns them; missing accumulators are zero)."""
+        for name, var in self.params.items():
+            var.set_value(self.with_pad_row(name, weights[name]))
+        for name, state in self.optimizer.state.items():
+            for acc in state.values():
+                value = opt_values.get(acc.name)
+                acc.set_value(self.with_pad_row(name, np.zeros_like(weights[name]) if value is None else value))
+        self.optimizer.t.set_value(np.float32(opt_values.get('t', 0)))
+
+
+def train_epochs(step, samples, epoch_batches, n_pairs, n_epochs, history, save, restore, validate=None,
+                 valid_name=None, keep_best=False, patience=None, callback=None, verbose=True):
+    """The epochs of session-parallel training, with a snapshot after each completed epoch.
+
+    step: the TrainingStep; samples: the SampleStore; epoch_batches(): the mini-batches of the next epoch;
+    n_pairs: the events an epoch predicts (for the progress bar). history: the list that gets each
+    completed epoch's record (epoch, loss, seconds and the validation figures). save() snapshots the
+    trained state after an epoch and returns it; restore(snapshot) loads one back (None: the last saved).
+    validate(): the validation figures {name: value} after an epoch, valid_name the one to maximise;
+    keep_best ends with the best epoch's state, patience stops after that many epochs without progress.
+    callback(record) is called after each epoch. A NaN or infinite loss restores the last completed epoch
+    and raises FloatingPointError; Ctrl-C (KeyboardInterrupt) restores it and returns."""
+    best, since_best = None, 0
+    for epoch in range(1, n_epochs + 1):
+        t0 = time.time()
+        total, n_steps, n_events = 0.0, 0, 0
+        progress = tqdm(total=n_pairs, desc=f'Epoch{epoch}', leave=False, unit='e', disable=None if verbose else True)
+        # The batches have exactly the graph's input types, so the per-call input checks (most of the
+        # call's overhead) are skipped while training.
+        step.function.trust_input = True
+        try:
+            for X, T, prev_rows, keep in epoch_batches():
+                cost = step(X, T, prev_rows, keep, samples.next())
+                if not np.isfinite(cost):
+                    restore(None)
+                    raise FloatingPointError(
+                        f'the loss became {cost} at epoch {epoch}, step {n_steps + 1}; the model keeps the '
+                        f'weights of the last completed epoch. Lower learning_rate or set grad_cap.')
+                total += cost * len(X)  # the epoch's loss weighs each step by its sessions, as the original
+                n_steps += 1
+                n_events += len(X)
+                if n_steps % 256 == 0:
+                    seconds = time.time() - t0
+                    progress.set_postfix(loss=f'{total / n_events:.4f}', mb_s=f'{n_steps / seconds:.0f}', refresh=False)
+                    progress.update(n_events - progress.n)
+        except KeyboardInterrupt:
+            restore(None)
+            print(f'Training interrupted in epoch {epoch}: the model keeps the weights of the '
+                  f'{len(history)} completed epoch(s).', file=sys.stderr, flush=True)
+            return
+        finally:
+            step.function.trust_input = False
+            progress.close()
+        seconds = time.time() - t0
+        record = {'epoch': len(history) + 1, 'loss': float(total) / max(n_events, 1), 'seconds': seconds}
+        snapshot = save()
+        line = (f'Epoch{epoch} --> loss: {record["loss"]:.6f} \t({seconds:.2f}s) \t'
+                f'[{n_steps / seconds:.2f} mb/s | {n_events / seconds:.0f} e/s]')
+        if validate is not None:
+            record.update(validate())
+            score = record[valid_name]
+            line += f' \tvalid {valid_name}: {score:.6f}'
+            if best is None or score > best[0]:
+                best, since_best = (score, snapshot, len(history) + 1), 0
+            else:
+                since_best += 1
+        history.append(record)
+        if verbose:
+            print(line, flush=True)
+        if callback is not None:
+            callback(dict(record))
+        if patience and since_best >= patience:
+            if verbose:
+                print(f'Stopping early: no progress on {valid_name} for {patience} epoch(s)')
+            break
+    if keep_best and best is not None and best[2] != len(history):
+        _, snapshot, best_epoch = best
+        restore(snapshot)
+        if verbose:
+            print(f'Keeping the weights of epoch {best_epoch} (best valid {valid_name})')
+
+
+@numba.njit(cache=True)
+def distinct_rows(X, T, samples, constrained, slot, pad_item):
+    """The item rows a training step reads, each listed once, and where each read finds its row.
+
+    Y = [T | samples] (N items) is read from rows_Y (padded to N with pad_item): Y == rows_Y[inv_Y].
+    The inputs X (B items) are read from rows_X (padded to B): X == rows_X[inv_X]; with a constrained
+    embedding they are Wy rows, read from [rows_Y | rows_X], where rows_X holds only the inputs not in
+    rows_Y. slot is scratch space indexed by item, its entries for the step's items set before use.
+    O(N) in a compiled loop (numpy's np.unique was a noticeable part of a step)."""
+    B, N = len(X), len(T) + len(samples)
+    rows_Y, inv_Y = np.full(N, pad_item, np.int32), np.empty(N, np.int32)
+    rows_X, inv_X = np.full(B, pad_item, np.int32), np.empty(B, np.int32)
+    for i in range(N):
+        slot[T[i] if i < B else samples[i - B]] = -1
+    n_Y = 0
+    for i in range(N):
+        item = T[i] if i < B else samples[i - B]
+        if slot[item] < 0:
+            slot[item], rows_Y[n_Y] = n_Y, item
+            n_Y += 1
+        inv_Y[i] = slot[item]
+    for item in X:  # an input that is in rows_Y keeps its slot there when the embedding is constrained
+        if not (constrained and 0 <= slot[item] < n_Y and rows_Y[slot[item]] == item):
+            slot[item] = -1
+    offset, n_X = N if constrained else 0, 0
+    for i in range(B):
+        item = X[i]
+        if slot[item] < 0:
+            slot[item], rows_X[n_X] = offset + n_X, item
+            n_X += 1
+        inv_X[i] = slot[item]
+    return rows_Y, inv_Y, rows_X, inv_X
+
+
+def sample_cdf(support, alpha):
+    """The cumulative distribution of the negative samples: item i drawn with probability proportional
+    to support[i] ** alpha (CIKM 2018, section 3.1)."""
+    p = support.astype(np.float64) ** alpha
+    cdf = np.cumsum(p)
+    return cdf / cdf[-1]
+
+
+class SampleStore:
+    """The negative samples of the training steps, n_sample item indices per step, drawn from `cdf` in
+    blocks of about `size` (the original's sample store; size 0 draws for one step at a time).
+
+    The next block is drawn in a background thread while the training uses the current one: numpy
+    releases the GIL while it draws, so with a core to spare the refills cost the training loop nothing
+    (see benchmarks/README.md for the cost of a block). One generator draws the
+    blocks in order, so training stays reproducible. A block holds at most max_steps steps: a small
+    training does not pay for 10M samples."""
+
+    def __init__(self, cdf, n_sample, size, rng, max_steps=None):
+        self.cdf, self.n_sample, self.rng = cdf, n_sample, rng
+        self.n_steps = max(1, min(int(size) // max(n_sample, 1), max_steps or np.inf))
+        self.block, self.position = None, self.n_steps
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gru4rec-samples') if n_sample else None
+        self.pending = self.worker.submit(self.draw) if n_sample else None
+
+    def draw(self):
+        """A block of n_steps x n_sample item indices, item i drawn with probability cdf[i] - cdf[i - 1]."""
+        indices = inverse_cdf(self.cdf, self.rng.random(self.n_steps * self.n_sample))
+        np.minimum(indices, len(self.cdf) - 1, out=indices)  # u so close to 1 that it rounds past the last cdf
+        return indices.astype(np.int32).reshape(self.n_steps, self.n_sample)
+
+    def next(self):
+        """The samples of the next training step (an empty vector when n_sample is 0)."""
+        if not self.n_sample:
+            return np.zeros(0, dtype=np.int32)
+        if self.position == self.n_steps:
+            self.block, self.position = self.pending.result(), 0
+            self.pending = self.worker.submit(self.draw)
+        self.position += 1
+        return self.block[self.position - 1]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        if self.worker is not None:
+            self.worker.shutdown(wait=False, cancel_futures=True)
+
+
+def inverse_cdf(cdf, u, max_steps=4):
+    """np.searchsorted(cdf, u, side='right') for many u, in O(1) per value. A guide table gives, for each
+    of 4 * len(cdf) equal bins of [0, 1), the first index whose cdf exceeds the bin's start; a few
+    vectorised steps forward from there reach the answer, and binary search finishes any that remain."""
+    bins = 4 * len(cdf)
+    guide = np.searchsorted(cdf, np.arange(bins + 1) / bins, side='right').astype(np.int32)
+    cdf = np.append(cdf, np.inf)  # stepping stops at the end
+    index = guide[(u * bins).astype(np.int32)]
+    todo = np.flatnonzero(cdf[index] <= u)
+    for _ in range(max_steps):
+        if not len(todo):
+            return index
+        index[todo] += 1
+        todo = todo[cdf[index[todo]] <= u[todo]]
+    index[todo] = np.searchsorted(cdf, u[todo], side='right')
+    return index
