@@ -13,7 +13,7 @@ setup(
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=3.0.7,<3.1',  # cbackend.py uses PyTensor's internals; tested with 3.0.7
-        'numba>=0.57',  # the training loop's host side (distinct_rows)
+        'numba>=0.57',  # compiled host loops: the training step's distinct rows, live top-k
         'numpy>=1.26',
         'pandas>=2.0',
         'tqdm>=4.60',
