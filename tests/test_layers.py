@@ -32,6 +32,14 @@ def test_every_module_is_in_the_layers():
     assert modules <= set(LAYERS), f'add new modules to LAYERS at their place: {sorted(modules - set(LAYERS))}'
 
 
+def test_setup_installs_every_module():
+    setup = ast.parse((ROOT / 'setup.py').read_text(encoding='utf-8'))
+    keywords = {k.arg: k.value for node in ast.walk(setup) if isinstance(node, ast.Call) for k in node.keywords}
+    installed = set(ast.literal_eval(keywords['py_modules']))
+    modules = {p.stem for p in ROOT.glob('*.py') if p.stem != 'setup'}
+    assert installed == modules, f'setup.py py_modules misses {sorted(modules - installed)}, or lists extra ones'
+
+
 @pytest.mark.parametrize('module', LAYERS)
 def test_imports_point_down(module):
     below = set(LAYERS[:LAYERS.index(module)])
