@@ -451,6 +451,11 @@ def parse_hyperparameters(**values):
 class GRU4Rec:
     """GRU4Rec model (see the module docstring). Construct with hyper-parameters, then `fit`.
 
+    Learned state (set by fit, retrain and loadmodel; the original's names without the '_' are
+    aliases): itemidmap_ (item ids in index order), weights_, opt_values_ (optimiser state), support_
+    (training events per item), history_ (per-epoch records), hyperparameters_ (the parsed
+    hyper-parameters trained with), training_step_.
+
     Hyper-parameters (names and defaults of the original implementation; see HYPERPARAMETERS):
     """
 
@@ -488,7 +493,16 @@ class GRU4Rec:
 
     _compiled_for = None
     _pred_sessions = None  # the session id of each predict_next_batch slot (None: all start afresh)
-    itemidmap = None
+    itemidmap_ = None  # learned state ends in '_'; the original's names below are aliases
+
+    def _alias(name):
+        return property(lambda self: getattr(self, name), lambda self, value: setattr(self, name, value),
+                        doc=f'The original\'s name of {name}.')
+    itemidmap = _alias('itemidmap_')  # item ids in index order (a pandas Index)
+    weights = _alias('weights_')  # {parameter name: float32 array}, the trained weights
+    opt_values = _alias('opt_values_')  # {optimiser state name: array}
+    support = _alias('support_')  # number of training events of each item
+    del _alias
 
     def _graph_key(self):
         p = self._parsed_params()
@@ -497,7 +511,7 @@ class GRU4Rec:
 
     @property
     def n_items(self):
-        return len(self.itemidmap)
+        return len(self.itemidmap_)
 
     @property
     def embedding_size(self):
@@ -576,7 +590,7 @@ class GRU4Rec:
     # -- the training graph --------------------------------------------------------------------------
 
     def _build(self):
-        """Creates the shared variables from self.weights and compiles the training step.
+        """Creates the shared variables from self.weights_ and compiles the training step.
 
         Every graph has static shapes (the JAX backend needs them): the mini-batch always has
         batch_size rows, and the item-indexed parameters one extra row, after the n_items real ones,
@@ -586,10 +600,10 @@ class GRU4Rec:
         self._onehot_input = not hp['constrained_embedding'] and not self.embedding_size
         self._hidden_act = parse_activation(hp['hidden_act'])
         self._final_act = parse_activation(hp['final_act'], final=True)
-        item_params = [n for n in ('E', 'Wx0', 'Wy', 'By') if n in self.weights and (n != 'Wx0' or self._onehot_input)]
+        item_params = [n for n in ('E', 'Wx0', 'Wy', 'By') if n in self.weights_ and (n != 'Wx0' or self._onehot_input)]
         with_pad_row = lambda n, w: np.concatenate([w, np.zeros((1,) + w.shape[1:], FLOAT)]) if n in item_params else w
         with pytensor.config.change_flags(floatX=FLOAT):
-            self.params = OrderedDict((n, static_shared(with_pad_row(n, w), n)) for n, w in self.weights.items())
+            self.params = OrderedDict((n, static_shared(with_pad_row(n, w), n)) for n, w in self.weights_.items())
             self.H = [static_shared(np.zeros((hp['batch_size'], L), dtype=FLOAT), f'H{l}')
                       for l, L in enumerate(self.layers_)]
             self.P_target = static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_target')
@@ -606,7 +620,7 @@ class GRU4Rec:
         self._push_state()
 
     def _log_support(self, alpha):
-        return np.append(alpha * np.log(np.maximum(self.support, 1)), 0).astype(FLOAT)
+        return np.append(alpha * np.log(np.maximum(self.support_, 1)), 0).astype(FLOAT)
 
     def _training_network(self, X, H_prev, input_rows):
         """The network of the training step (dropout on), reading the gathered input rows; returns the new
@@ -677,7 +691,7 @@ class GRU4Rec:
             validate_log(valid_data, *keys, what='valid_data')
         seen = pd.unique(data[params['item_key']])
         if retrain:
-            itemidmap = self.itemidmap.append(pd.Index(seen[~pd.Index(seen).isin(self.itemidmap)]))
+            itemidmap = self.itemidmap_.append(pd.Index(seen[~pd.Index(seen).isin(self.itemidmap_)]))
         else:
             itemidmap = pd.Index(np.sort(seen) if _sortable(seen) else seen)
         items, offsets, order = session_arrays(data, itemidmap, *keys, params['time_sort'], 'training data')
@@ -695,17 +709,17 @@ class GRU4Rec:
         self._rng = np.random.default_rng([params['seed'], len(self.history_)])
         if retrain:
             self._pull_state()
-            before = (self.itemidmap, self.support.copy(), OrderedDict(self.weights), dict(self.opt_values),
+            before = (self.itemidmap_, self.support_.copy(), OrderedDict(self.weights_), dict(self.opt_values_),
                       len(self.history_))
             self._grow(itemidmap[self.n_items:])
         else:
-            self.itemidmap = itemidmap
-            self.support = np.zeros(self.n_items)
-            self.weights = init_weights(params, self.n_items, self._rng)
-            self.opt_values = {}
+            self.itemidmap_ = itemidmap
+            self.support_ = np.zeros(self.n_items)
+            self.weights_ = init_weights(params, self.n_items, self._rng)
+            self.opt_values_ = {}
             self._architecture = self._architecture_of(params)
         counts = data[params['item_key']].value_counts()
-        self.support[self.itemidmap.get_indexer(counts.index)] += counts.to_numpy()
+        self.support_[self.itemidmap_.get_indexer(counts.index)] += counts.to_numpy()
         if self._compiled_for != self._graph_key():
             self._build()
         else:
@@ -713,13 +727,13 @@ class GRU4Rec:
         self.training_step_.rng = np.random.default_rng([params['seed'], len(self.history_), 1])  # dropout masks
         try:
             max_steps = n_epochs * (len(items) - (len(offsets) - 1))  # a step trains on one event or more
-            with SampleStore(sample_cdf(self.support, params['sample_alpha']), params['n_sample'], sample_store,
+            with SampleStore(sample_cdf(self.support_, params['sample_alpha']), params['n_sample'], sample_store,
                              np.random.default_rng([params['seed'], len(self.history_), 2]), max_steps) as samples:
                 self._train(samples, items, offsets, order, n_epochs, valid_data, valid_cutoff, valid_metric,
                             keep_best, patience, callback)
         finally:
             if retrain and len(self.history_) == before[-1]:  # NaN or Ctrl-C before an epoch of the new data ended
-                self.itemidmap, self.support, self.weights, self.opt_values, _ = before
+                self.itemidmap_, self.support_, self.weights_, self.opt_values_, _ = before
                 if self._compiled_for != self._graph_key():
                     self._build()
                 else:
@@ -735,7 +749,7 @@ class GRU4Rec:
         return {name: params[name] for name in ARCHITECTURE}
 
     def _check_retrainable(self, params):
-        if self.itemidmap is None:
+        if self.itemidmap_ is None:
             raise ValueError('retrain needs a trained or loaded model; call fit(data) first')
         changed = {n: (v, params[n]) for n, v in self._architecture.items() if params[n] != v}
         if changed:
@@ -754,11 +768,11 @@ class GRU4Rec:
 
         def save():
             self._pull_state()
-            return self.weights, self.opt_values
+            return self.weights_, self.opt_values_
 
         def restore(snapshot):
             if snapshot is not None:
-                self.weights, self.opt_values = snapshot
+                self.weights_, self.opt_values_ = snapshot
             self._push_state()
 
         def validate():
@@ -771,13 +785,13 @@ class GRU4Rec:
                      f'{valid_metric}@{valid_cutoff}', keep_best, patience, callback, p['verbose'])
 
     def _pull_state(self):
-        """Copies weights and optimiser state out of the compiled graph (self.weights, self.opt_values):
+        """Copies weights and optimiser state out of the compiled graph (self.weights_, self.opt_values_):
         the snapshot that a failed or interrupted epoch returns to."""
-        self.weights, self.opt_values = self.training_step_.get_state()
+        self.weights_, self.opt_values_ = self.training_step_.get_state()
 
     def _push_state(self):
-        """Loads self.weights and self.opt_values into the compiled graph's shared variables."""
-        self.training_step_.set_state(self.weights, self.opt_values)
+        """Loads self.weights_ and self.opt_values_ into the compiled graph's shared variables."""
+        self.training_step_.set_state(self.weights_, self.opt_values_)
         self.P_target.set_value(self._log_support(1.0))
         self.P_sample.set_value(self._log_support(self.hyperparameters_['sample_alpha']))
 
@@ -785,15 +799,15 @@ class GRU4Rec:
         """Appends items never seen before: fresh parameter rows, zero optimiser state and support."""
         if len(added) == 0:
             return
-        self.itemidmap = self.itemidmap.append(pd.Index(added))
+        self.itemidmap_ = self.itemidmap_.append(pd.Index(added))
         fresh = init_weights(self._parsed_params(), self.n_items, self._rng, n_rows=len(added))
         for name, rows in fresh.items():
-            self.weights[name] = np.concatenate([self.weights[name], rows])
-        self.support = np.concatenate([self.support, np.zeros(len(added))])
+            self.weights_[name] = np.concatenate([self.weights_[name], rows])
+        self.support_ = np.concatenate([self.support_, np.zeros(len(added))])
         for name in fresh:
-            for key in (f'{kind}_{name}' for kind in OPT_STATE_KINDS if f'{kind}_{name}' in self.opt_values):
-                value = self.opt_values[key]
-                self.opt_values[key] = np.concatenate([value, np.zeros((len(added),) + value.shape[1:], FLOAT)])
+            for key in (f'{kind}_{name}' for kind in OPT_STATE_KINDS if f'{kind}_{name}' in self.opt_values_):
+                value = self.opt_values_[key]
+                self.opt_values_[key] = np.concatenate([value, np.zeros((len(added),) + value.shape[1:], FLOAT)])
 
     # -- prediction ----------------------------------------------------------------------------------
 
@@ -827,7 +841,7 @@ class GRU4Rec:
         keep = (session_ids == self._pred_sessions).astype(FLOAT)
         self._pred_sessions = session_ids.astype(object)
         scores = step(X, keep, items)  # batch x C
-        index = pd.Index(np.asarray(predict_for_item_ids)) if with_items else self.itemidmap
+        index = pd.Index(np.asarray(predict_for_item_ids)) if with_items else self.itemidmap_
         return pd.DataFrame(scores.T, index=index)
 
     def _compile_stateful_step(self, H, with_items):
@@ -868,10 +882,10 @@ class GRU4Rec:
         if isinstance(sessions, dict):
             rows = [(sid, pos, item) for sid, its in sessions.items() for pos, item in enumerate(its)]
             sessions = pd.DataFrame(rows, columns=[p['session_key'], p['time_key'], p['item_key']])
-        items, offsets, _ = session_arrays(sessions, self.itemidmap, p['session_key'], p['item_key'],
+        items, offsets, _ = session_arrays(sessions, self.itemidmap_, p['session_key'], p['item_key'],
                                            p['time_key'], what='sessions')
         ordered = sort_log(sessions, p['session_key'], p['time_key'])  # positions, not labels: the index may repeat
-        known = ordered[p['item_key']].isin(self.itemidmap).to_numpy()
+        known = ordered[p['item_key']].isin(self.itemidmap_).to_numpy()
         session_ids = pd.unique(ordered[p['session_key']].to_numpy()[known])
         step, score = self.compiled(('recommend', batch_size), lambda: self._compile_session_reader(batch_size))
         lengths = np.diff(offsets)
@@ -898,21 +912,21 @@ class GRU4Rec:
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
             results.append(pd.DataFrame({
                 p['session_key']: np.repeat(session_ids[batch], k), 'rank': np.tile(np.arange(1, k + 1), len(batch)),
-                p['item_key']: self.itemidmap[top.ravel()], 'score': np.take_along_axis(scores, top, 1).ravel()}))
+                p['item_key']: self.itemidmap_[top.ravel()], 'score': np.take_along_axis(scores, top, 1).ravel()}))
         result = pd.concat(results, ignore_index=True)
         if exclude_seen:  # when k exceeds the unseen items, the seen ones (score -inf) filled the top k
             result = result[result['score'] > -np.inf].reset_index(drop=True)
         return result
 
     def _item_indices(self, item_ids, what):
-        idx = self.itemidmap.get_indexer(np.asarray(item_ids))
+        idx = self.itemidmap_.get_indexer(np.asarray(item_ids))
         if (idx < 0).any():
             unknown = np.asarray(item_ids)[idx < 0][:5].tolist()
             raise ValueError(f'{what} holds items the model was not trained on, e.g. {unknown}')
         return idx.astype(np.int32)
 
     def _require_trained(self):
-        if self.itemidmap is None:
+        if self.itemidmap_ is None:
             raise ValueError('this GRU4Rec is not trained yet: call fit(data) or GRU4Rec.loadmodel(path)')
         if self._compiled_for is None:
             self._build()
@@ -925,10 +939,10 @@ class GRU4Rec:
         floats or strings (a ValueError says so before anything is written)."""
         self._require_trained()
         self._pull_state()
-        arrays = {f'param/{n}': w for n, w in self.weights.items()}
-        arrays.update({f'opt/{n}': np.asarray(v) for n, v in self.opt_values.items()})
-        arrays['support'] = self.support
-        modelfile.write(path, self.get_params(), self.history_, self.itemidmap, arrays)
+        arrays = {f'param/{n}': w for n, w in self.weights_.items()}
+        arrays.update({f'opt/{n}': np.asarray(v) for n, v in self.opt_values_.items()})
+        arrays['support'] = self.support_
+        modelfile.write(path, self.get_params(), self.history_, self.itemidmap_, arrays)
 
     @classmethod
     def loadmodel(cls, path):
@@ -940,11 +954,11 @@ class GRU4Rec:
         if (arrays['support'] < 0).any() or arrays.get('opt/t', 0) < 0:
             raise ValueError(f'{str(path)!r}: item supports and the optimiser step count cannot be negative')
         model = cls(**params)
-        model.itemidmap = itemidmap
-        model.support = arrays['support']
+        model.itemidmap_ = itemidmap
+        model.support_ = arrays['support']
         model.history_ = history
-        model.weights = OrderedDict((k[len('param/'):], v) for k, v in arrays.items() if k.startswith('param/'))
-        model.opt_values = {k[len('opt/'):]: v for k, v in arrays.items() if k.startswith('opt/')}
+        model.weights_ = OrderedDict((k[len('param/'):], v) for k, v in arrays.items() if k.startswith('param/'))
+        model.opt_values_ = {k[len('opt/'):]: v for k, v in arrays.items() if k.startswith('opt/')}
         model._architecture = model._architecture_of(params)
         model._build()
         return model

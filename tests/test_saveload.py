@@ -46,3 +46,13 @@ def test_same_seed_and_data_give_the_same_model():
         np.testing.assert_array_equal(first.params[n].get_value(), second.params[n].get_value())
         assert not np.array_equal(first.params[n].get_value(), other_seed.params[n].get_value()) or n.startswith('B')
     assert [h['loss'] for h in first.history_] == [h['loss'] for h in second.history_]
+
+
+def test_learned_state_ends_in_underscore_and_keeps_the_original_names():
+    untrained = GRU4Rec(layers=[4], n_sample=0, batch_size=4, n_epochs=1)
+    assert untrained.itemidmap is None and untrained.itemidmap_ is None
+    model = fit_small(layers=[4])
+    assert model.itemidmap is model.itemidmap_ and len(model.itemidmap_) == model.n_items
+    assert model.weights is model.weights_ and model.support is model.support_
+    assert model.opt_values is model.opt_values_
+    assert model.weights_['Wy'].shape == (model.n_items, 4)
