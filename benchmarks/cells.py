@@ -11,9 +11,8 @@ ties), Recall@20 and MRR@20. The two cells of a data set and seed differ only in
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-from reproduce import DATA, REPO, run_row
+from reproduce import DATA, REPO, run_row, write_table
 
 SETTINGS = {  # data set -> its tuned parameter file
     'rsc15_100k': 'rsc15_xe_shared_100_best',
@@ -55,10 +54,7 @@ def main(argv=None):
                 figures = f'{error} | —' if error else f'{metrics[20][0]:.4f} | {metrics[20][1]:.4f}'
                 lines.append(f'| {data} | {SETTINGS[data]} | {cell} | {seed if seed is not None else "default"} | '
                              f'{figures} | {epoch_s or "—"} | `python {shlex.join(["run.py", *command])}` |')
-    table = '\n'.join(lines) + '\n'
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table)
+    write_table(lines, args.output)
     return 0
 
 

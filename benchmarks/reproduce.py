@@ -66,6 +66,14 @@ def table_row(data, model, arguments, metrics, train_s, epoch_s, error):
     return f'| {data} | {model} | ' + ' | '.join(figures) + f' | {train_s} | {epoch_s or "—"} | {command} |'
 
 
+def write_table(lines, output=None):
+    """Prints the markdown table's lines, and writes them to `output` when given."""
+    table = '\n'.join(lines) + '\n'
+    print(table)
+    if output:
+        Path(output).write_text(table)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', nargs='+', choices=sorted(SETTINGS), default=sorted(SETTINGS),
@@ -86,10 +94,7 @@ def main(argv=None):
             print(f'{data} / {model}: python run.py {shlex.join(arguments)}', file=sys.stderr, flush=True)
             if not args.dry_run:
                 lines.append(table_row(data, model, arguments, *run_row(arguments)))
-    table = '\n'.join(lines) + '\n'
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table)
+    write_table(lines, args.output)
     return 0
 
 
