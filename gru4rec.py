@@ -127,8 +127,10 @@ def is_strictly_increasing(name):
 # None means all columns count.
 
 def _diag(Yhat):
-    M = Yhat.shape[0]
-    return Yhat[pt.arange(M), pt.arange(M)]  # M
+    """Yhat[i, i] for every row i, read from the flattened matrix: the gradient of that gather is a
+    scatter into a vector, which has C code, where a two-index gather's ran in Python."""
+    M, N = Yhat.shape
+    return Yhat.reshape((-1,))[pt.arange(M) * (N + 1)]  # M
 
 
 def _row_sum(A, cols):
