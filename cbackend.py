@@ -47,6 +47,10 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
 10. Element-wise loops over strided or broadcast operands (`local_contiguous_elemwise_inputs`) and
    boolean arrays between loops (the ELU is written without one, see gru4rec._positive_part) ran
    scalar; see the rewrite's docstring.
+11. One BLAS thread for every product. OpenBLAS's worker threads spin between calls: on a small product
+   they cost more than they share, on a large one (the 128 x 512 x 2,176 products of the large tuned
+   settings) a second core nearly halves the product's time. `ThreadedDot22` and `ThreadedGemm` give
+   OpenBLAS, before each call, the threads that the call's size wins with (THREADED_PRODUCT_MACS).
 """
 import ctypes
 import functools
@@ -66,6 +70,7 @@ from pytensor.link.c.op import COp
 from pytensor.scalar import basic as ps
 from pytensor.tensor.elemwise import CAReduce, DimShuffle, Elemwise
 from pytensor.tensor.special import Softmax
+from pytensor.tensor.blas import Dot22, Gemm
 from pytensor.tensor.type import TensorType
 from pytensor.tensor.exceptions import NotScalarConstantError
 from pytensor.tensor.subtensor import (AdvancedIncSubtensor, AdvancedIncSubtensor1, AdvancedSubtensor,
@@ -88,8 +93,8 @@ def blas_ldflags():
     lib_dir = scipy_openblas32.get_lib_dir()
     library = scipy_openblas32.get_library()
     if 'OPENBLAS_NUM_THREADS' not in os.environ:
-        # The products are small (batch x layer x scored items). On a machine shared with other work,
-        # OpenBLAS's spinning worker threads made each of them many times slower than one thread.
+        # One thread unless a product asks for more (see ThreadedDot22): on a small product, OpenBLAS's
+        # spinning worker threads cost more than they share.
         for path in glob.glob(os.path.join(lib_dir, f'lib{library}.*')):
             ctypes.CDLL(path).scipy_openblas_set_num_threads(1)
     with warnings.catch_warnings():
@@ -100,6 +105,72 @@ def blas_ldflags():
             names = sorted(set(re.findall(r'\b([a-z][a-z0-9]*_)\s*\(', blas_header_text())))
     renames = [f'-D{name}=scipy_{name}' for name in names]
     return ' '.join([f'-L{lib_dir}', f'-l{library}', f'-Wl,-rpath,{lib_dir}'] + renames)
+
+
+def product_threads():
+    """The BLAS threads that a large product gets: the cores this process may run on. 1 (every
+    product on one thread) when the user chose the threads (OPENBLAS_NUM_THREADS), or when the linked
+    BLAS is not scipy-openblas32, whose thread control the threaded products call."""
+    if 'OPENBLAS_NUM_THREADS' in os.environ or '-lscipy_openblas' not in blas_ldflags():
+        return 1
+    return len(os.sched_getaffinity(0))
+
+
+# The multiply-adds (rows x inner x columns) from which a product runs on product_threads() threads.
+# Below it, one thread was as fast or faster (benchmarks/blas_threads.py).
+THREADED_PRODUCT_MACS = 50_000_000
+
+
+class ThreadedProduct:
+    """Dot22 or Gemm that first sets OpenBLAS's threads for the size of the product at hand:
+    product_threads() from THREADED_PRODUCT_MACS multiply-adds, else one. (OpenBLAS keeps the count
+    until the next call sets it, so every product of a compiled function sets its own.)"""
+
+    def __init__(self, threads, *args, **kwargs):
+        self.threads = threads
+        super().__init__(*args, **kwargs)
+
+    def c_support_code(self, **kwargs):
+        return super().c_support_code(**kwargs) + """
+        extern "C" void scipy_openblas_set_num_threads(int);
+        extern "C" int scipy_openblas_get_num_threads(void);
+        """
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        x, y = inputs[self.operands]
+        return f"""
+        {{
+            const double macs = (double)PyArray_DIM({x}, 0) * PyArray_DIM({x}, 1) * PyArray_DIM({y}, 1);
+            const int threads = macs >= {THREADED_PRODUCT_MACS}.0 ? {self.threads} : 1;
+            if (scipy_openblas_get_num_threads() != threads) scipy_openblas_set_num_threads(threads);
+        }}
+        """ + super().c_code(node, name, inputs, outputs, sub)
+
+    def c_code_cache_version(self):
+        version = super().c_code_cache_version()
+        return version and (1, THREADED_PRODUCT_MACS, *version)
+
+
+class ThreadedDot22(ThreadedProduct, Dot22):
+    __props__ = ('threads',)
+    operands = slice(0, 2)  # x, y of x . y
+
+
+class ThreadedGemm(ThreadedProduct, Gemm):
+    __props__ = ('inplace', 'threads')
+    operands = slice(2, 4)  # x, y of b * z + a * x . y
+
+
+@node_rewriter([Dot22, Gemm])
+def local_threaded_product(fgraph, node):
+    threads = product_threads()
+    if threads == 1 or isinstance(node.op, ThreadedProduct):
+        return None
+    if type(node.op) is Dot22:
+        return ThreadedDot22(threads)(*node.inputs, return_list=True)
+    if type(node.op) is Gemm:
+        return ThreadedGemm(threads, inplace=node.op.inplace)(*node.inputs, return_list=True)
+    return None
 
 
 def compile_flags():
@@ -721,4 +792,4 @@ def c_mode():
             .register((RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
                       (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
-                      (in2out(local_contiguous_elemwise_inputs), 99)))
+                      (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_threaded_product), 99)))

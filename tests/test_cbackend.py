@@ -7,7 +7,8 @@ import pytensor.tensor as pt
 import pytest
 
 from backends import compile_function
-from cbackend import MatrixReduce, RowAdagrad, RowCount, RowScatter, RowSoftmax
+import cbackend
+from cbackend import MatrixReduce, RowAdagrad, RowCount, RowScatter, RowSoftmax, ThreadedDot22, ThreadedGemm
 from conftest import RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
 from training import Optimizer
@@ -142,3 +143,35 @@ def test_the_sparse_adagrad_graph_becomes_row_adagrad_and_computes_the_same(mome
     acc = values['adagrad'].astype(np.float32).astype(np.float64)
     acc[rows] += grad.astype(np.float64) ** 2
     np.testing.assert_allclose(results[0][1], acc, rtol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(7, 5, 9), (128, 512, 800)])
+def test_products_on_one_or_more_threads_equal_float64(shape):
+    """Products below and above cbackend.THREADED_PRODUCT_MACS (one and product_threads() BLAS threads),
+    as matrix products and as an update z += a x . y (Gemm), against float64 numpy; a small product
+    after a threaded one runs on one thread again and is right too."""
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    X, Y, Z = (rng.standard_normal(s).astype(np.float32) for s in [(m, k), (k, n), (m, n)])
+    x, y = pt.matrix('x', dtype='float32'), pt.matrix('y', dtype='float32')
+    z = pytensor.shared(Z.copy(), name='z')
+    product = compile_function([x, y], pt.dot(x, y))
+    update = compile_function([x, y], [], {z: z + np.float32(0.5) * pt.dot(x, y)})
+    if cbackend.product_threads() > 1:
+        assert [{type(node.op) for node in fn.maker.fgraph.toposort()} & {ThreadedDot22, ThreadedGemm}
+                for fn in (product, update)] == [{ThreadedDot22}, {ThreadedGemm}]
+    expected = X.astype(np.float64) @ Y
+    np.testing.assert_allclose(product(X, Y), expected, rtol=1e-4, atol=1e-3)
+    update(X, Y)
+    np.testing.assert_allclose(z.get_value(), Z + 0.5 * expected, rtol=1e-4, atol=1e-3)
+    small = compile_function([x, y], pt.dot(x, y))
+    np.testing.assert_allclose(small(X[:3, :4], Y[:4, :2]), X[:3, :4].astype(np.float64) @ Y[:4, :2], rtol=1e-5)
+
+
+def test_the_training_step_runs_no_python_ops():
+    """Every op of a training step has C code (an op without runs in Python, one call per step)."""
+    for loss, final_act in [('cross-entropy', 'softmax'), ('bpr-max', 'elu-1'), ('top1', 'tanh')]:
+        model = fit_small(make_log([4] * 60, seed=1), loss=loss, final_act=final_act, n_epochs=1)
+        python_ops = [node.op for node in model.training_step_.function.maker.fgraph.toposort()
+                      if not hasattr(node.op, 'c_code') or type(node.op).c_code is pytensor.link.c.op.COp.c_code]
+        assert python_ops == [], loss
