@@ -44,6 +44,8 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    branch stopped vectorisation (of switch(x >= 0, g, 0.5 * g * exp(x)), in an ELU's gradient).
    -fopenmp-simd honours `#pragma omp simd` (no OpenMP runtime), used for the max and sum reductions
    of RowSoftmax.
+   -g0 overrides the -g of PyTensor's compile command: debug information for generated modules was
+   a fifth of what compiling one cost (see 12.).
 10. Element-wise loops over strided or broadcast operands (`local_contiguous_elemwise_inputs`) and
    boolean arrays between loops (the ELU is written without one, see gru4rec._positive_part) ran
    scalar; see the rewrite's docstring.
@@ -51,21 +53,32 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    they cost more than they share, on a large one (the 128 x 512 x 2,176 products of the large tuned
    settings) a second core nearly halves the product's time. `ThreadedDot22` and `ThreadedGemm` give
    OpenBLAS, before each call, the threads that the call's size wins with (THREADED_PRODUCT_MACS).
+12. Compile time. A first run compiles dozens of modules, each parsing the same Python and numpy
+   headers first: precompiled_headers() precompiles them once (see benchmarks/cold_start.py).
 """
 import ctypes
 import functools
 import glob
+import hashlib
 import os
 import re
+import shutil
+import subprocess
+import sysconfig
+import tempfile
 import warnings
 
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
 from pytensor.compile.mode import get_mode
+import pytensor.link.c as c_package
 from pytensor.graph.basic import Apply
+from pytensor.graph.fg import FunctionGraph
 from pytensor.graph.features import ReplaceValidate
 from pytensor.graph.rewriting.basic import GraphRewriter, in2out, node_rewriter
+from pytensor.link.c.basic import CLinker
+from pytensor.link.c.cmodule import std_include_dirs
 from pytensor.link.c.op import COp
 from pytensor.scalar import basic as ps
 from pytensor.tensor.elemwise import CAReduce, DimShuffle, Elemwise
@@ -175,10 +188,61 @@ def local_threaded_product(fgraph, node):
 
 def compile_flags():
     """pytensor.config flags to compile GRU4Rec's functions with on the C backend."""
+    cxxflags = (pytensor.config.gcc__cxxflags
+                + ' -D__FAST_MATH__ -fno-guess-branch-probability -fno-tree-sink -fopenmp-simd'
+                + ' --param=vect-max-version-for-alias-checks=1000 -g0').strip()
     return {'blas__ldflags': blas_ldflags(),
-            'gcc__cxxflags': (pytensor.config.gcc__cxxflags
-                              + ' -D__FAST_MATH__ -fno-guess-branch-probability -fno-tree-sink -fopenmp-simd'
-                              + ' --param=vect-max-version-for-alias-checks=1000').strip()}
+            'gcc__cxxflags': f'{cxxflags} {precompiled_headers(cxxflags, pytensor.config.compiledir)}'.strip()}
+
+
+# What every C module that PyTensor generates includes first, in its order.
+MODULE_HEADERS = ['Python.h', 'pytensor_mod_helper.h', 'math.h', 'numpy/arrayobject.h', 'numpy/arrayscalars.h',
+                  'numpy/npy_math.h', 'vector', 'algorithm']
+
+
+@functools.cache
+def precompiled_headers(cxxflags, compiledir):
+    """'-IDIR' where DIR holds a Python.h that includes MODULE_HEADERS, and that header precompiled
+    with the flags PyTensor compiles a module with (gcc__cxxflags = cxxflags). A module's first line,
+    #include <Python.h>, then finds DIR first, and gcc loads the precompiled headers instead of parsing
+    them again: about half of what compiling a small op costs, and a cold start compiles dozens. Where
+    the .gch does not fit a module's flags, gcc reads DIR/Python.h, which includes the same headers.
+    '' (no precompiled headers) when building them fails. Built once per compiler, flags and
+    compile directory, into the compile directory, atomically."""
+    if not pytensor.config.cxx:
+        return ''
+    x = pt.vector('x', dtype='float32')
+    with pytensor.config.change_flags(gcc__cxxflags=cxxflags):
+        args = CLinker().accept(FunctionGraph([x], [x + 1])).compile_args()
+    include_dirs = std_include_dirs() + [os.path.join(os.path.dirname(c_package.__file__), 'c_code')]
+    python_h = os.path.join(sysconfig.get_paths()['include'], 'Python.h')
+    # Only a module's own first line (include level 1; 0 while precompiling) gets the other headers: a
+    # numpy header that includes Python.h in the middle of its own definitions gets Python.h alone.
+    header = ''.join([f'#include "{python_h}"\n#if __INCLUDE_LEVEL__ <= 1\n']
+                     + [f'#include <{h}>\n' for h in MODULE_HEADERS[1:]] + ['#endif\n'])
+    command = ([pytensor.config.cxx, '-x', 'c++-header', '-g'] + args + [f'-I{d}' for d in include_dirs]
+               + ['-fvisibility=hidden'])
+    # The headers' versions too: gcc would take a .gch made from older headers of the same names.
+    versions = [np.__version__, pytensor.__version__, sysconfig.get_config_var('py_version_nodot') or '']
+    digest = hashlib.sha256('\0'.join(command + [header] + versions).encode()).hexdigest()[:16]
+    folder = os.path.join(compiledir, 'gru4rec_pch', digest)
+    if not os.path.exists(os.path.join(folder, 'Python.h.gch')):
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        building = tempfile.mkdtemp(dir=os.path.dirname(folder))
+        with open(os.path.join(building, 'Python.h'), 'w') as f:
+            f.write(header)
+        try:
+            done = subprocess.run(command + ['-o', os.path.join(building, 'Python.h.gch'),
+                                             os.path.join(building, 'Python.h')], capture_output=True)
+            if done.returncode != 0:
+                return ''
+            os.replace(building, folder)
+        except OSError:  # no compiler to run, or another process built the header first
+            if not os.path.exists(os.path.join(folder, 'Python.h.gch')):
+                return ''
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return f'-I{folder}'
 
 
 def c_output(out, shape, typenum, fail):

@@ -1,0 +1,63 @@
+"""Cold and warm start: the README's one-epoch rsc15_100k run with an empty compile cache, then again
+with the cache it left, side by side with another checkout of the project (the code before a change).
+
+    python benchmarks/cold_start.py
+    python benchmarks/cold_start.py --baseline /tmp/before --rounds 2
+
+Each run is `python run.py ../shared/data/rsc15_100k_train_full.tsv.gz -pf paramfiles/rsc15_xe_shared_100_best.py
+-ps n_epochs=1 -t ../shared/data/rsc15_100k_test.tsv.gz` in its own process, with PyTensor's compile
+directory (PYTENSOR_FLAGS=compiledir=...) a fresh temporary one for the cold run and the same one again for
+the warm run. The table gives the wall-clock seconds of the whole process, the seconds of its training
+epoch and of its evaluation as run.py prints them, and the compiled modules the cold run left. Cold minus
+warm is what compiling costs a first run; the warm run still loads the cached modules and rewrites the graphs.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import DATA_DIR, ROOT
+
+EPOCH = re.compile(r'^Epoch1 --> loss: \S+\s+\(([0-9.]+)s\)', re.M)
+EVALUATION = re.compile(r'took ([0-9.]+)s', re.M)
+
+
+def run_once(checkout, compiledir):
+    command = [sys.executable, 'run.py', str(DATA_DIR / 'rsc15_100k_train_full.tsv.gz'), '-pf',
+               'paramfiles/rsc15_xe_shared_100_best.py', '-ps', 'n_epochs=1', '-t',
+               str(DATA_DIR / 'rsc15_100k_test.tsv.gz')]
+    env = dict(os.environ, PYTENSOR_FLAGS=f'compiledir={compiledir}', PYTHONWARNINGS='ignore')
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f'{checkout}: run.py failed:\n{done.stderr[-2000:]}')
+    epoch, evaluation = EPOCH.search(done.stdout), EVALUATION.search(done.stdout)
+    return wall, float(epoch.group(1)), float(evaluation.group(1))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--baseline', type=Path, help='another checkout of the project, run in turn with this one')
+    parser.add_argument('--rounds', type=int, default=1, help='cold + warm runs per checkout')
+    args = parser.parse_args()
+    checkouts = [('this checkout', ROOT)] + ([('baseline', args.baseline.resolve())] if args.baseline else [])
+    print('| code | round | cold wall s | warm wall s | cold - warm | cold epoch / evaluation s | '
+          'warm epoch / evaluation s | modules |')
+    print('|---|---|---|---|---|---|---|---|')
+    for round_ in range(1, args.rounds + 1):
+        for name, checkout in checkouts:
+            with tempfile.TemporaryDirectory(prefix='gru4rec_cold_') as compiledir:
+                cold = run_once(checkout, compiledir)
+                modules = sum(1 for p in Path(compiledir).iterdir() if (p / 'mod.cpp').exists())
+                warm = run_once(checkout, compiledir)
+            print(f'| {name} | {round_} | {cold[0]:.1f} | {warm[0]:.1f} | {cold[0] - warm[0]:.1f} | '
+                  f'{cold[1]:.1f} / {cold[2]:.1f} | {warm[1]:.1f} / {warm[2]:.1f} | {modules} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
