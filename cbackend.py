@@ -126,7 +126,7 @@ def product_threads():
     BLAS is not scipy-openblas32, whose thread control the threaded products call."""
     if 'OPENBLAS_NUM_THREADS' in os.environ or '-lscipy_openblas' not in blas_ldflags():
         return 1
-    return len(os.sched_getaffinity(0))
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 # The multiply-adds (rows x inner x columns) from which a product runs on product_threads() threads.
