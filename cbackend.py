@@ -55,6 +55,11 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    OpenBLAS, before each call, the threads that the call's size wins with (THREADED_PRODUCT_MACS).
 12. Compile time. A first run compiles dozens of modules, each parsing the same Python and numpy
    headers first: precompiled_headers() precompiles them once (see benchmarks/cold_start.py).
+13. The BPR-max loss and its gradient. As a graph they are a dozen element-wise passes and reductions
+   over the whole batch x scored-items matrix, with copies of broadcast columns between them.
+   training.row_loss_op hands every training loss over as one op; `RowBPRMax` computes BPR-max's
+   (and its gradient) a row at a time while the row is in cache, and the graphs of the other losses
+   are inlined (`local_row_loss`).
 """
 import ctypes
 import functools
@@ -73,6 +78,7 @@ import pytensor
 import pytensor.tensor as pt
 from pytensor.compile.mode import get_mode
 import pytensor.link.c as c_package
+from pytensor.compile.builders import OpFromGraph
 from pytensor.graph.basic import Apply
 from pytensor.graph.fg import FunctionGraph
 from pytensor.graph.features import ReplaceValidate
@@ -86,6 +92,7 @@ from pytensor.tensor.special import Softmax
 from pytensor.tensor.blas import Dot22, Gemm
 from pytensor.tensor.type import TensorType
 from pytensor.tensor.exceptions import NotScalarConstantError
+from pytensor.tensor.rewriting.ofg import inline_ofg_node
 from pytensor.tensor.subtensor import (AdvancedIncSubtensor, AdvancedIncSubtensor1, AdvancedSubtensor,
                                       AdvancedSubtensor1, Subtensor)
 
@@ -719,6 +726,155 @@ def local_row_softmax(fgraph, node):
     return None
 
 
+def bpr_max_rows(Y, cols, bpreg):
+    """BPR-max (CIKM 2018) of each row of the scores Y (M x N, row i's target in column i, cols marking the
+    columns that count) with its parts, in numpy: the reference of RowBPRMax. Returns the loss (M), the
+    softmax weights s over each row's negatives, sigma(d - y) and the row sums A = sum s sigma and
+    B = sum s y^2."""
+    M, N = Y.shape
+    negatives = (np.arange(M)[:, None] != np.arange(N)[None, :]) * cols[None, :]
+    shift = np.where(negatives != 0, Y, np.finfo(Y.dtype).min).max(axis=1, keepdims=True)
+    e = np.exp(np.where(negatives != 0, Y - shift, 0)) * negatives
+    s = e / e.sum(axis=1, keepdims=True)
+    sigma = 1 / (1 + np.exp(-(np.diagonal(Y)[:, None] - Y)))
+    A, B = (s * sigma).sum(axis=1), (s * Y * Y).sum(axis=1)
+    return -np.log(A + 1e-24) + bpreg * B, s, sigma, A, B
+
+
+class RowBPRMax(COp):
+    """BPR-max of each row of the scores (the op 'row_loss:bpr-max' of training.row_loss_op: inputs Y,
+    cols, bpreg), a row at a time while it is in cache, instead of the graph's dozen element-wise passes
+    and reductions over the whole M x N matrix. With grad=True it is the gradient w.r.t. Y of the rows'
+    losses weighted by g (inputs Y, cols, bpreg, g; output M x N): for a negative column j of row i,
+      g_i * (-(s_j (sigma_j - A) - s_j sigma_j (1 - sigma_j)) / (A + 1e-24) + bpreg s_j (y_j^2 - B + 2 y_j))
+    and for the target column, whose score d enters every sigma_j = sigma(d - y_j),
+      g_i * -sum_j s_j sigma_j (1 - sigma_j) / (A + 1e-24)
+    (s: the softmax over the negatives, A = sum_j s_j sigma_j, B = sum_j s_j y_j^2; bpr_max_rows).
+    Sums in float64, as the graph's."""
+
+    __props__ = ('grad',)
+
+    def __init__(self, grad=False):
+        self.grad = grad
+
+    def make_node(self, *inputs):
+        Y = inputs[0]
+        return Apply(self, list(inputs), [Y.type() if self.grad else pt.vector(dtype=Y.dtype)])
+
+    def perform(self, node, inputs, output_storage):
+        Y, cols, bpreg, *g = inputs
+        loss, s, sigma, A, B = bpr_max_rows(Y.astype(np.float64), cols, float(bpreg))
+        if not self.grad:
+            output_storage[0][0] = loss.astype(Y.dtype)
+            return
+        (g,) = g
+        dY = -(s * (sigma - A[:, None]) - s * sigma * (1 - sigma)) / (A[:, None] + 1e-24) \
+            + float(bpreg) * s * (Y * Y - B[:, None] + 2 * Y)
+        M = len(Y)
+        dY[np.arange(M), np.arange(M)] = -(s * sigma * (1 - sigma)).sum(axis=1) / (A + 1e-24)
+        output_storage[0][0] = (g[:, None] * dY).astype(Y.dtype)
+
+    def c_code_cache_version(self):
+        return (3,)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        Y, cols, bpreg = inputs[:3]
+        (out,) = outputs
+        fail = sub['fail']
+        T = f'dtype_{Y}'
+        if self.grad:
+            g = inputs[3]
+            allocate = c_output(out, ['M', 'N'], f'PyArray_TYPE({Y})', f'Py_DECREF(y); Py_DECREF(c); {fail}')
+            # s_j is kept in the output row until the last pass overwrites it with the gradient.
+            finish = f"""
+                const {T} gi = *(dtype_{g}*)PyArray_GETPTR1({g}, i);
+                const {T} inv = ({T})(1.0 / (A + 1e-24)), a = ({T})A, b = ({T})B, l = ({T})lambda;
+                double target = 0;
+                #pragma omp simd reduction(+:target)
+                for (npy_intp j = 0; j < N; j++) {{
+                    const {T} sj = o[j], yj = yr[j];
+                    const {T} sig = 1 / (1 + std::exp(yj - d));
+                    target += sj * sig * (1 - sig);
+                    o[j] = gi * (-(sj * (sig - a) - sj * sig * (1 - sig)) * inv + l * sj * (yj * yj - b + 2 * yj));
+                }}
+                if (i < N) o[i] = ({T})(gi * -target * inv);"""
+        else:
+            allocate = c_output(out, ['M'], f'PyArray_TYPE({Y})', f'Py_DECREF(y); Py_DECREF(c); {fail}')
+            finish = f"""
+                *(({T}*)PyArray_DATA({out}) + i) = ({T})(-log(A + 1e-24) + lambda * B);"""
+        return f"""
+        {{
+            const npy_intp M = PyArray_DIM({Y}, 0), N = PyArray_DIM({Y}, 1);
+            if (PyArray_DIM({cols}, 0) != N) {{
+                PyErr_SetString(PyExc_ValueError, "RowBPRMax: cols must have one entry per column of the scores");
+                {fail}
+            }}
+            PyArrayObject* y = PyArray_GETCONTIGUOUS({Y});  // new references (copies if strided)
+            if (!y) {{ {fail} }}
+            PyArrayObject* c = PyArray_GETCONTIGUOUS({cols});
+            if (!c) {{ Py_DECREF(y); {fail} }}
+            {allocate}
+            const double lambda = (double)*(dtype_{bpreg}*)PyArray_DATA({bpreg});
+            const dtype_{cols}* __restrict__ cr = (const dtype_{cols}*)PyArray_DATA(c);
+            std::vector<{T}> scratch(N);
+            {T}* __restrict__ e = scratch.data();
+            for (npy_intp i = 0; i < M; i++) {{
+                const {T}* __restrict__ yr = (const {T}*)PyArray_DATA(y) + i * N;
+                {T}* __restrict__ o = {'(' + T + '*)PyArray_DATA(' + out + ') + i * N' if self.grad else 'e'};
+                const {T} d = i < N ? yr[i] : 0;
+                // The largest score among the negatives (the target and the padded columns left out).
+                {T} m = -std::numeric_limits<{T}>::max();
+                #pragma omp simd reduction(max:m)
+                for (npy_intp j = 0; j < N; j++)
+                    m = (cr[j] != 0 && j != i && yr[j] > m) ? yr[j] : m;
+                // exp of at most 0: the negatives are at most m, and the target, which may be far above
+                // them, must not overflow before its weight 0 applies (taken out after the loop).
+                double Z = 0;
+                #pragma omp simd reduction(+:Z)
+                for (npy_intp j = 0; j < N; j++) {{
+                    const {T} x = std::exp(std::min(yr[j] - m, ({T})0)) * cr[j];
+                    o[j] = x;
+                    Z += x;
+                }}
+                if (i < N) {{
+                    Z -= o[i];
+                    o[i] = 0;
+                }}
+                const {T} z = ({T})Z;
+                double A = 0, B = 0;
+                #pragma omp simd reduction(+:A, B)
+                for (npy_intp j = 0; j < N; j++) {{
+                    const {T} sj = o[j] / z;
+                    o[j] = sj;
+                    A += sj / (1 + std::exp(yr[j] - d));
+                    B += sj * yr[j] * yr[j];
+                }}{finish}
+            }}
+            Py_DECREF(y);
+            Py_DECREF(c);
+        }}
+        """
+
+    def c_headers(self, **kwargs):
+        return ['<algorithm>', '<cmath>', '<limits>', '<vector>']
+
+
+@node_rewriter([OpFromGraph])
+def local_row_loss(fgraph, node):
+    """The training losses of training.row_loss_op: BPR-max's and its gradient by RowBPRMax, any other
+    loss's graph inlined (an OpFromGraph left in the graph would run in Python)."""
+    name = node.op.name or ''
+    if not name.startswith('row_loss:'):
+        return None
+    Y = node.inputs[0]
+    if name in ('row_loss:bpr-max', 'row_loss:bpr-max_LOp') and Y.ndim == 2 and Y.dtype in ('float32', 'float64'):
+        if name.endswith('_LOp'):
+            Y, cols, bpreg, _, g = node.inputs
+            return [RowBPRMax(grad=True)(Y, cols, bpreg, g)]
+        return [RowBPRMax()(*node.inputs)]
+    return inline_ofg_node(node)
+
+
 class RowCount(COp):
     """Per row i of a matrix x, the number of entries greater than (or equal to) t[i]."""
 
@@ -853,7 +1009,8 @@ def c_mode():
     """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
     op, nor element-wise work into (slow, scalar) C reductions."""
     return (get_mode('CVM').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
-            .register((RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
+            .register((in2out(local_row_loss), 0.01),
+                      (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
                       (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
                       (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_threaded_product), 99)))

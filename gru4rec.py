@@ -22,6 +22,7 @@ mini-batches), backends.py (the only place that knows about backends) with cback
 modelfile.py (the file format).
 """
 import copy
+import functools
 import inspect
 import math
 import warnings
@@ -37,8 +38,8 @@ import modelfile
 from backends import BACKENDS, compile_function
 from evaluation import evaluate_gpu
 from sessions import FLOAT, pad, session_arrays, session_parallel_batches, sort_log, validate_log
-from training import (ADAPT_DEFAULTS, OPT_STATE_KINDS, Optimizer, SampleStore, TrainingStep, sample_cdf, static_shared,
-                      train_epochs)
+from training import (ADAPT_DEFAULTS, OPT_STATE_KINDS, Optimizer, SampleStore, TrainingStep, row_loss_op, sample_cdf,
+                      static_shared, train_epochs)
 from training import distinct_rows, inverse_cdf  # noqa: F401  (public names of gru4rec before issue 13)
 
 
@@ -638,7 +639,8 @@ class GRU4Rec:
             log_q = pt.concatenate([self.P_target[T], self.P_sample[samples]])  # N
             logits = logits - np.float32(hp['logq']) * log_q
         Yhat = self._final_act(logits)  # B x N
-        return LOSSES[hp['loss']](Yhat, smoothing=np.float32(hp['smoothing']), bpreg=np.float32(hp['bpreg']), cols=cols)
+        loss = functools.partial(LOSSES[hp['loss']], smoothing=np.float32(hp['smoothing']))
+        return row_loss_op(hp['loss'], loss, Yhat, cols, hp['bpreg'])
 
     def compile_function(self, inputs, outputs, updates=None):
         return compile_function(inputs, outputs, updates, self._parsed_params()['backend'])

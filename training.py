@@ -18,6 +18,8 @@ import pytensor.tensor as pt
 from tqdm import tqdm
 
 from sessions import FLOAT, pad
+from pytensor.compile.builders import OpFromGraph
+from pytensor.gradient import DisconnectedType
 
 # adapt -> its adapt_params' defaults (decay, or the betas of Adam); None is SGD.
 ADAPT_DEFAULTS = {None: [], 'adagrad': [], 'rmsprop': [0.9], 'adadelta': [0.95], 'adam': [0.9, 0.999]}
@@ -124,6 +126,24 @@ class Optimizer:
         if self.adapt == 'adam':
             updates[self.t] = self.t + 1
         return updates
+
+
+def row_loss_op(name, loss, Yhat, cols, bpreg):
+    """loss(Yhat, bpreg=bpreg, cols=cols) (the loss of each row of the scores, see gru4rec's losses) as one
+    op, named f'row_loss:{name}', of inputs (Yhat, cols, bpreg), with the loss's graph inside. A backend
+    with a kernel for the loss computes it and its gradient in a few passes over each row while the row
+    is in cache (the C backend's RowBPRMax for 'row_loss:bpr-max'); any other runs the graph inside.
+    The gradient is the op f'row_loss:{name}_LOp' of inputs (Yhat, cols, bpreg, loss, upstream gradient);
+    it is the gradient of the graph inside, w.r.t. Yhat only (cols and bpreg are not trained)."""
+    inner = [Yhat.type(), cols.type(), pt.scalar('bpreg', dtype=FLOAT)]
+
+    def gradient(inputs, outputs, output_grads):
+        return ([pytensor.grad(None, inputs[0], known_grads={outputs[0]: output_grads[0]})]
+                + [DisconnectedType()(), DisconnectedType()()])
+
+    op = OpFromGraph(inner, [loss(inner[0], bpreg=inner[2], cols=inner[1])], pullback=gradient,
+                     connection_pattern=[[True], [False], [False]], name=f'row_loss:{name}')
+    return op(Yhat, cols, pt.constant(np.float32(bpreg), dtype=FLOAT))
 
 
 class TrainingStep:

@@ -8,10 +8,12 @@ import pytest
 
 from backends import compile_function
 import cbackend
-from cbackend import MatrixReduce, RowAdagrad, RowCount, RowScatter, RowSoftmax, ThreadedDot22, ThreadedGemm
+from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowScatter, RowSoftmax, ThreadedDot22, ThreadedGemm,
+                      bpr_max_rows)
 from conftest import RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
-from training import Optimizer
+from gru4rec import loss_bpr_max
+from training import Optimizer, row_loss_op
 
 REDUCTIONS = {'add': (pt.sum, np.sum), 'maximum': (pt.max, np.max), 'minimum': (pt.min, np.min)}
 
@@ -175,3 +177,49 @@ def test_the_training_step_runs_no_python_ops():
         python_ops = [node.op for node in model.training_step_.function.maker.fgraph.toposort()
                       if not hasattr(node.op, 'c_code') or type(node.op).c_code is pytensor.link.c.op.COp.c_code]
         assert python_ops == [], loss
+
+
+def test_bpr_max_reference_gradient_is_the_numeric_one():
+    """The gradient RowBPRMax computes (its numpy perform, float64) against central differences of
+    bpr_max_rows, the target column included; padded columns get none."""
+    rng = np.random.default_rng(3)
+    Y = rng.standard_normal((4, 9)) * 2
+    cols, bpreg, g = np.array([1.0] * 7 + [0.0] * 2), 0.7, rng.uniform(0.5, 1.5, 4)
+    node = RowBPRMax(grad=True).make_node(pt.dmatrix(), pt.dvector(), pt.dscalar(), pt.dvector())
+    out = [[None]]
+    RowBPRMax(grad=True).perform(node, [Y, cols, np.float64(bpreg), g], out)
+    numeric = np.zeros_like(Y)
+    for index in np.ndindex(Y.shape):
+        step = np.zeros_like(Y)
+        step[index] = 1e-6
+        numeric[index] = (g @ bpr_max_rows(Y + step, cols, bpreg)[0] - g @ bpr_max_rows(Y - step, cols, bpreg)[0]) / 2e-6
+    np.testing.assert_allclose(out[0][0], numeric, rtol=1e-5, atol=1e-8)
+    assert not out[0][0][:, 7:].any()
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+def test_bpr_max_op_equals_the_graph(dtype):
+    """training.row_loss_op wraps BPR-max; on the C backend RowBPRMax computes the loss and its gradient,
+    elsewhere the graph runs as written (PyTensor's Python linker): same values, on scores with padded
+    columns and a target far above its negatives."""
+    rng = np.random.default_rng(5)
+    M, N = 6, 40
+    values = (rng.standard_normal((M, N)) * 3).astype(dtype)
+    values[2, 2] = 300  # the target far above the negatives of its row
+    cols_value = np.r_[np.ones(N - 5), np.zeros(5)].astype(dtype)
+    weights = rng.uniform(0.5, 1.5, M).astype(dtype)
+    results = []
+    for compile_with in ('c', 'python'):
+        Y, cols, w = pt.matrix('Y', dtype=dtype), pt.vector('cols', dtype=dtype), pt.vector('w', dtype=dtype)
+        loss = row_loss_op('bpr-max', loss_bpr_max, Y, cols, 0.9)
+        outputs = [loss, pytensor.grad((loss * w).sum(), Y)]
+        if compile_with == 'c':
+            fn = compile_function([Y, cols, w], outputs, backend='c')
+            assert RowBPRMax in c_ops(fn) | {type(n.op) for n in fn.maker.fgraph.toposort()}
+        else:
+            fn = pytensor.function([Y, cols, w], outputs, mode='FAST_COMPILE')
+        results.append(fn(values, cols_value, weights))
+    tolerance = {'float32': dict(rtol=2e-4, atol=2e-5), 'float64': dict(rtol=1e-9, atol=1e-12)}[dtype]
+    for got, expected in zip(*results):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected, **tolerance)
