@@ -15,11 +15,11 @@ import numba
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
+from pytensor.compile.builders import OpFromGraph
+from pytensor.gradient import DisconnectedType
 from tqdm import tqdm
 
 from sessions import FLOAT, pad
-from pytensor.compile.builders import OpFromGraph
-from pytensor.gradient import DisconnectedType
 
 # adapt -> its adapt_params' defaults (decay, or the betas of Adam); None is SGD.
 ADAPT_DEFAULTS = {None: [], 'adagrad': [], 'rmsprop': [0.9], 'adadelta': [0.95], 'adam': [0.9, 0.999]}
