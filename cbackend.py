@@ -234,21 +234,23 @@ def precompiled_headers(cxxflags, compiledir):
     digest = hashlib.sha256('\0'.join(command + [header] + versions).encode()).hexdigest()[:16]
     folder = os.path.join(compiledir, 'gru4rec_pch', digest)
     if not os.path.exists(os.path.join(folder, 'Python.h.gch')):
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        building = tempfile.mkdtemp(dir=os.path.dirname(folder))
-        with open(os.path.join(building, 'Python.h'), 'w') as f:
-            f.write(header)
+        building = None
         try:
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            building = tempfile.mkdtemp(dir=os.path.dirname(folder))
+            with open(os.path.join(building, 'Python.h'), 'w') as f:
+                f.write(header)
             done = subprocess.run(command + ['-o', os.path.join(building, 'Python.h.gch'),
                                              os.path.join(building, 'Python.h')], capture_output=True)
             if done.returncode != 0:
                 return ''
             os.replace(building, folder)
-        except OSError:  # no compiler to run, or another process built the header first
+        except OSError:  # a compile directory we cannot write, or another process built the header first
             if not os.path.exists(os.path.join(folder, 'Python.h.gch')):
                 return ''
         finally:
-            shutil.rmtree(building, ignore_errors=True)
+            if building is not None:
+                shutil.rmtree(building, ignore_errors=True)
     return f'-I{folder}'
 
 

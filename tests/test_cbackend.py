@@ -1,6 +1,8 @@
 """The C backend's own ops (cbackend.py) against float64 numpy, on the shapes and memory layouts that
 GRU4Rec's graphs give them, and the check that the rewrites really put them into the compiled training
 and evaluation graphs."""
+from pathlib import Path
+
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
@@ -223,3 +225,19 @@ def test_bpr_max_op_equals_the_graph(dtype):
     for got, expected in zip(*results):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, expected, **tolerance)
+
+
+def test_precompiled_headers_are_built_once_and_left_out_where_they_cannot_be(tmp_path):
+    """precompiled_headers() builds its header once per compile directory and flags (a second call finds
+    it), and gives no flag, rather than failing the compilation, where it cannot write."""
+    flags = cbackend.compile_flags()['gcc__cxxflags']
+    flag = cbackend.precompiled_headers(flags, str(tmp_path))
+    folder = flag[len('-I'):]
+    assert flag.startswith('-I') and sorted(p.name for p in Path(folder).iterdir()) == ['Python.h', 'Python.h.gch']
+    built = (Path(folder) / 'Python.h.gch').stat().st_mtime_ns
+    cbackend.precompiled_headers.cache_clear()
+    assert cbackend.precompiled_headers(flags, str(tmp_path)) == flag
+    assert (Path(folder) / 'Python.h.gch').stat().st_mtime_ns == built
+    blocked = tmp_path / 'a file'
+    blocked.write_text('not a directory')
+    assert cbackend.precompiled_headers(flags, str(blocked)) == ''
