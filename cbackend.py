@@ -184,7 +184,7 @@ class ThreadedGemm(ThreadedProduct, Gemm):
 @node_rewriter([Dot22, Gemm])
 def local_threaded_product(fgraph, node):
     threads = product_threads()
-    if threads == 1 or isinstance(node.op, ThreadedProduct):
+    if threads == 1:
         return None
     if type(node.op) is Dot22:
         return ThreadedDot22(threads)(*node.inputs, return_list=True)
@@ -869,11 +869,13 @@ def local_row_loss(fgraph, node):
     if not name.startswith('row_loss:'):
         return None
     Y = node.inputs[0]
-    if name in ('row_loss:bpr-max', 'row_loss:bpr-max_LOp') and Y.ndim == 2 and Y.dtype in ('float32', 'float64'):
-        if name.endswith('_LOp'):
-            Y, cols, bpreg, _, g = node.inputs
-            return [RowBPRMax(grad=True)(Y, cols, bpreg, g)]
+    if Y.ndim != 2 or Y.dtype not in ('float32', 'float64'):
+        return inline_ofg_node(node)
+    if name == 'row_loss:bpr-max':
         return [RowBPRMax()(*node.inputs)]
+    if name == 'row_loss:bpr-max_LOp':
+        Y, cols, bpreg, _, g = node.inputs  # the loss itself (_) is not needed
+        return [RowBPRMax(grad=True)(Y, cols, bpreg, g)]
     return inline_ofg_node(node)
 
 
