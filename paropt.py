@@ -242,6 +242,9 @@ def build_parser():
                    'once (default: 60)')
     p.add_argument('--trial-timeout', metavar='SECONDS', type=float,
                    help='fail a trial that runs longer than this (default: no limit)')
+    p.add_argument('--timeout', metavar='SECONDS', type=float,
+                   help="this worker's time budget: it starts no trial after SECONDS, and lets the running one "
+                   'finish (default: no limit; the search resumes with the same --storage and --study)')
     p.add_argument('-ss', '--sample-store', metavar='N', type=int, default=10000000,
                    help='sample store size passed to run.py (default: 10000000)')
     p.add_argument('-sk', '--session-key', metavar='NAME', default='SessionId', help='session id column')
@@ -298,7 +301,7 @@ def search(args):
 
     remaining = args.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining,
+        study.optimize(objective, n_trials=remaining, timeout=args.timeout,
                        callbacks=[optuna.study.MaxTrialsCallback(args.n_trials, states=finished)])
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         print('No trial has completed yet.')
@@ -355,6 +358,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.n_trials < 1:
         parser.error(f'-nt must be positive, got {args.n_trials}')
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error(f'--timeout must be a positive number of seconds, got {args.timeout}')
     if args.heartbeat < 1:
         parser.error(f'--heartbeat must be a positive number of seconds, got {args.heartbeat}')
     try:

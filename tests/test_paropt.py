@@ -117,6 +117,20 @@ def test_a_hopeless_trial_is_pruned_after_its_first_epoch(tmp_path):
     assert time.time() - started < 120  # not the 100 epochs
 
 
+
+def test_a_worker_starts_no_trial_after_its_time_budget_and_the_search_resumes(tmp_path):
+    write_logs(tmp_path)
+    storage = f'sqlite:///{tmp_path / "search.db"}'
+    space = write_space(tmp_path / 'space.json', SPACE)
+    args = [str(tmp_path / 'train.tsv'), str(tmp_path / 'valid.tsv'), '-opf', str(space),
+            '-ps', 'n_epochs=1,batch_size=8,n_sample=4,loss=bpr-max', '-nt', '3', '-pm', 'mrr', '--storage', storage,
+            '--study', 'budget', '--seed', '1', '--pruner', 'none']
+    assert paropt.main(args + ['--timeout', '0.5']) == 0  # the first trial outlasts the budget and finishes
+    study = optuna.load_study(study_name='budget', storage=storage)
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE]
+    assert paropt.main(args) == 0
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 3
+
 def test_storage_paths_become_sqlite_urls(tmp_path):
     assert paropt.storage_url(str(tmp_path / 's.db')) == f'sqlite:///{tmp_path / "s.db"}'
     assert paropt.storage_url('postgresql://user@host/db') == 'postgresql://user@host/db'
@@ -128,6 +142,9 @@ def test_bad_input_exits_with_status_2(tmp_path, capsys):
     assert 'no such data file' in capsys.readouterr().err
     assert paropt.main(['t.tsv', 'v.tsv', '-opf', str(space), '-ps', 'loss=xe']) == 2
     assert 'unknown loss' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        paropt.main(['t.tsv', 'v.tsv', '-opf', str(space), '--timeout', '0'])
+    assert exit_.value.code == 2 and '--timeout must be a positive number of seconds' in capsys.readouterr().err
 
 
 def test_two_workers_share_one_sqlite_study_and_a_finished_search_resumes(tmp_path):
