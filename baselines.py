@@ -144,6 +144,15 @@ class _NeighbourTable(Baseline):
         levels = np.unique(np.concatenate([[0], value.ravel()]))
         self._tiebreak = _popularity_tiebreak(self.support, np.diff(levels).min() if len(levels) > 1 else 1.0)
 
+    def neighbours(self, item):
+        """The kept entries of `item`'s row (an item id of the training data): a Series of weights indexed
+        by item id, in the order they rank."""
+        row = self.itemidmap.get_indexer([item])[0]
+        if row < 0:
+            raise KeyError(f'item {item!r} is not in the training data')
+        index, value = self._index.get_value()[row], self._value.get_value()[row]
+        return pd.Series(value[value > 0], index=self.itemidmap[index[value > 0]], name='weight')
+
     def _scores(self, X, H_prev):
         M = X.shape[0]
         flat = (pt.arange(M)[:, None] * self.n_items + self._index[X]).flatten()  # M * width

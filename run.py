@@ -235,7 +235,8 @@ def _model_params(args):
     return params
 
 
-def _make_model(args):
+def make_model(args):
+    """The untrained GRU4Rec or baseline that the parsed command line describes."""
     params = _model_params(args)
     try:
         if args.baseline:
@@ -250,7 +251,7 @@ def _make_model(args):
 def _train(args, keys, valid=None):
     """The trained model; with `valid` (and -lpm) it prints `EPOCH METRIC: n value` after every epoch,
     the primary metric on `valid`, which a pruned search (paropt.py) reads as the epoch ends."""
-    model = _make_model(args)
+    model = make_model(args)
     train = read_log(args.path, keys, args.allow_pickle, what='training data')
     print(f'Training data {args.path}: {len(train)} events, {train[keys[0]].nunique()} sessions, '
           f'{train[keys[1]].nunique()} items', flush=True)

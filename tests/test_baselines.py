@@ -84,7 +84,8 @@ def test_evaluate_gpu_scores_baselines_as_their_definition_ranks(name, train, te
 def test_truncated_neighbourhoods_keep_the_metrics_up_to_their_size(train, test):
     full = evaluate_gpu(MarkovChain().fit(train), test, cut_off=[1, 2, 3])
     top3 = MarkovChain(n_successors=3).fit(train)
-    assert top3._index.get_value().shape[1] == 3
+    widths = [len(top3.neighbours(item)) for item in top3.itemidmap]
+    assert max(widths) == 3 and max(len(MarkovChain().fit(train).neighbours(item)) for item in top3.itemidmap) > 3
     assert evaluate_gpu(top3, test, cut_off=[1, 2, 3]) == full
 
 
@@ -92,21 +93,20 @@ def test_markov_chain_counts_transitions_within_sessions_only():
     log = pd.DataFrame({'SessionId': [1, 1, 1, 2, 2, 3, 3], 'ItemId': ['a', 'b', 'a', 'a', 'b', 'c', 'a'],
                         'Time': range(7)})
     model = MarkovChain().fit(log)
-    index, value = model._index.get_value(), model._value.get_value()
-    table = {(model.itemidmap[i], model.itemidmap[j]): v for i in range(3) for j, v in zip(index[i], value[i]) if v}
+    table = {(i, j): v for i in 'abc' for j, v in model.neighbours(i).items()}
     assert table == {('a', 'b'): 2, ('b', 'a'): 1, ('c', 'a'): 1}  # no b -> a across sessions 1 and 2
+    with pytest.raises(KeyError, match="item 'd' is not in the training data"):
+        model.neighbours('d')
 
 
 def test_item_knn_similarity_follows_the_formula():
     log = pd.DataFrame({'SessionId': [1, 1, 2, 2, 2, 3], 'ItemId': [1, 2, 1, 2, 3, 3], 'Time': range(6)})
     model = ItemKNN(lmbd=1.0, alpha=0.25).fit(log)
-    index, value = model._index.get_value(), model._value.get_value()
-    one, two, three = model.itemidmap.get_indexer([1, 2, 3])
-    sims = dict(zip(index[one], value[one]))
+    sims = model.neighbours(1)
     # supports: item 1 twice, item 2 twice, item 3 twice; cooc(1, 2) = 2, cooc(1, 3) = 1
-    assert sims[two] == pytest.approx(2 / ((2 + 1) ** 0.25 * (2 + 1) ** 0.75))
-    assert sims[three] == pytest.approx(1 / 3)
-    assert one not in index[one][value[one] > 0]
+    assert sims[2] == pytest.approx(2 / ((2 + 1) ** 0.25 * (2 + 1) ** 0.75))
+    assert sims[3] == pytest.approx(1 / 3)
+    assert list(sims.index) == [2, 3]  # ranked, and not the item itself
 
 
 def test_session_popularity_resets_between_sessions():

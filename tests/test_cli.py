@@ -122,7 +122,7 @@ def test_the_parameter_string_overrides_the_parameter_file(tmp_path):
     paramfile.write_text("gru4rec_params = {'loss': 'top1', 'layers': [32], 'n_epochs': 3}\n")
     args = run.build_parser().parse_args(['train.tsv', '-pf', str(paramfile), '-ps', 'layers=16/8,item_key=x',
                                           '--backend', 'jax', '-ik', 'item'])
-    model = run._make_model(args)
+    model = run.make_model(args)
     assert (model.loss, model.layers, model.n_epochs, model.backend) == ('top1', [16, 8], 3, 'jax')
     assert model.item_key == 'item'  # -ik names the column of the data files
 
