@@ -254,6 +254,9 @@ def build_parser():
     p.add_argument('--best-paramfile', metavar='FILE',
                    help='write the best trial\'s parameters (fixed and searched) to FILE as a run.py parameter file, '
                    'with the summary of the search in comments')
+    p.add_argument('--trials-csv', metavar='FILE',
+                   help='write every trial of the study (state, value, seconds, parameters, the metric after each '
+                   'epoch) to FILE as CSV')
     return p
 
 
@@ -275,6 +278,9 @@ def search(args):
     for path in (args.train, args.valid):
         if not Path(path).is_file():
             raise run.InputError(f'no such data file: {path}')
+    for path in (args.best_paramfile, args.trials_csv):  # checked now, not after hours of search
+        if path and not Path(path).resolve().parent.is_dir():
+            raise run.InputError(f'cannot write {path}: no such directory {Path(path).resolve().parent}')
     try:
         study = open_study(optuna, storage_url(args.storage), args.study, args.seed,
                            make_pruner(optuna, args.pruner), args.heartbeat)
@@ -303,6 +309,8 @@ def search(args):
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, timeout=args.timeout,
                        callbacks=[optuna.study.MaxTrialsCallback(args.n_trials, states=finished)])
+    if args.trials_csv:
+        write_trials(args.trials_csv, study.get_trials(deepcopy=False))
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         print('No trial has completed yet.')
         return
@@ -329,6 +337,19 @@ def summary(trials):
             f'failed; {epochs} epochs trained; {hours:.2f} h from the first start to the last end')
 
 
+def write_trials(path, trials):
+    """Writes every trial as a CSV row, atomically: number, state, value, seconds, worker, the searched
+    parameters, and the validation metric after each epoch (epoch_1, epoch_2, ...)."""
+    import pandas as pd
+    rows = []
+    for t in trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        rows.append({'number': t.number, 'state': t.state.name, 'value': t.value, 'seconds': seconds,
+                     'worker': t.user_attrs.get('worker'), **t.params,
+                     **{f'epoch_{epoch}': value for epoch, value in sorted(t.intermediate_values.items())}})
+    run.write_atomically(path, lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
+
+
 def _literal(text):
     """A parameter string's value as the Python literal it spells (480, 0.2, True, [200, 200]), else the text."""
     parts = text.split('/')
@@ -341,16 +362,10 @@ def _literal(text):
 
 def write_paramfile(path, params, comments):
     """Writes a run.py parameter file (read by run.read_paramfile), atomically."""
-    path = Path(path)
     body = ''.join(f'    ({name!r}, {value!r}),\n' for name, value in params.items())
     text = ''.join(f'# {line}\n' for line in comments) + \
         f'from collections import OrderedDict\n\ngru4rec_params = OrderedDict([\n{body}])\n'
-    partial = path.parent / f'.partial-{path.name}'
-    try:
-        partial.write_text(text, encoding='utf-8')
-        os.replace(partial, path)
-    except OSError as e:
-        raise run.InputError(f'cannot write {path}: {e.strerror or e}') from None
+    run.write_atomically(path, lambda partial: partial.write_text(text, encoding='utf-8'))
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ Exit status: 0 on success, 2 on bad input (reported in one line), 1 when trainin
 """
 import argparse
 import ast
+import os
 import sys
 import time
 from collections import OrderedDict
@@ -31,6 +32,19 @@ EVAL_BATCH_SIZE = 512
 
 class InputError(Exception):
     """Bad input (a file, a parameter, an option): reported in one line, exit status 2."""
+
+
+def write_atomically(path, write):
+    """Calls write(partial) with a temporary path beside `path` (same suffix, so a compressing writer
+    compresses the same way), then renames it to `path`: no half-written file is ever left at `path`."""
+    path = Path(path)
+    partial = path.parent / f'.partial-{path.name}'
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise InputError(f'cannot write {path}: {e.strerror or e}') from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -269,3 +269,17 @@ def test_console_entry_point():
         pytest.skip(f'the gru4rec script is not installed next to {sys.executable}')
     proc = subprocess.run([executable, '--help'], capture_output=True, text=True)
     assert proc.returncode == 0 and '--parameter-file' in proc.stdout
+
+
+def test_files_are_written_whole_or_not_at_all(tmp_path):
+    target = tmp_path / 'out.txt'
+    target.write_text('old')
+
+    def fails_halfway(partial):
+        partial.write_text('half')
+        raise OSError(28, 'No space left on device')
+    with pytest.raises(run.InputError, match=f'cannot write {target}: No space left on device'):
+        run.write_atomically(target, fails_halfway)
+    assert target.read_text() == 'old' and [p.name for p in tmp_path.iterdir()] == ['out.txt']
+    run.write_atomically(target, lambda partial: partial.write_text('new'))
+    assert target.read_text() == 'new' and [p.name for p in tmp_path.iterdir()] == ['out.txt']

@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import paropt
@@ -142,6 +143,12 @@ def test_bad_input_exits_with_status_2(tmp_path, capsys):
     assert 'no such data file' in capsys.readouterr().err
     assert paropt.main(['t.tsv', 'v.tsv', '-opf', str(space), '-ps', 'loss=xe']) == 2
     assert 'unknown loss' in capsys.readouterr().err
+    write_logs(tmp_path)
+    for flag in ('--trials-csv', '--best-paramfile'):  # refused before the search, which may last hours
+        assert paropt.main([str(tmp_path / 'train.tsv'), str(tmp_path / 'valid.tsv'), '-opf', str(space),
+                            '--storage', str(tmp_path / 's.db'), flag, str(tmp_path / 'missing' / 'out')]) == 2
+        assert f"cannot write {tmp_path / 'missing' / 'out'}: no such directory" in capsys.readouterr().err
+    assert not (tmp_path / 's.db').exists()
     with pytest.raises(SystemExit) as exit_:
         paropt.main(['t.tsv', 'v.tsv', '-opf', str(space), '--timeout', '0'])
     assert exit_.value.code == 2 and '--timeout must be a positive number of seconds' in capsys.readouterr().err
@@ -166,10 +173,17 @@ def test_two_workers_share_one_sqlite_study_and_a_finished_search_resumes(tmp_pa
     assert 2 <= len(trials) <= 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE and 0 <= t.value <= 1 for t in trials)
     assert {t.user_attrs['worker'].split(':')[1] for t in trials} == {str(w.pid) for w in workers}
-    resumed = subprocess.run(command + ['--best-paramfile', 'best.py'], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=120)
+    resumed = subprocess.run(command + ['--best-paramfile', 'best.py', '--trials-csv', 'trials.csv'], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0 and f'Best trial #{study.best_trial.number}' in resumed.stdout
     assert len(study.get_trials()) == len(trials)  # already finished: no new trial
+    # Every trial as a CSV row: its state, value, worker, parameters and the metric after each epoch.
+    table = pd.read_csv(tmp_path / 'trials.csv')
+    assert table.number.tolist() == [t.number for t in trials] and set(table.state) == {'COMPLETE'}
+    assert table.value.tolist() == pytest.approx([t.value for t in trials])
+    assert table.epoch_1.tolist() == pytest.approx([t.intermediate_values[1] for t in trials])
+    assert table.layers.tolist() == [t.params['layers'] for t in trials] and (table.seconds > 0).all()
+    assert table.worker.tolist() == [t.user_attrs['worker'] for t in trials]
     # The best setting as a parameter file: the fixed and the searched parameters, typed, and the summary.
     best = run.read_paramfile(tmp_path / 'best.py')
     searched = paropt.suggest(optuna.trial.FixedTrial(study.best_params), SPACE)

@@ -14,7 +14,6 @@ that validation is as large as the test split, as the one-day rule makes it for 
 validation part keeps only items of the training part and sessions still of length 2 or more.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -42,13 +41,6 @@ def output_paths(source, output=None):
     return {split: prefix.parent / f'{prefix.name}_{split}{suffix or ".tsv"}' for split in ('train_tr', 'train_valid')}
 
 
-def write_atomically(data, path):
-    """Writes the TSV (compressed by its suffix) under a temporary name first, so no half file is left."""
-    partial = path.parent / f'.partial-{path.name}'  # same suffix: compressed the same way
-    data.to_csv(partial, sep='\t', index=False)
-    os.replace(partial, path)
-
-
 def main(argv=None):
     parser = run.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('train_full', metavar='TRAIN_FULL',
@@ -72,7 +64,7 @@ def main(argv=None):
         for path in paths.values():
             path.parent.mkdir(parents=True, exist_ok=True)
         for (split, path), part in zip(paths.items(), (train, valid)):
-            write_atomically(part, path)
+            run.write_atomically(path, lambda partial: part.to_csv(partial, sep='\t', index=False))
             print(f'{split}: {len(part)} events, {part.SessionId.nunique()} sessions, {part.ItemId.nunique()} items '
                   f'-> {path}')
     except (run.InputError, OSError) as e:
