@@ -54,13 +54,16 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    settings) a second core nearly halves the product's time. `ThreadedDot22` and `ThreadedGemm` give
    OpenBLAS, before each call, the threads that the call's size wins with (THREADED_PRODUCT_MACS).
 12. Compile time. A first run compiles dozens of modules, each parsing the same Python and numpy
-   headers first: precompiled_headers() precompiles them once (see benchmarks/cold_start.py).
+   headers first: precompiled_headers() precompiles them once (see benchmarks/cold_start.py). PyTensor
+   compiles them one after another; ParallelBuildVMLinker runs the compilers on every core first.
 13. The BPR-max loss and its gradient. As a graph they are a dozen element-wise passes and reductions
    over the whole batch x scored-items matrix, with copies of broadcast columns between them.
    training.row_loss_op hands every training loss over as one op; `RowBPRMax` computes BPR-max's
    (and its gradient) a row at a time while the row is in cache, and the graphs of the other losses
    are inlined (`local_row_loss`).
 """
+import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import glob
@@ -71,21 +74,24 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+import threading
 import warnings
 
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
-from pytensor.compile.mode import get_mode
+from pytensor.compile.mode import Mode
 import pytensor.link.c as c_package
 from pytensor.compile.builders import OpFromGraph
 from pytensor.graph.basic import Apply
 from pytensor.graph.fg import FunctionGraph
 from pytensor.graph.features import ReplaceValidate
 from pytensor.graph.rewriting.basic import GraphRewriter, in2out, node_rewriter
-from pytensor.link.c.basic import CLinker
-from pytensor.link.c.cmodule import std_include_dirs
+from pytensor.graph.utils import MethodNotDefined
+from pytensor.link.c.basic import CLinker, get_module_cache
+from pytensor.link.c.cmodule import GCC_compiler, dlimport, get_lib_extension, get_module_hash, std_include_dirs
 from pytensor.link.c.op import COp
+from pytensor.link.vm import VMLinker
 from pytensor.scalar import basic as ps
 from pytensor.tensor.elemwise import CAReduce, DimShuffle, Elemwise
 from pytensor.tensor.special import Softmax
@@ -133,6 +139,11 @@ def product_threads():
     BLAS is not scipy-openblas32, whose thread control the threaded products call."""
     if 'OPENBLAS_NUM_THREADS' in os.environ or '-lscipy_openblas' not in blas_ldflags():
         return 1
+    return usable_cores()
+
+
+def usable_cores():
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
@@ -252,6 +263,94 @@ def precompiled_headers(cxxflags, compiledir):
             if building is not None:
                 shutil.rmtree(building, ignore_errors=True)
     return f'-I{folder}'
+
+
+def module_builds(nodes):
+    """The arguments of GCC_compiler.compile_str for each C module that linking `nodes` will compile:
+    those of the nodes whose module is in neither PyTensor's module cache (by key) nor, by the hash of its
+    source, among the modules compiled for another key. Nodes without C code are left out."""
+    cache = get_module_cache()
+    builds = {}
+    for node in nodes:
+        if not isinstance(node.op, COp):
+            continue
+        try:
+            # As COp.make_c_thunk makes the node's linker (VMLinker passes no no_recycling).
+            linker = CLinker().accept(FunctionGraph(node.inputs, node.outputs), no_recycling=[])
+            key = linker.cmodule_key()
+            if key in cache.entry_from_key:
+                continue
+            module = linker.get_dynamic_module()
+            source = module.code()
+            if get_module_hash(source, key) in cache.module_hash_to_key_data:
+                continue
+            build = dict(module_name=module.code_hash, src_code=source, include_dirs=linker.header_dirs(),
+                         lib_dirs=linker.lib_dirs(), libs=linker.libraries(), preargs=linker.compile_args())
+        except (NotImplementedError, MethodNotDefined):  # no C code: the node runs in Python
+            continue
+        builds.setdefault(_build_key(build), build)
+    return list(builds.values())
+
+
+def _build_key(build):
+    return (build['module_name'], build['src_code'], *(tuple(build[arg] or ()) for arg in
+                                                        ('include_dirs', 'lib_dirs', 'libs', 'preargs')))
+
+
+# Held while GCC_compiler.compile_str is replaced: a second thread linking at the same time waits (PyTensor's
+# compile lock would have serialised its compilations anyway) instead of saving the replacement as the original.
+_BUILDING = threading.RLock()
+
+
+@contextlib.contextmanager
+def modules_built_in_parallel(nodes):
+    """While the body links `nodes`, PyTensor's compile of each new C module (one after another, under
+    one lock per compile directory) takes the module that a compiler started on entry has built: on entry,
+    every new module's compiler runs at once in a temporary folder, as many as the cores. A module whose
+    early build failed is compiled again as PyTensor would, so that its errors are reported the same way."""
+    cores = usable_cores()
+    builds = module_builds(nodes) if cores > 1 else []
+    if len(builds) < 2:
+        yield
+        return
+    with _BUILDING, tempfile.TemporaryDirectory(prefix='gru4rec-build-') as staging, \
+            concurrent.futures.ThreadPoolExecutor(cores) as pool:
+        original = GCC_compiler.compile_str
+        started = {}
+        for i, build in enumerate(builds):
+            folder = os.path.join(staging, str(i))
+            os.mkdir(folder)
+            started[_build_key(build)] = (pool.submit(original, location=folder, py_module=False, **build), folder)
+
+        def compile_str(module_name, src_code, location=None, include_dirs=None, lib_dirs=None, libs=None,
+                        preargs=None, py_module=True, hide_symbols=True):
+            build = dict(module_name=module_name, src_code=src_code, include_dirs=include_dirs,
+                         lib_dirs=lib_dirs, libs=libs, preargs=preargs)
+            future, folder = started.pop(_build_key(build), (None, None))
+            if future is None or future.exception() is not None or not (py_module and hide_symbols and location):
+                return original(location=location, py_module=py_module, hide_symbols=hide_symbols, **build)
+            library = f'{module_name}.{get_lib_extension()}'
+            for name in (library, 'mod.cpp'):
+                shutil.move(os.path.join(folder, name), os.path.join(location, name))
+            open(os.path.join(location, '__init__.py'), 'w').close()
+            return dlimport(os.path.join(location, library))
+
+        GCC_compiler.compile_str = staticmethod(compile_str)
+        try:
+            yield
+        finally:
+            GCC_compiler.compile_str = staticmethod(original)
+            for future, _ in started.values():
+                future.cancel()
+
+
+class ParallelBuildVMLinker(VMLinker):
+    """PyTensor's C virtual machine linker, whose new C modules compile on every core at once
+    (modules_built_in_parallel) instead of one after another."""
+
+    def make_all(self, *args, **kwargs):
+        with modules_built_in_parallel(self.fgraph.toposort()):
+            return super().make_all(*args, **kwargs)
 
 
 def c_output(out, shape, typenum, fail):
@@ -1012,7 +1111,7 @@ def local_matrix_reduce(fgraph, node):
 def c_mode():
     """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
     op, nor element-wise work into (slow, scalar) C reductions."""
-    return (get_mode('CVM').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
+    return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
             .register((in2out(local_row_loss), 0.01),
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
                       (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_matrix_reduce), 99),

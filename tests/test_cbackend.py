@@ -1,6 +1,10 @@
 """The C backend's own ops (cbackend.py) against float64 numpy, on the shapes and memory layouts that
 GRU4Rec's graphs give them, and the check that the rewrites really put them into the compiled training
 and evaluation graphs."""
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +245,52 @@ def test_precompiled_headers_are_built_once_and_left_out_where_they_cannot_be(tm
     blocked = tmp_path / 'a file'
     blocked.write_text('not a directory')
     assert cbackend.precompiled_headers(flags, str(blocked)) == ''
+
+
+PARALLEL_BUILD = r'''
+import json, sys, threading, time
+import numpy as np
+import pytensor.link.c.cmodule as cmodule
+import pytensor.tensor as pt
+runs = []
+compiler = cmodule.output_subprocess_Popen
+
+def timed(command, **kwargs):  # every compiler run, with its start and end
+    start = time.perf_counter()
+    try:
+        return compiler(command, **kwargs)
+    finally:
+        runs.append((start, time.perf_counter(), ([c for c in command if c.endswith('.cpp')] + [''])[0]))
+cmodule.output_subprocess_Popen = timed
+import pytensor
+import cbackend
+from backends import compile_function
+x, y = pt.matrix('x'), pt.matrix('y')
+f = compile_function([x, y], [pt.exp(x) * y + 1, x[1:, :3].sum(axis=0), pt.concatenate([x, y]).max(axis=1)])
+a, b = np.arange(12, dtype='float32').reshape(3, 4) / 7, np.ones((3, 4), 'float32')
+with pytensor.config.change_flags(**cbackend.compile_flags()):  # the flags are part of a module's key
+    left = cbackend.module_builds(f.maker.fgraph.toposort())
+print(json.dumps(dict(runs=runs, left=len(left), results=[r.tolist() for r in f(a, b)])))
+'''
+
+
+def test_a_cold_compile_builds_every_new_module_once_and_several_at_a_time(tmp_path):
+    """In an empty compile directory, the modules of a graph are compiled in parallel, each once, and
+    PyTensor takes them as built; afterwards module_builds() finds none left to build."""
+    env = dict(os.environ, PYTENSOR_FLAGS=f'compiledir={tmp_path}', PYTHONPATH=str(Path(cbackend.__file__).parent))
+    done = subprocess.run([sys.executable, '-c', PARALLEL_BUILD], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    a, b = np.arange(12, dtype='float32').reshape(3, 4) / 7, np.ones((3, 4), 'float32')
+    expected = [np.exp(a) * b + 1, a[1:, :3].sum(axis=0), np.concatenate([a, b]).max(axis=1)]
+    for result, reference in zip(report['results'], expected):
+        np.testing.assert_allclose(result, reference, rtol=1e-6)
+    modules = [p for p in tmp_path.glob('tmp*') if p.is_dir()]
+    op_runs = [run for run in report['runs'] if 'gru4rec-build-' in run[2]]
+    again = [run for run in report['runs'] if Path(run[2]).parent in modules]
+    assert len(op_runs) == len(modules) >= 3 and not again  # each module compiled once, ahead
+    overlapping = sum(1 for i, (start, end, _) in enumerate(op_runs) for later, _, _ in op_runs[i + 1:]
+                      if start <= later < end)
+    assert overlapping > 0 if cbackend.usable_cores() > 1 else overlapping == 0
+    assert report['left'] == 0
