@@ -132,6 +132,24 @@ def test_a_worker_starts_no_trial_after_its_time_budget_and_the_search_resumes(t
     assert paropt.main(args) == 0
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 3
 
+
+@pytest.mark.parametrize('name', paropt.PRUNERS)
+def test_a_diverged_trial_is_pruned_below_the_floor_whatever_the_pruner(name):
+    """A trial at a tenth of another trial's metric after the same epoch is pruned at once with a floor of
+    0.5; without the floor none of the pruners ends it there (one earlier trial is no quorum for them).
+    Above the floor, the pruner alone decides."""
+    for floor, diverged in ((0.5, True), (0.0, False)):
+        study = optuna.create_study(direction='maximize', pruner=paropt.make_pruner(optuna, name, floor),
+                                    sampler=optuna.samplers.RandomSampler(seed=0))
+        study.add_trial(optuna.trial.create_trial(value=0.3, intermediate_values={1: 0.1, 2: 0.2, 3: 0.3}))
+        trial = study.ask()
+        for epoch, value in ((1, 0.01), (2, 0.06)):  # below half of 0.1 and of 0.2
+            trial.report(value, epoch)
+            assert trial.should_prune() is diverged, (floor, epoch)
+        trial.report(0.2, 3)  # two thirds of 0.3
+        alone = paropt.make_pruner(optuna, name).prune(study, study.get_trials(deepcopy=False)[-1])
+        assert trial.should_prune() is alone
+
 def test_storage_paths_become_sqlite_urls(tmp_path):
     assert paropt.storage_url(str(tmp_path / 's.db')) == f'sqlite:///{tmp_path / "s.db"}'
     assert paropt.storage_url('postgresql://user@host/db') == 'postgresql://user@host/db'
@@ -149,6 +167,9 @@ def test_bad_input_exits_with_status_2(tmp_path, capsys):
                             '--storage', str(tmp_path / 's.db'), flag, str(tmp_path / 'missing' / 'out')]) == 2
         assert f"cannot write {tmp_path / 'missing' / 'out'}: no such directory" in capsys.readouterr().err
     assert not (tmp_path / 's.db').exists()
+    with pytest.raises(SystemExit) as exit_:
+        paropt.main(['t.tsv', 'v.tsv', '-opf', str(space), '--prune-below', '1'])
+    assert exit_.value.code == 2 and '--prune-below must be at least 0 and below 1' in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         paropt.main(['t.tsv', 'v.tsv', '-opf', str(space), '--timeout', '0'])
     assert exit_.value.code == 2 and '--timeout must be a positive number of seconds' in capsys.readouterr().err
