@@ -148,8 +148,8 @@ def usable_cores():
 
 
 # The multiply-adds (rows x inner x columns) from which a product runs on product_threads() threads.
-# Below it, one thread was as fast or faster (benchmarks/blas_threads.py).
-THREADED_PRODUCT_MACS = 50_000_000
+# Below it, one thread was as fast or faster inside a training step (benchmarks/README.md, "Fifth round").
+THREADED_PRODUCT_MACS = 30_000_000
 
 
 class ThreadedProduct:
