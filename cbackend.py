@@ -61,6 +61,9 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    training.row_loss_op hands every training loss over as one op; `RowBPRMax` computes BPR-max's
    (and its gradient) a row at a time while the row is in cache, and the graphs of the other losses
    are inlined (`local_row_loss`).
+14. Row gathers. PyTensor's gather of a step's item rows (AdvancedSubtensor1) has numpy take them into a
+   new array through an intermediate copy on every call; `RowGather` copies each row once, into the
+   previous call's array, prefetching the rows ahead (`local_row_gather`).
 """
 import concurrent.futures
 import contextlib
@@ -365,6 +368,71 @@ def c_output(out, shape, typenum, fail):
                 {out} = (PyArrayObject*)PyArray_EMPTY({len(shape)}, out_dims, {typenum}, 0);
                 if (!{out}) {{ {fail} }}
             }}"""
+
+
+class RowGather(COp):
+    """x[idx] for a matrix x and a vector of row indices (negative ones count from the end, as in numpy):
+    the rows of a step's items. PyTensor's AdvancedSubtensor1 has numpy take them into a new array on
+    every call, through an intermediate copy; this copies each row once into the previous call's output
+    and asks for the rows a few indices ahead early, the rows being scattered over a large matrix."""
+
+    __props__ = ()
+
+    def make_node(self, x, idx):
+        return Apply(self, [x, idx], [pt.matrix(dtype=x.dtype, shape=(idx.type.shape[0], x.type.shape[1]))])
+
+    def perform(self, node, inputs, output_storage):
+        x, idx = inputs
+        output_storage[0][0] = x[idx]
+
+    def c_code_cache_version(self):
+        return (1,)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        x, idx = inputs
+        (out,) = outputs
+        fail = sub['fail']
+        return f"""
+        {{
+            const npy_intp n = PyArray_DIM({x}, 0), L = PyArray_DIM({x}, 1), k = PyArray_DIM({idx}, 0);
+            const npy_intp s0 = PyArray_STRIDE({x}, 0), s1 = PyArray_STRIDE({x}, 1), AHEAD = 8;
+            const npy_intp is0 = PyArray_STRIDE({idx}, 0) / sizeof(dtype_{idx});
+            const dtype_{idx}* index = (const dtype_{idx}*)PyArray_DATA({idx});
+            {c_output(out, ['k', 'L'], f'PyArray_TYPE({x})', fail)}
+            const char* base = (const char*)PyArray_DATA({x});
+            dtype_{out}* o = (dtype_{out}*)PyArray_DATA({out});
+            for (npy_intp i = 0; i < k; i++) {{
+                if (i + AHEAD < k) {{
+                    npy_intp p = index[(i + AHEAD) * is0];
+                    if (p >= 0 && p < n)
+                        for (npy_intp b = 0; b < L * s1; b += 64) __builtin_prefetch(base + p * s0 + b, 0);
+                }}
+                npy_intp r = index[i * is0];
+                if (r < 0) r += n;
+                if (r < 0 || r >= n) {{
+                    PyErr_Format(PyExc_IndexError, "index %ld is out of bounds for axis 0 with size %ld",
+                                 (long)index[i * is0], (long)n);
+                    {fail}
+                }}
+                const char* row = base + r * s0;
+                if (s1 == (npy_intp)sizeof(dtype_{x}))
+                    memcpy(o + i * L, row, L * sizeof(dtype_{x}));
+                else
+                    for (npy_intp j = 0; j < L; j++) o[i * L + j] = *(const dtype_{x}*)(row + j * s1);
+            }}
+        }}
+        """
+
+    def c_headers(self, **kwargs):
+        return ['<cstring>']
+
+
+@node_rewriter([AdvancedSubtensor1])
+def local_row_gather(fgraph, node):
+    x, idx = node.inputs
+    if x.ndim == 2 and idx.ndim == 1:
+        return [RowGather()(x, idx)]
+    return None
 
 
 class RowScatter(COp):
@@ -1114,6 +1182,6 @@ def c_mode():
     return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
             .register((in2out(local_row_loss), 0.01),
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
-                      (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_matrix_reduce), 99),
+                      (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99), (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
                       (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_threaded_product), 99)))

@@ -14,7 +14,7 @@ import pytest
 
 from backends import compile_function
 import cbackend
-from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowScatter, RowSoftmax, ThreadedDot22, ThreadedGemm,
+from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowGather, RowScatter, RowSoftmax, ThreadedDot22, ThreadedGemm,
                       bpr_max_rows)
 from conftest import RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
@@ -106,9 +106,32 @@ def test_element_wise_loops_with_broadcast_and_strided_inputs(rows):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize('layout', ['contiguous', 'column slice', 'transposed'])
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+def test_row_gather_equals_numpy_take_and_checks_its_indices(layout, dtype):
+    """x[idx] of a matrix (RowGather on the C backend) for repeated, negative and out-of-order rows, from a
+    contiguous matrix, a column slice of a wider one and a transposed one, twice (the second call reuses
+    the output)."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((50, 12)).astype(dtype)
+    x = pt.matrix('x', dtype=dtype)
+    idx = pt.vector('idx', dtype='int64')
+    view = {'contiguous': lambda m: m, 'column slice': lambda m: m[:, 2:9], 'transposed': lambda m: m.T}[layout]
+    fn = compile_function([x, idx], view(x)[idx] * 1)
+    assert RowGather in {type(node.op) for node in fn.maker.fgraph.toposort()}
+    source = view(X)
+    for rows in ([3, 11, 0, 3, -1, -12, 7], [8, 7]):
+        np.testing.assert_array_equal(fn(X, np.array(rows)), source[rows])
+    n = len(source)
+    with pytest.raises(IndexError, match=f'index {n} is out of bounds for axis 0 with size {n}'):
+        fn(X, np.array([1, n]))
+    with pytest.raises(IndexError, match=f'index {-n - 1} is out of bounds'):
+        fn(X, np.array([-n - 1]))
+
 def c_ops(fn):
     return {type(node.op) for node in fn.maker.fgraph.toposort()} & {RowAdagrad, RowScatter, MatrixReduce,
-                                                                       RowSoftmax, RowCount}
+                                                                       RowSoftmax, RowCount, RowGather}
 
 
 def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
@@ -116,10 +139,10 @@ def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
     graphs are written backend-neutrally, so a change to them could silently lose an op)."""
     log = make_log([4] * 60, seed=1)
     model = fit_small(log, loss='cross-entropy', final_act='softmax', adapt='adagrad', momentum=0.2, n_epochs=1)
-    assert c_ops(model.training_step_.function) == {RowAdagrad, RowScatter, MatrixReduce, RowSoftmax}
+    assert c_ops(model.training_step_.function) == {RowAdagrad, RowScatter, MatrixReduce, RowSoftmax, RowGather}
     recording = RecordingModel(model)
     evaluate_gpu(recording, log, cut_off=[5])
-    assert [c_ops(fn) for fn in recording.functions] == [{MatrixReduce, RowCount}]
+    assert [c_ops(fn) for fn in recording.functions] == [{MatrixReduce, RowCount, RowGather}]
 
 
 @pytest.mark.parametrize('momentum', [0.0, 0.3])
