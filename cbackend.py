@@ -541,7 +541,7 @@ class RowAdagrad(COp):
             storage[0] = value
 
     def c_code_cache_version(self):
-        return (4,)
+        return (5,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         *state, rows, grad = inputs
@@ -589,21 +589,24 @@ class RowAdagrad(COp):
             const npy_intp is0 = PyArray_STRIDE({rows}, 0) / sizeof(dtype_{rows});
             const dtype_{rows}* index = (const dtype_{rows}*)PyArray_DATA({rows});
             const npy_intp row_bytes = L * sizeof(dtype_{w});
+            for (npy_intp i = 0; i < k; i++) {{  // every index checked before any row changes
+                const npy_intp r = index[i * is0];
+                if (r < -n || r >= n) {{
+                    Py_DECREF(g);
+                    PyErr_Format(PyExc_IndexError, "RowAdagrad: index %ld out of bounds for %ld rows", (long)r, (long)n);
+                    {fail}
+                }}
+            }}
             for (npy_intp i = 0; i < k; i++) {{
                 if (i + AHEAD < k) {{  // the rows are scattered over memory: ask for later ones early
                     npy_intp p = index[(i + AHEAD) * is0];
-                    if (p >= 0 && p < n)
-                        for (npy_intp b = 0; b < row_bytes; b += 64) {{
-                            {prefetch}
-                        }}
+                    if (p < 0) p += n;
+                    for (npy_intp b = 0; b < row_bytes; b += 64) {{
+                        {prefetch}
+                    }}
                 }}
                 npy_intp r = index[i * is0];
                 if (r < 0) r += n;
-                if (r < 0 || r >= n) {{
-                    Py_DECREF(g);
-                    PyErr_Format(PyExc_IndexError, "RowAdagrad: index %ld out of bounds for %ld rows", (long)index[i * is0], (long)n);
-                    {fail}
-                }}
                 const dtype_{grad}* __restrict__ gr = (const dtype_{grad}*)PyArray_DATA(g) + i * L;
                 dtype_{w}* __restrict__ wr = (dtype_{w}*)PyArray_DATA({w}) + r * L;
                 dtype_{acc}* __restrict__ ar = (dtype_{acc}*)PyArray_DATA({acc}) + r * L;

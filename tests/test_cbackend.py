@@ -146,13 +146,15 @@ def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
 
 
 @pytest.mark.parametrize('momentum', [0.0, 0.3])
-@pytest.mark.parametrize('shape', [(30, 6), (30,)])
+@pytest.mark.parametrize('shape', [(30, 6), (30,), (3000, 64)])
 def test_the_sparse_adagrad_graph_becomes_row_adagrad_and_computes_the_same(momentum, shape):
     """training.Optimizer writes the sparse Adagrad step as a graph; on the C backend a rewrite computes it
-    with RowAdagrad, elsewhere the graph runs as written (here PyTensor's Python linker): same values."""
+    with RowAdagrad, elsewhere the graph runs as written (here PyTensor's Python linker): same values.
+    An index out of bounds is an error before any row changes."""
     rng = np.random.default_rng(4)
     values = {'w': rng.standard_normal(shape), 'adagrad': rng.uniform(0.1, 1, shape), 'velocity': rng.standard_normal(shape)}
-    rows = np.array([7, 2, 29, 0, 13], dtype=np.int32)
+    rows = (np.array([7, 2, 29, 0, 13], dtype=np.int32) if shape[0] == 30
+            else rng.choice(shape[0], 1500, replace=False).astype(np.int32))
     grad = rng.standard_normal((len(rows),) + shape[1:]).astype(np.float32)
     results = []
     for compile_with in ('c', 'python'):
@@ -165,6 +167,11 @@ def test_the_sparse_adagrad_graph_becomes_row_adagrad_and_computes_the_same(mome
         if compile_with == 'c':
             fn = compile_function([r, g], [], updates, backend='c')
             assert RowAdagrad in c_ops(fn)
+            bad = rows.copy()
+            bad[-1] = shape[0]
+            with pytest.raises(IndexError, match=f'RowAdagrad: index {shape[0]} out of bounds for {shape[0]} rows'):
+                fn(bad, grad)
+            np.testing.assert_array_equal(w.get_value(), values['w'].astype(np.float32))
         else:
             fn = pytensor.function([r, g], [], updates=updates, mode='FAST_COMPILE')
         fn(rows, grad)
