@@ -11,8 +11,9 @@ storage and study name share one search. -nt is the number of finished trials of
 
 Pruning: run.py reports the validation metric after every epoch (`EPOCH METRIC: epoch value`), paropt
 passes it on to Optuna as it comes, and ends the trial's process as soon as the pruner (--pruner,
-Hyperband by default) finds it hopeless; the trial is then PRUNED, with the last reported value kept as
-an intermediate value. Workers send a heartbeat to the storage (--heartbeat); a trial whose worker
+Hyperband by default) finds it hopeless, or its value is below --prune-below times the best any other
+trial reached after the same epoch; the trial is then PRUNED, with the last reported value kept as an
+intermediate value. --timeout gives a worker a time budget. Workers send a heartbeat to the storage (--heartbeat); a trial whose worker
 died (machine lost, process killed) is marked FAIL by another worker after two missed heartbeats and
 retried once with the same parameters (a new trial, whose system attribute failed_trial names it).
 
