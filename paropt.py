@@ -366,7 +366,8 @@ def write_trials(path, trials):
     for t in trials:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         rows.append({'number': t.number, 'state': t.state.name, 'value': t.value, 'seconds': seconds,
-                     'worker': t.user_attrs.get('worker'), **t.params,
+                     'worker': t.user_attrs.get('worker'),
+                     **{name: round(v, 12) if isinstance(v, float) else v for name, v in t.params.items()},
                      **{f'epoch_{epoch}': value for epoch, value in sorted(t.intermediate_values.items())}})
     run.write_atomically(path, lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
 
