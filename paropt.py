@@ -200,11 +200,12 @@ def make_pruner(optuna, name, floor=0.0):
     class FloorPruner(optuna.pruners.BasePruner):
         def prune(self, study, trial):
             epoch = trial.last_step
+            if epoch is None:
+                return False
             others = [t.intermediate_values[epoch] for t in study.get_trials(deepcopy=False)
                       if t.number != trial.number and epoch in t.intermediate_values]
-            if epoch is not None and others and trial.intermediate_values[epoch] < floor * max(others):
-                return True
-            return pruner.prune(study, trial)
+            return bool(others) and trial.intermediate_values[epoch] < floor * max(others) \
+                or pruner.prune(study, trial)
     return FloorPruner()
 
 

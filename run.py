@@ -17,6 +17,7 @@ import argparse
 import ast
 import os
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -35,15 +36,20 @@ class InputError(Exception):
 
 
 def write_atomically(path, write):
-    """Calls write(partial) with a temporary path beside `path` (same suffix, so a compressing writer
-    compresses the same way), then renames it to `path`: no half-written file is ever left at `path`."""
+    """Calls write(partial) with a new temporary path beside `path` (ending in its name, so a compressing
+    writer compresses the same way), then renames it to `path`: no half-written file is ever left at `path`,
+    and two processes writing the same path at once each write their own partial file."""
     path = Path(path)
-    partial = path.parent / f'.partial-{path.name}'
+    partial = None
     try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix='.partial-', suffix=f'-{path.name}')
+        os.close(fd)
+        partial = Path(name)
         write(partial)
         os.replace(partial, path)
     except OSError as e:
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         raise InputError(f'cannot write {path}: {e.strerror or e}') from None
 
 
