@@ -17,11 +17,12 @@ import io
 import json
 import math
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 import pandas as pd
+
+from atomicfile import write_atomically
 
 MAGIC = b'GRU4REC\x00'
 FORMAT = 'gru4rec-npz'
@@ -37,9 +38,8 @@ STRING_IDS = ('str', 'string')  # pandas' StringDtype with NaN resp. pd.NA as mi
 
 def write(path, params, history, itemids, arrays):
     """Writes a model file to `path`: hyper-parameters and history (JSON), item ids (a pandas Index)
-    and named float arrays. Atomic: the file is written to a temporary file in the same directory,
-    synced, then renamed over `path`, so readers and concurrent writers see one whole file or the old
-    one, and a failure leaves nothing behind. Item ids of a dtype that cannot round-trip exactly are
+    and named float arrays, atomically (atomicfile.write_atomically): readers and concurrent writers see
+    one whole file or the old one, and a failure leaves nothing behind. Item ids of a dtype that cannot round-trip exactly are
     refused (ValueError) before anything is written."""
     try:
         ids, ids_dtype = encode_itemids(itemids)
@@ -50,22 +50,8 @@ def write(path, params, history, itemids, arrays):
     payload = io.BytesIO()
     np.savez(payload, itemids=ids, **arrays)
     blob = MAGIC + len(header).to_bytes(8, 'little') + header + payload.getvalue()
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-gru4rec-')
-    except OSError as e:
-        raise type(e)(e.errno, f'cannot save the model to {str(path)!r}: {e.strerror} ({directory!r})') from None
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(blob + hashlib.sha256(blob).digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise type(e)(e.errno, f'cannot save the model to {str(path)!r}: {e.strerror}') from None
-        raise
+    digest = hashlib.sha256(blob).digest()
+    write_atomically(path, lambda partial: partial.write_bytes(blob + digest), action='save the model to')
 
 
 def encode_itemids(index):

@@ -41,6 +41,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import run
+from atomicfile import write_atomically
 from evaluation import TIE_MODES
 from gru4rec import BACKENDS, HYPERPARAMETERS, GRU4Rec
 
@@ -370,7 +371,7 @@ def write_trials(path, trials):
                      'worker': t.user_attrs.get('worker'),
                      **{name: round(v, 12) if isinstance(v, float) else v for name, v in t.params.items()},
                      **{f'epoch_{epoch}': value for epoch, value in sorted(t.intermediate_values.items())}})
-    run.write_atomically(path, lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
+    write_atomically(path, lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
 
 
 def _literal(text):
@@ -388,7 +389,7 @@ def write_paramfile(path, params, comments):
     body = ''.join(f'    ({name!r}, {value!r}),\n' for name, value in params.items())
     text = ''.join(f'# {line}\n' for line in comments) + \
         f'from collections import OrderedDict\n\ngru4rec_params = OrderedDict([\n{body}])\n'
-    run.write_atomically(path, lambda partial: partial.write_text(text, encoding='utf-8'))
+    write_atomically(path, lambda partial: partial.write_text(text, encoding='utf-8'))
 
 
 def main(argv=None):
@@ -404,8 +405,8 @@ def main(argv=None):
         parser.error(f'--heartbeat must be a positive number of seconds, got {args.heartbeat}')
     try:
         search(args)
-    except run.InputError as e:
-        print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    except (run.InputError, OSError) as e:
+        print(f'{parser.prog}: error: {getattr(e, "strerror", None) or e}', file=sys.stderr)
         return 2
     return 0
 

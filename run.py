@@ -35,24 +35,6 @@ class InputError(Exception):
     """Bad input (a file, a parameter, an option): reported in one line, exit status 2."""
 
 
-def write_atomically(path, write):
-    """Calls write(partial) with a new temporary path beside `path` (ending in its name, so a compressing
-    writer compresses the same way), then renames it to `path`: no half-written file is ever left at `path`,
-    and two processes writing the same path at once each write their own partial file."""
-    path = Path(path)
-    partial = None
-    try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix='.partial-', suffix=f'-{path.name}')
-        os.close(fd)
-        partial = Path(name)
-        write(partial)
-        os.replace(partial, path)
-    except OSError as e:
-        if partial is not None:
-            partial.unlink(missing_ok=True)
-        raise InputError(f'cannot write {path}: {e.strerror or e}') from None
-
-
 # ---------------------------------------------------------------------------------------------------
 # Parameters: `k=v,k=v` strings and parameter files.
 

@@ -8,7 +8,7 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'gru4rec', 'baselines',
+    py_modules=['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'gru4rec', 'baselines',
                 'synthetic', 'live', 'serve', 'run', 'paropt'],
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from common import DATA_DIR, ROOT, threads
 
+from atomicfile import write_atomically  # noqa: E402
+
 Setting = namedtuple('Setting', 'label data sessions paramfile')
 SETTINGS = {
     'rsc15_xe_shared_100_best': Setting('rsc15_xe_shared_100_best (100, 32)', 'yoochoose1_64_train_full', None,
@@ -82,9 +84,7 @@ def data_file(setting, sessions, workdir):
             sys.exit(f'{source} has {len(starts):,} sessions, fewer than the {sessions:,} asked for')
         data = data[data['SessionId'].isin(starts.index[:sessions])]
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix('.partial')
-    data[['SessionId', 'ItemId', 'Time']].to_csv(partial, sep='\t', index=False)
-    partial.replace(path)
+    write_atomically(path, lambda partial: data[['SessionId', 'ItemId', 'Time']].to_csv(partial, sep='\t', index=False))
     return path
 
 
@@ -169,9 +169,7 @@ def plot(rows, path, title):
     ratio.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    partial = path.with_suffix('.partial.png')
-    fig.savefig(partial, dpi=120)
-    partial.replace(path)
+    write_atomically(path, lambda partial: fig.savefig(partial, dpi=120, format='png'))
 
 
 def main():

@@ -249,10 +249,25 @@ def test_run_py_exit_status_and_message_in_a_real_process(files, args, message):
     assert 'Traceback' not in proc.stderr and proc.stdout == ''
 
 
+def undocumented(parser):
+    """The entries of the parser's --help with no text after them: an entry's line starts with two spaces;
+    its help follows on the same line (after two spaces or more) or on the next, indented further."""
+    lines = parser.format_help().splitlines() + ['']
+    return [line.strip() for line, after in zip(lines, lines[1:])
+            if re.match(r'  \S', line) and not re.search(r'\S\s{2,}\S', line.strip())
+            and not re.match(r'\s{6,}\S', after)]
+
+
+def test_the_help_check_sees_a_flag_without_help():
+    parser = run.build_parser()
+    parser.add_argument('--silent-flag')
+    parser.add_argument_group('more').add_argument('--other', help='explained')
+    assert undocumented(parser) == ['--silent-flag SILENT_FLAG']
+
+
 def test_help_explains_every_flag():
     parser = run.build_parser()
-    undocumented = [a.option_strings or a.dest for a in parser._actions if not a.help]
-    assert not undocumented
+    assert not undocumented(parser)
     text = parser.format_help()
     for flag in ('-ps', '-pf', '-l', '-s', '-t', '-m', '-e', '-ss', '-ik', '-sk', '-tk', '-pm', '-lpm', '-b',
                  '--backend', '--allow-pickle'):
@@ -269,17 +284,3 @@ def test_console_entry_point():
         pytest.skip(f'the gru4rec script is not installed next to {sys.executable}')
     proc = subprocess.run([executable, '--help'], capture_output=True, text=True)
     assert proc.returncode == 0 and '--parameter-file' in proc.stdout
-
-
-def test_files_are_written_whole_or_not_at_all(tmp_path):
-    target = tmp_path / 'out.txt'
-    target.write_text('old')
-
-    def fails_halfway(partial):
-        partial.write_text('half')
-        raise OSError(28, 'No space left on device')
-    with pytest.raises(run.InputError, match=f'cannot write {target}: No space left on device'):
-        run.write_atomically(target, fails_halfway)
-    assert target.read_text() == 'old' and [p.name for p in tmp_path.iterdir()] == ['out.txt']
-    run.write_atomically(target, lambda partial: partial.write_text('new'))
-    assert target.read_text() == 'new' and [p.name for p in tmp_path.iterdir()] == ['out.txt']

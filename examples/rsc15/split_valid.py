@@ -20,6 +20,7 @@ from pathlib import Path
 from preprocess import split_last_day, split_sessions
 
 import run
+from atomicfile import write_atomically
 
 KEYS = ('SessionId', 'ItemId', 'Time')
 
@@ -64,11 +65,11 @@ def main(argv=None):
         for path in paths.values():
             path.parent.mkdir(parents=True, exist_ok=True)
         for (split, path), part in zip(paths.items(), (train, valid)):
-            run.write_atomically(path, lambda partial: part.to_csv(partial, sep='\t', index=False))
+            write_atomically(path, lambda partial: part.to_csv(partial, sep='\t', index=False))
             print(f'{split}: {len(part)} events, {part.SessionId.nunique()} sessions, {part.ItemId.nunique()} items '
                   f'-> {path}')
     except (run.InputError, OSError) as e:
-        print(f'{parser.prog}: error: {e}', file=sys.stderr)
+        print(f'{parser.prog}: error: {getattr(e, "strerror", None) or e}', file=sys.stderr)
         return 2
     return 0
 
