@@ -13,15 +13,17 @@ Pruning: run.py reports the validation metric after every epoch (`EPOCH METRIC: 
 passes it on to Optuna as it comes, and ends the trial's process as soon as the pruner (--pruner,
 Hyperband by default) finds it hopeless, or its value is below --prune-below times the best any other
 trial reached after the same epoch; the trial is then PRUNED, with the last reported value kept as an
-intermediate value. --timeout gives a worker a time budget. Workers send a heartbeat to the storage (--heartbeat); a trial whose worker
-died (machine lost, process killed) is marked FAIL by another worker after two missed heartbeats and
-retried once with the same parameters (a new trial, whose system attribute failed_trial names it).
+intermediate value. --timeout gives a worker a time budget. Workers send a heartbeat to the storage
+(--heartbeat); a trial whose worker died (machine lost, process killed) is marked FAIL by another worker
+after two missed heartbeats and retried once with the same parameters (a new trial, whose system
+attribute failed_trial names it).
 
 The parameter space file lists one parameter per line as JSON (or a JSON list of them), as in the
 original's paropt: {"name": "learning_rate", "dtype": "float", "values": [0.01, 0.25], "step": 0.005}
 with dtype int or float (values: [low, high]; optional "step" and "log") or categorical (values: the
 choices, e.g. ["elu-0.5", "elu-1"], or "200/200" for two layers). Fixed parameters come from -pf and
--ps as in run.py; the searched ones override them.
+-ps as in run.py; the searched ones override them. --enqueue name=value,... makes the study try a given
+setting of the searched parameters first (e.g. the original's tuned one), once however many workers give it.
 
 Requires optuna: pip install 'gru4rec[paropt]'.
 """
@@ -123,6 +125,38 @@ def suggest(trial, space):
             value = trial.suggest_float(name, values[0], values[1], step=entry.get('step'),
                                         log=entry.get('log', False))
             params[name] = round(value, 12)  # 0.15, not the 0.15000000000000002 of stepping by 0.05
+    return params
+
+
+def enqueued(text, space):
+    """The searched parameters' values that an --enqueue string (name=value,... as run.py -ps) gives the
+    study's next trial, each checked against its entry of the space: a choice of a categorical parameter,
+    or a number within [low, high] on the step grid of a numeric one (Optuna would otherwise draw another)."""
+    entries = {entry['name']: entry for entry in space}
+    params = OrderedDict()
+    for name, raw in run.parse_param_string(text).items():
+        entry = entries.get(name)
+        if entry is None:
+            raise run.InputError(f'--enqueue {text!r}: {name} is not a searched parameter (fix the others with -pf '
+                                 'or -ps)')
+        values = entry['values']
+        if entry['dtype'] == 'categorical':
+            matches = [v for v in values if str(v) == raw]
+            if not matches:
+                raise run.InputError(f'--enqueue {text!r}: {name}={raw} is not one of the choices {values}')
+            params[name] = matches[0]
+            continue
+        try:
+            value = int(raw) if entry['dtype'] == 'int' else float(raw)
+        except ValueError:
+            raise run.InputError(f'--enqueue {text!r}: {name}={raw} is not an {entry["dtype"]}') from None
+        step = entry.get('step') or (1 if entry['dtype'] == 'int' else None)
+        on_grid = step is None or abs((value - values[0]) / step - round((value - values[0]) / step)) < 1e-6
+        if not values[0] <= value <= values[1] or not on_grid:
+            grid = f' in steps of {step}' if step else ''
+            raise run.InputError(f'--enqueue {text!r}: {name}={raw} is outside the space: {values[0]} to {values[1]}'
+                                 f'{grid}')
+        params[name] = value
     return params
 
 
@@ -265,6 +299,10 @@ def build_parser():
                    'once (default: 60)')
     p.add_argument('--trial-timeout', metavar='SECONDS', type=float,
                    help='fail a trial that runs longer than this (default: no limit)')
+    p.add_argument('--enqueue', metavar='PARAMS', action='append', default=[],
+                   help='a setting the study tries before sampling (name=value,... of searched parameters, as -ps; '
+                   'the others are sampled), e.g. the original\'s tuned one; once per study, however many workers '
+                   'give it; repeatable')
     p.add_argument('--timeout', metavar='SECONDS', type=float,
                    help="this worker's time budget: it starts no trial after SECONDS, and lets the running one "
                    'finish (default: no limit; the search resumes with the same --storage and --study)')
@@ -298,6 +336,7 @@ def search(args):
         run.format_param_string(fixed)
     except ValueError as e:
         raise run.InputError(e) from None
+    queued = [enqueued(text, space) for text in args.enqueue]
     for path in (args.train, args.valid):
         if not Path(path).is_file():
             raise run.InputError(f'no such data file: {path}')
@@ -310,6 +349,8 @@ def search(args):
     except Exception as e:  # SQLAlchemy and Optuna raise many kinds for a bad URL or an unusable database
         raise run.InputError(f'cannot open the Optuna storage {args.storage}: {str(e).splitlines()[0]}') from None
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    for params in queued:
+        study.enqueue_trial(dict(params), skip_if_exists=True)
 
     def objective(trial):
         command = run_command(args, OrderedDict(fixed, **suggest(trial, space)))

@@ -175,6 +175,41 @@ def test_bad_input_exits_with_status_2(tmp_path, capsys):
     assert exit_.value.code == 2 and '--timeout must be a positive number of seconds' in capsys.readouterr().err
 
 
+def test_an_enqueued_setting_is_the_first_trial_once_per_study(tmp_path):
+    write_logs(tmp_path)
+    storage = f'sqlite:///{tmp_path / "search.db"}'
+    args = [str(tmp_path / 'train.tsv'), str(tmp_path / 'valid.tsv'),
+            '-opf', str(write_space(tmp_path / 'space.json', SPACE)),
+            '-ps', 'n_epochs=1,batch_size=8,n_sample=4,loss=bpr-max', '-pm', 'mrr', '--storage', storage,
+            '--study', 'seeded', '--seed', '3', '--pruner', 'none',
+            '--enqueue', 'layers=8,learning_rate=0.15,final_act=linear']
+    assert paropt.main(args + ['-nt', '1']) == 0
+    study = optuna.load_study(study_name='seeded', storage=storage)
+    assert study.get_trials()[0].params == {'layers': 8, 'learning_rate': 0.15, 'final_act': 'linear'}
+    assert 'layers=8,learning_rate=0.15,final_act=linear' in ','.join(study.get_trials()[0].user_attrs['command'])
+    assert paropt.main(args + ['-nt', '2']) == 0  # a second worker, or a resumed one, does not queue it again
+    fixed = [t for t in study.get_trials() if 'fixed_params' in t.system_attrs]
+    assert len(study.get_trials()) == 2 and len(fixed) == 1
+
+
+@pytest.mark.parametrize('setting, message', [
+    ('n_epochs=3', 'n_epochs is not a searched parameter (fix the others with -pf or -ps)'),
+    ('layers=6', 'layers=6 is outside the space: 4 to 8 in steps of 4'),
+    ('layers=12', 'layers=12 is outside the space: 4 to 8 in steps of 4'),
+    ('learning_rate=0.12', 'learning_rate=0.12 is outside the space: 0.05 to 0.2 in steps of 0.05'),
+    ('layers=four', 'layers=four is not an int'),
+    ('final_act=tanh', "final_act=tanh is not one of the choices ['elu-1', 'linear']"),
+    ('layers', 'bad parameter string'),
+])
+def test_a_bad_enqueued_setting_is_refused_before_the_search(tmp_path, capsys, setting, message):
+    write_logs(tmp_path)
+    assert paropt.main([str(tmp_path / 'train.tsv'), str(tmp_path / 'valid.tsv'),
+                        '-opf', str(write_space(tmp_path / 'space.json', SPACE)), '--storage', str(tmp_path / 's.db'),
+                        '--enqueue', setting]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 's.db').exists()
+
+
 def test_two_workers_share_one_sqlite_study_and_a_finished_search_resumes(tmp_path):
     write_logs(tmp_path)
     command = [sys.executable, str(REPO / 'paropt.py'), 'train.tsv', 'valid.tsv',
