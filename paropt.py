@@ -444,12 +444,7 @@ def main(argv=None):
         parser.error(f'--prune-below must be at least 0 and below 1, got {args.prune_below}')
     if args.heartbeat < 1:
         parser.error(f'--heartbeat must be a positive number of seconds, got {args.heartbeat}')
-    try:
-        search(args)
-    except (run.InputError, OSError) as e:
-        print(f'{parser.prog}: error: {getattr(e, "strerror", None) or e}', file=sys.stderr)
-        return 2
-    return 0
+    return run.exit_status(parser.prog, lambda: search(args))
 
 
 if __name__ == '__main__':

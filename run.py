@@ -35,6 +35,17 @@ class InputError(Exception):
     """Bad input (a file, a parameter, an option): reported in one line, exit status 2."""
 
 
+def exit_status(prog, body):
+    """Runs a command-line tool's body(): exit status 0, or 2 after printing `prog: error: ...` for bad input
+    (InputError) or a file that cannot be read or written (OSError, whose message names the file)."""
+    try:
+        body()
+    except (InputError, OSError) as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Parameters: `k=v,k=v` strings and parameter files.
 
@@ -331,14 +342,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _check_args(parser, args)
     try:
-        run(args)
-    except InputError as e:
-        print(f'{parser.prog}: error: {e}', file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
+        return exit_status(parser.prog, lambda: run(args))
+    except FloatingPointError as e:  # the model diverged
         print(f'{parser.prog}: error: {e}', file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == '__main__':

@@ -55,7 +55,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.days <= 0 or (args.sessions is not None and args.sessions < 1):
         parser.error('--days and --sessions must be positive')
-    try:
+
+    def cut():
         paths = output_paths(args.train_full, args.output)
         data = run.read_log(args.train_full, KEYS, what='training data')
         if args.sessions is not None and args.sessions >= data.SessionId.nunique():
@@ -68,10 +69,7 @@ def main(argv=None):
             write_atomically(path, lambda partial: part.to_csv(partial, sep='\t', index=False))
             print(f'{split}: {len(part)} events, {part.SessionId.nunique()} sessions, {part.ItemId.nunique()} items '
                   f'-> {path}')
-    except (run.InputError, OSError) as e:
-        print(f'{parser.prog}: error: {getattr(e, "strerror", None) or e}', file=sys.stderr)
-        return 2
-    return 0
+    return run.exit_status(parser.prog, cut)
 
 
 if __name__ == '__main__':
