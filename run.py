@@ -303,14 +303,17 @@ def run(args):
     if args.sample_store_on_cpu or args.gru4rec_model:
         print('note: --sample_store_on_cpu and -g/--gru4rec_model are accepted for the original\'s command lines '
               'and have no effect here', file=sys.stderr, flush=True)
+    if args.save_model and not Path(args.save_model).resolve().parent.is_dir():  # now, not after the training
+        raise InputError(f'cannot save the model to {args.save_model}: no such directory '
+                         f'{Path(args.save_model).resolve().parent}')
     tests = [read_log(path, keys, args.allow_pickle, what='test data') for path in args.test]
     valid = tests[0] if args.log_primary_metric and tests and not args.baseline else None
     model = _load(args) if args.load_model else _train(args, keys, valid)
     if args.save_model:
         try:
             model.savemodel(args.save_model)
-        except OSError as e:
-            raise InputError(f'cannot save the model to {args.save_model}: {e.strerror or e}') from None
+        except OSError as e:  # the model file's writer names the file in its message
+            raise InputError(e.strerror or f'cannot save the model to {args.save_model}: {e}') from None
         print(f'Saved the model to {args.save_model}', flush=True)
     for path, test in zip(args.test, tests):
         t0 = time.time()

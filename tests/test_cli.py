@@ -64,6 +64,18 @@ def trained(files):
     return files / 'model.gru4rec', out
 
 
+def test_a_model_that_cannot_be_saved_is_refused_before_training_or_named_once(files):
+    target = files / 'missing' / 'model.gru4rec'
+    status, out, err = cli(files / 'train.tsv', '-ps', TINY, '-s', target)
+    assert status == 2 and 'Epoch1' not in out
+    assert err.strip().endswith(f'error: cannot save the model to {target}: no such directory {target.parent}')
+    folder = files / 'model-as-folder.gru4rec'
+    folder.mkdir()
+    status, out, err = cli(files / 'train.tsv', '-ps', TINY, '-s', folder)  # found out only when writing
+    assert status == 2 and 'Epoch2' in out
+    assert err.strip().endswith(f'error: cannot save the model to {str(folder)!r}: Is a directory')
+
+
 def test_training_output_is_one_line_per_cutoff(trained):
     _, out = trained
     assert [RESULT.match(line).group(1) for line in results(out)] == CUTOFFS
