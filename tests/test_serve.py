@@ -164,7 +164,9 @@ def test_concurrent_clicks_answer_as_sequential_ones(server, model_file):
         for item, answer in zip(items, answers[n]):
             ids, scores = live.update(session_id, item, **options(n))
             assert answer['items'] == ids.tolist() and answer['item_known'] == live.knows(item)
-            np.testing.assert_allclose(answer['scores'], scores, rtol=1e-6)
+            # Clicks answered together are one batched product, summed in another order than one click's:
+            # float32 scores of about 0.1 then differ in their last bits (3e-8 seen), not more.
+            np.testing.assert_allclose(answer['scores'], scores, rtol=1e-6, atol=1e-6)
     with httpx.Client(base_url=server) as client:
         for session_id in sessions:
             assert client.post('/end', json={'session_id': session_id}).json()['ended']
