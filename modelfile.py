@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import zipfile
 
 import numpy as np
@@ -39,8 +38,8 @@ STRING_IDS = ('str', 'string')  # pandas' StringDtype with NaN resp. pd.NA as mi
 def write(path, params, history, itemids, arrays):
     """Writes a model file to `path`: hyper-parameters and history (JSON), item ids (a pandas Index)
     and named float arrays, atomically (atomicfile.write_atomically): readers and concurrent writers see
-    one whole file or the old one, and a failure leaves nothing behind. Item ids of a dtype that cannot round-trip exactly are
-    refused (ValueError) before anything is written."""
+    one whole file or the old one, and a failure leaves nothing behind. Item ids of a dtype that cannot
+    round-trip exactly are refused (ValueError) before anything is written."""
     try:
         ids, ids_dtype = encode_itemids(itemids)
     except ValueError as e:

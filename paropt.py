@@ -151,7 +151,8 @@ def enqueued(text, space):
         except ValueError:
             raise run.InputError(f'--enqueue {text!r}: {name}={raw} is not an {entry["dtype"]}') from None
         step = entry.get('step') or (1 if entry['dtype'] == 'int' else None)
-        on_grid = step is None or abs((value - values[0]) / step - round((value - values[0]) / step)) < 1e-6
+        steps = (value - values[0]) / step if step else 0
+        on_grid = abs(steps - round(steps)) < 1e-6
         if not values[0] <= value <= values[1] or not on_grid:
             grid = f' in steps of {step}' if step else ''
             raise run.InputError(f'--enqueue {text!r}: {name}={raw} is outside the space: {values[0]} to {values[1]}'
