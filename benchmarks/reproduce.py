@@ -8,15 +8,19 @@ Every row is one run.py command (printed in the table, relative to the repositor
 own process: train on DATA_train_full, evaluate on DATA_test against all items (standard ties),
 Recall@k and MRR@k for k = 5, 10, 20. 'train s' is the whole fit; 's/epoch' is GRU4Rec's mean epoch
 time (the baselines have no epochs). With --seeds, every GRU4Rec setting runs once per seed and a last
-row gives the mean and standard deviation over the seeds. Progress and each command's output go to
-stderr as they come. Settings whose parameter file does not exist (a search not yet run) are skipped.
+row gives the mean and standard deviation over the seeds. With --jobs N, N rows run at once, each with
+its share of the cores for BLAS (OPENBLAS_NUM_THREADS, unless already set); the table keeps the rows'
+order. Progress and each command's output go to stderr as they come, each line after its row's name.
+Settings whose parameter file does not exist (a search not yet run) are skipped.
 """
 import argparse
+import os
 import re
 import shlex
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,13 +55,14 @@ def rows(data, settings, baselines, seeds=(None,), backend=None, epochs=None):
         yield name, name, base + ['-b', name] + extra
 
 
-def run_row(arguments):
-    """Runs run.py, echoing its output to stderr; returns (metrics by cut-off, train s, s/epoch, error)."""
+def run_row(arguments, name='', env=None):
+    """Runs run.py, echoing its output to stderr after `name`; returns (metrics by cut-off, train s, s/epoch,
+    error)."""
     proc = subprocess.Popen([sys.executable, 'run.py', *arguments], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=env)
     metrics, train_s, epoch_s, last = {}, None, None, ''
     for line in proc.stdout:
-        print('    ' + line.rstrip(), file=sys.stderr, flush=True)
+        print(f'    {name}{line.rstrip()}', file=sys.stderr, flush=True)
         line = line.strip()
         last = line or last
         if match := RESULT.match(line):
@@ -86,6 +91,15 @@ def spread_row(data, setting, results):
     return f'| {data} | GRU4Rec {setting}, mean ± sd of {len(results)} seeds | ' + ' | '.join(cells) + ' | | | |'
 
 
+def job_environment(jobs):
+    """The environment of each run.py when `jobs` run at once: the cores shared out among them for BLAS,
+    so that they do not oversubscribe the machine (a choice already made in OPENBLAS_NUM_THREADS stays)."""
+    if jobs == 1 or 'OPENBLAS_NUM_THREADS' in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return dict(os.environ, OPENBLAS_NUM_THREADS=str(max(1, cores // jobs)))
+
+
 def write_table(lines, output=None):
     """Prints the markdown table's lines, and writes them to `output` when given."""
     table = '\n'.join(lines) + '\n'
@@ -106,9 +120,13 @@ def main(argv=None):
                         help="train every GRU4Rec setting once per seed (default: the parameter file's seed)")
     parser.add_argument('--backend', choices=('c', 'jax'), help='PyTensor compile mode')
     parser.add_argument('--epochs', type=int, help="override the settings' number of epochs (quick checks)")
+    parser.add_argument('--jobs', type=int, default=1, metavar='N',
+                        help='run N rows at once, the cores shared out among them (default: 1)')
     parser.add_argument('--output', help='also write the markdown table to this file')
     parser.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f'--jobs must be at least 1, got {args.jobs}')
     header = ['data', 'model'] + [f'R@{k}' for k in CUTOFFS] + [f'MRR@{k}' for k in CUTOFFS] + \
         ['train s', 's/epoch', 'command']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -116,12 +134,17 @@ def main(argv=None):
         if not (REPO / DATA / f'{data}_train_full.tsv.gz').exists():
             print(f'{REPO / DATA}/{data}_* not found: skipped', file=sys.stderr)
             continue
-        results = {}
-        for setting, model, arguments in rows(data, args.settings or SETTINGS[data], args.baselines,
-                                              args.seeds or (None,), args.backend, args.epochs):
+        planned = list(rows(data, args.settings or SETTINGS[data], args.baselines, args.seeds or (None,),
+                            args.backend, args.epochs))
+        for _, model, arguments in planned:
             print(f'{data} / {model}: python run.py {shlex.join(arguments)}', file=sys.stderr, flush=True)
-            if not args.dry_run:
-                outcome = run_row(arguments)
+        if args.dry_run:
+            continue
+        env = job_environment(args.jobs)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            outcomes = pool.map(lambda row: run_row(row[2], f'[{row[1]}] ' if args.jobs > 1 else '', env), planned)
+            results = {}
+            for (setting, model, arguments), outcome in zip(planned, outcomes):
                 lines.append(table_row(data, model, arguments, *outcome))
                 if not outcome[-1]:
                     results.setdefault(setting, []).append(outcome[0])
