@@ -1,7 +1,7 @@
 # Found by paropt.py, study diginetica_xe (issue 17): the cross-entropy space of paramspaces/, the fixed
 # parameters of paramfiles/yoochoose_xe_shared_best.py, Hyperband pruning with --prune-below 0.5, two workers
 # with one BLAS thread each on a 2-core machine, seeded (--enqueue) with paramfiles/yoochoose1_64_xe_tuned.py
-# (mrr@20 = 0.177407). Trained on diginetica_train_full without its last 15,963 sessions, scored on those
+# (mrr@20 = 0.177371). Trained on diginetica_train_full without its last 15,963 sessions, scored on those
 # (examples/rsc15/split_valid.py --sessions 15963); the test set was not used. Every trial:
 # benchmarks/results/search_diginetica_xe.csv. Below the BPR-max search's best (0.181448,
 # paramfiles/diginetica_bprmax_tuned.py).
