@@ -57,9 +57,9 @@ def rows(data, settings, baselines, seeds=(None,), backend=None, epochs=None):
 
 def run_row(arguments, name='', env=None):
     """Runs run.py, echoing its output to stderr after `name`; returns (metrics by cut-off, train s, s/epoch,
-    error). `env`: see job_environment."""
+    error)."""
     proc = subprocess.Popen([sys.executable, 'run.py', *arguments], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env or job_environment(1))
+                            stderr=subprocess.STDOUT, text=True, env=env)
     metrics, train_s, epoch_s, last = {}, None, None, ''
     for line in proc.stdout:
         print(f'    {name}{line.rstrip()}', file=sys.stderr, flush=True)
@@ -92,14 +92,12 @@ def spread_row(data, setting, results):
 
 
 def job_environment(jobs):
-    """The environment of each run.py: unbuffered, so that its epochs show as they end, and when `jobs` run at
-    once, the cores shared out among them for BLAS, so that they do not oversubscribe the machine (a choice
-    already made in OPENBLAS_NUM_THREADS stays)."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    if jobs > 1 and 'OPENBLAS_NUM_THREADS' not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-        env['OPENBLAS_NUM_THREADS'] = str(max(1, cores // jobs))
-    return env
+    """The environment of each run.py when `jobs` run at once: the cores shared out among them for BLAS,
+    so that they do not oversubscribe the machine (a choice already made in OPENBLAS_NUM_THREADS stays)."""
+    if jobs == 1 or 'OPENBLAS_NUM_THREADS' in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return dict(os.environ, OPENBLAS_NUM_THREADS=str(max(1, cores // jobs)))
 
 
 def write_table(lines, output=None):
