@@ -10,7 +10,8 @@ Recall@k and MRR@k for k = 5, 10, 20. 'train s' is the whole fit; 's/epoch' is G
 time (the baselines have no epochs). With --seeds, every GRU4Rec setting runs once per seed and a last
 row gives the mean and standard deviation over the seeds. With --jobs N, N rows run at once, each with
 its share of the cores for BLAS (OPENBLAS_NUM_THREADS, unless already set); the table keeps the rows'
-order. Progress and each command's output go to stderr as they come, each line after its row's name.
+order, and each output line starts with its row's name. Progress and each command's output go to stderr as
+they come.
 Settings whose parameter file does not exist (a search not yet run) are skipped.
 """
 import argparse
