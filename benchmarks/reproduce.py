@@ -24,7 +24,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import ROOT as REPO  # common also puts the repository on sys.path
+from cbackend import usable_cores
+
 DATA = Path('..') / 'shared' / 'data'  # relative to the repository root, as in the printed commands
 CUTOFFS = (5, 10, 20)
 SETTINGS = {  # data set -> GRU4Rec parameter files: the original's, then ours tuned on a validation split
@@ -97,8 +99,7 @@ def job_environment(jobs):
     so that they do not oversubscribe the machine (a choice already made in OPENBLAS_NUM_THREADS stays)."""
     if jobs == 1 or 'OPENBLAS_NUM_THREADS' in os.environ:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return dict(os.environ, OPENBLAS_NUM_THREADS=str(max(1, cores // jobs)))
+    return dict(os.environ, OPENBLAS_NUM_THREADS=str(max(1, usable_cores() // jobs)))
 
 
 def write_table(lines, output=None):
