@@ -83,6 +83,10 @@ def test_two_workers_split_a_postgresql_study_and_it_survives_a_killed_worker(tm
                '--storage', postgres_url, '--study', 'shared', '--heartbeat', '1']
     # Each worker leads its own process group, so that killing it takes its run.py trial too, as when a
     # machine is lost.
+    # One storage for all the test's reads: every load_study(storage=url) opens an engine of its own, and the
+    # connections of those not yet collected exhaust the server's max_connections (100) on a slow machine.
+    # Made before the workers start, it also creates the tables before they race to.
+    storage = optuna.storages.RDBStorage(postgres_url)
     workers = [subprocess.Popen(command + ['--seed', str(seed)], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True) for seed in (1, 2)]
     victim, survivor = workers
@@ -92,7 +96,7 @@ def test_two_workers_split_a_postgresql_study_and_it_survives_a_killed_worker(tm
             assert time.time() < deadline, 'the first worker never started a second trial'
             time.sleep(0.2)
             try:
-                study = optuna.load_study(study_name='shared', storage=postgres_url)
+                study = optuna.load_study(study_name='shared', storage=storage)
             except KeyError:  # not created yet
                 continue
             mine = [t for t in study.get_trials() if t.user_attrs.get('worker', '').endswith(f':{victim.pid}')]
@@ -110,7 +114,7 @@ def test_two_workers_split_a_postgresql_study_and_it_survives_a_killed_worker(tm
     assert survivor.returncode == 0, survivor_log
     assert 'Best trial #' in out
 
-    trials = optuna.load_study(study_name='shared', storage=postgres_url).get_trials()
+    trials = optuna.load_study(study_name='shared', storage=storage).get_trials()
     finished = [t for t in trials if t.state.is_finished()]
     # The survivor finds the killed trial stale at the start of a trial more than two heartbeats after the
     # kill and runs its retry right away; if it had started one trial in between, the study ends one over -nt.
