@@ -50,7 +50,7 @@ def write_model_files(directory, n_items, params):
 
     import gru4rec
     import modelfile
-    parsed = gru4rec.GRU4Rec()._parsed_params(**params)
+    parsed = gru4rec.parse_hyperparameters(**params)
     rng = np.random.default_rng(0)
     arrays = {}
     for name, shape in gru4rec.parameter_shapes(parsed, n_items).items():
@@ -65,6 +65,9 @@ def write_model_files(directory, n_items, params):
     n = int.from_bytes(blob[8:16], 'little')
     meta = json.loads(blob[16:16 + n])
     del meta['itemids']
+    # reset_after came after format 1 (--before's code refuses it as unknown); its files read as False.
+    if meta['params'].pop('reset_after'):
+        sys.exit('format 1 has only the original GRU cell: use a preset with reset_after=False')
     header = json.dumps(dict(meta, version=1)).encode()
     v1_blob = modelfile.MAGIC + len(header).to_bytes(8, 'little') + header + blob[16 + n:-32]
     v1 = os.path.join(directory, 'model-v1.gru4rec')
@@ -101,7 +104,7 @@ def main():
             for label, code, path in runs:
                 result = subprocess.run([sys.executable, __file__, '--worker', code, path,
                                          os.path.join(tmp, 'saved.gru4rec')],
-                                        capture_output=True, text=True, check=True)
+                                        stdout=subprocess.PIPE, text=True, check=True)
                 times = json.loads(result.stdout.strip().splitlines()[-1])
                 print(f'{label:22s} ' + '  '.join(f'{k} {v:.2f}' for k, v in times.items()), flush=True)
 
