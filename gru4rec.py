@@ -593,7 +593,8 @@ class GRU4Rec:
     # -- the training graph --------------------------------------------------------------------------
 
     def _build(self):
-        """Creates the shared variables from self.weights_ and compiles the training step.
+        """Creates the shared variables from self.weights_ and the training step's graph (compiled when
+        training starts: loading a model to predict does not compile it).
 
         Every graph has static shapes (the JAX backend needs them): the mini-batch always has
         batch_size rows, and the item-indexed parameters one extra row, after the n_items real ones,

@@ -201,8 +201,18 @@ class TrainingStep:
         updates = optimizer.updates(targets, grads)
         for H, h in zip(states, H_new):
             updates[H] = h
-        self.function = compile_function([X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X]
-                                         + [mask for mask, _ in self.dropout], cost, updates)
+        # Compiled when training starts (compile()): a model loaded only to predict or to be served never
+        # waits for its largest graph.
+        self.function = None
+        inputs = [X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X] + [mask for mask, _ in self.dropout]
+        self._graph = inputs, cost, updates
+        self._compile_function = compile_function
+
+    def compile(self):
+        """Compiles the step, once; returns the compiled function."""
+        if self.function is None:
+            self.function = self._compile_function(*self._graph)
+        return self.function
 
     def inputs(self, X, T, prev_rows, keep, samples):
         """The compiled function's inputs for a mini-batch of M <= batch_size sessions and its samples.
@@ -223,7 +233,7 @@ class TrainingStep:
         return X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X, *masks
 
     def __call__(self, X, T, prev_rows, keep, samples):
-        return self.function(*self.inputs(X, T, prev_rows, keep, samples))
+        return self.compile()(*self.inputs(X, T, prev_rows, keep, samples))
 
     def with_pad_row(self, name, value):
         """An item-indexed parameter's value (or its optimiser state's) with the padding row appended."""
@@ -267,6 +277,7 @@ def train_epochs(step, samples, epoch_batches, n_pairs, n_epochs, history, save,
     callback(record) is called after each epoch. A NaN or infinite loss restores the last completed epoch
     and raises FloatingPointError; Ctrl-C (KeyboardInterrupt) restores it and returns."""
     best, since_best = None, 0
+    step.compile()  # before the first epoch's clock starts
     for epoch in range(1, n_epochs + 1):
         t0 = time.time()
         total, n_steps, n_events = 0.0, 0, 0

@@ -3,6 +3,7 @@ with the cache it left, side by side with another checkout of the project (the c
 
     python benchmarks/cold_start.py
     python benchmarks/cold_start.py --baseline /tmp/before --rounds 2
+    python benchmarks/cold_start.py --baseline /tmp/before --load
 
 Each run is `python run.py ../shared/data/rsc15_100k_train_full.tsv.gz -pf paramfiles/rsc15_xe_shared_100_best.py
 -ps n_epochs=1 -t ../shared/data/rsc15_100k_test.tsv.gz` in its own process, with PyTensor's compile
@@ -10,6 +11,9 @@ directory (PYTENSOR_FLAGS=compiledir=...) a fresh temporary one for the cold run
 the warm run. The table gives the wall-clock seconds of the whole process, the seconds of its training
 epoch and of its evaluation as run.py prints them, and the compiled modules the cold run left. Cold minus
 warm is what compiling costs a first run; the warm run still loads the cached modules and rewrites the graphs.
+With --load the runs are `python run.py MODEL -l -t ../shared/data/rsc15_100k_test.tsv.gz` instead, what a
+process that only evaluates or serves a trained model pays: MODEL is that run's model, trained and saved
+once beforehand by this checkout.
 """
 import argparse
 import os
@@ -26,37 +30,53 @@ EPOCH = re.compile(r'^Epoch1 --> loss: \S+\s+\(([0-9.]+)s\)', re.M)
 EVALUATION = re.compile(r'took ([0-9.]+)s', re.M)
 
 
-def run_once(checkout, compiledir):
-    command = [sys.executable, 'run.py', str(DATA_DIR / 'rsc15_100k_train_full.tsv.gz'), '-pf',
-               'paramfiles/rsc15_xe_shared_100_best.py', '-ps', 'n_epochs=1', '-t',
-               str(DATA_DIR / 'rsc15_100k_test.tsv.gz')]
+TRAIN = [str(DATA_DIR / 'rsc15_100k_train_full.tsv.gz'), '-pf', 'paramfiles/rsc15_xe_shared_100_best.py', '-ps',
+         'n_epochs=1']
+TEST = ['-t', str(DATA_DIR / 'rsc15_100k_test.tsv.gz')]
+
+
+def run_once(checkout, compiledir, arguments):
+    """(wall s, epoch s or None, evaluation s) of `python run.py ARGUMENTS` in checkout with that compile cache."""
     env = dict(os.environ, PYTENSOR_FLAGS=f'compiledir={compiledir}', PYTHONWARNINGS='ignore')
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run([sys.executable, 'run.py', *arguments], cwd=checkout, env=env, capture_output=True,
+                          text=True, timeout=1800)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f'{checkout}: run.py failed:\n{done.stderr[-2000:]}')
     epoch, evaluation = EPOCH.search(done.stdout), EVALUATION.search(done.stdout)
-    return wall, float(epoch.group(1)), float(evaluation.group(1))
+    return wall, epoch and float(epoch.group(1)), float(evaluation.group(1))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--baseline', type=Path, help='another checkout of the project, run in turn with this one')
     parser.add_argument('--rounds', type=int, default=1, help='cold + warm runs per checkout')
+    parser.add_argument('--load', action='store_true', help='time loading a trained model and evaluating it')
     args = parser.parse_args()
     checkouts = [('this checkout', ROOT)] + ([('baseline', args.baseline.resolve())] if args.baseline else [])
-    print('| code | round | cold wall s | warm wall s | cold - warm | cold epoch / evaluation s | '
-          'warm epoch / evaluation s | modules |')
-    print('|---|---|---|---|---|---|---|---|')
-    for round_ in range(1, args.rounds + 1):
-        for name, checkout in checkouts:
-            with tempfile.TemporaryDirectory(prefix='gru4rec_cold_') as compiledir:
-                cold = run_once(checkout, compiledir)
-                modules = sum(1 for p in Path(compiledir).iterdir() if (p / 'mod.cpp').exists())
-                warm = run_once(checkout, compiledir)
-            print(f'| {name} | {round_} | {cold[0]:.1f} | {warm[0]:.1f} | {cold[0] - warm[0]:.1f} | '
-                  f'{cold[1]:.1f} / {cold[2]:.1f} | {warm[1]:.1f} / {warm[2]:.1f} | {modules} |', flush=True)
+    with tempfile.TemporaryDirectory(prefix='gru4rec_cold_') as tmp:
+        arguments = TRAIN + TEST
+        if args.load:
+            model = str(Path(tmp) / 'rsc15_100k.gru4rec')
+            subprocess.run([sys.executable, 'run.py', *TRAIN, '-s', model], cwd=ROOT, check=True, capture_output=True)
+            arguments = [model, '-l'] + TEST
+        print('| code | round | cold wall s | warm wall s | cold - warm | cold epoch / evaluation s | '
+              'warm epoch / evaluation s | modules |')
+        print('|---|---|---|---|---|---|---|---|')
+        for round_ in range(1, args.rounds + 1):
+            for name, checkout in checkouts:
+                with tempfile.TemporaryDirectory(prefix='gru4rec_cold_') as compiledir:
+                    cold = run_once(checkout, compiledir, arguments)
+                    modules = sum(1 for p in Path(compiledir).iterdir() if (p / 'mod.cpp').exists())
+                    warm = run_once(checkout, compiledir, arguments)
+                print(f'| {name} | {round_} | {cold[0]:.1f} | {warm[0]:.1f} | {cold[0] - warm[0]:.1f} | '
+                      f'{seconds(cold[1])} / {cold[2]:.1f} | {seconds(warm[1])} / {warm[2]:.1f} | {modules} |',
+                      flush=True)
+
+
+def seconds(value):
+    return '—' if value is None else f'{value:.1f}'
 
 
 if __name__ == '__main__':

@@ -92,7 +92,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         before = os.path.join(tmp, 'before')
         os.mkdir(before)
-        archive = subprocess.run(['git', '-C', str(ROOT), 'archive', args.before, 'gru4rec.py', 'cbackend.py'],
+        # Every top-level module of that revision, so that none is taken from the current code instead.
+        archive = subprocess.run(['git', '-C', str(ROOT), 'archive', args.before, '--', ':(glob)*.py'],
                                  check=True, capture_output=True).stdout
         subprocess.run(['tar', '-x', '-C', before], input=archive, check=True)
         v2, v1 = write_model_files(tmp, args.items, params)

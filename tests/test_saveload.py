@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import MODELS, fit_small
+from conftest import MODELS, fit_small, make_train_log
 from evaluation import evaluate_gpu
 from gru4rec import GRU4Rec
 
@@ -36,7 +36,16 @@ def test_loaded_model_predicts_identically(models, name, tmp_path, test_log):
     assert evaluate_gpu(loaded, **evaluate) == evaluate_gpu(model, **evaluate)
 
 
-def test_same_seed_and_data_give_the_same_model():
+def test_a_model_loaded_to_predict_compiles_its_training_step_only_when_it_trains(tmp_path, test_log):
+    model = fit_small()
+    model.savemodel(tmp_path / 'model.gru4rec')
+    loaded = GRU4Rec.loadmodel(tmp_path / 'model.gru4rec')
+    loaded.recommend({'s': list(model.itemidmap[:3])}, k=5)
+    evaluate_gpu(loaded, test_log, cut_off=[5])
+    assert loaded.training_step_.function is None
+    loaded.retrain(make_train_log(), n_epochs=1)
+    assert loaded.training_step_.function is not None and len(loaded.history_) == len(model.history_) + 1
+
     """Every source of randomness at once: initialisation, sampling, both dropouts, session order."""
     params = dict(embedding=5, dropout_p_hidden=0.3, dropout_p_embed=0.2, train_random_order=True)
     first, second = fit_small(**params), fit_small(**params)
