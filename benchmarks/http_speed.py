@@ -33,8 +33,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(model, port, root=ROOT):
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get('OPENBLAS_NUM_THREADS', '1'))
+def start_server(model, port, root=ROOT, env=None):
+    """`run.py serve MODEL` in root, once it accepts connections on port; env: extra environment variables."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get('OPENBLAS_NUM_THREADS', '1'), **(env or {}))
     process = subprocess.Popen([sys.executable, 'run.py', 'serve', model, '--port', str(port)], cwd=root, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
