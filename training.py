@@ -211,7 +211,8 @@ class TrainingStep:
     def compile(self):
         """Compiles the step, once; returns the compiled function."""
         if self.function is None:
-            self.function = self._compile_function(*self._graph)
+            with pytensor.config.change_flags(floatX=FLOAT):  # as when the graph was built: a float32 step
+                self.function = self._compile_function(*self._graph)
         return self.function
 
     def inputs(self, X, T, prev_rows, keep, samples):

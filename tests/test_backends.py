@@ -46,6 +46,7 @@ def assert_same_model(c_model, jax_model):
     assert type(jax_model.training_step_.function.maker.linker).__name__ == 'JAXLinker'
     assert list(c_model.weights) == list(jax_model.weights)
     for name in c_model.weights:
+        assert jax_model.weights[name].dtype == c_model.weights[name].dtype == np.float32, name
         np.testing.assert_allclose(jax_model.weights[name], c_model.weights[name], rtol=1e-3, atol=2e-5,
                                    err_msg=f'parameter {name} differs between the C and JAX backends')
     test = session_log(n_sessions=15, seed=1)
