@@ -46,6 +46,8 @@ def test_a_model_loaded_to_predict_compiles_its_training_step_only_when_it_train
     loaded.retrain(make_train_log(), n_epochs=1)
     assert loaded.training_step_.function is not None and len(loaded.history_) == len(model.history_) + 1
 
+
+def test_same_seed_and_data_give_the_same_model():
     """Every source of randomness at once: initialisation, sampling, both dropouts, session order."""
     params = dict(embedding=5, dropout_p_hidden=0.3, dropout_p_embed=0.2, train_random_order=True)
     first, second = fit_small(**params), fit_small(**params)
