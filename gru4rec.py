@@ -25,6 +25,7 @@ import copy
 import functools
 import inspect
 import math
+import uuid
 import warnings
 from collections import OrderedDict
 
@@ -719,6 +720,7 @@ class GRU4Rec:
             self._grow(itemidmap[self.n_items:])
         else:
             self.itemidmap_ = itemidmap
+            self.lineage_ = uuid.uuid4().hex
             self.support_ = np.zeros(self.n_items)
             self.weights_ = init_weights(params, self.n_items, self._rng)
             self.opt_values_ = {}
@@ -947,21 +949,22 @@ class GRU4Rec:
         arrays = {f'param/{n}': w for n, w in self.weights_.items()}
         arrays.update({f'opt/{n}': np.asarray(v) for n, v in self.opt_values_.items()})
         arrays['support'] = self.support_
-        modelfile.write(path, self.get_params(), self.history_, self.itemidmap_, arrays)
+        modelfile.write(path, self.get_params(), self.history_, self.itemidmap_, arrays, self.lineage_)
 
     @classmethod
     def loadmodel(cls, path):
         """Loads a model written by savemodel. The file is untrusted input: modelfile.read checks all of it
         against the architecture its hyper-parameters declare before anything is built (tests/README.md
         lists the checks), and never executes code from it."""
-        params, history, itemidmap, arrays = modelfile.read(path, lambda raw: cls()._parsed_params(**raw),
-                                                            model_file_layout)
+        params, history, itemidmap, arrays, lineage = modelfile.read(
+            path, lambda raw: cls()._parsed_params(**raw), model_file_layout)
         if (arrays['support'] < 0).any() or arrays.get('opt/t', 0) < 0:
             raise ValueError(f'{str(path)!r}: item supports and the optimiser step count cannot be negative')
         model = cls(**params)
         model.itemidmap_ = itemidmap
         model.support_ = arrays['support']
         model.history_ = history
+        model.lineage_ = lineage
         model.weights_ = OrderedDict((k[len('param/'):], v) for k, v in arrays.items() if k.startswith('param/'))
         model.opt_values_ = {k[len('opt/'):]: v for k, v in arrays.items() if k.startswith('opt/')}
         model._architecture = model._architecture_of(params)

@@ -16,21 +16,31 @@ Rules (documented in the README, section "Live sessions"):
 - exclude_seen=True never recommends the items of the session's last `history` known clicks.
 - items=[ids] ranks only those items (the final activation, softmax too, is taken over them, as in
   predict_next_batch(predict_for_item_ids=...)); ids the model does not know are an error.
-- States live in a preallocated store of `capacity` rows: a new session beyond it ends the least
-  recently used one, and a session idle for more than `idle_timeout` seconds is ended; an ended
-  session starts over from the zero state at its next click.
-- swap_model(new) keeps the live states when the new model is the old one retrained (same layer
-  sizes, and the old items keep their positions at the front of its item map, as GRU4Rec.retrain
-  appends new items): the states stay meaningful for a network that continued training. Any other
-  model ends all live sessions, since a state of one network means nothing to another.
-- All methods may be called from several threads at once.
+- items=[ids] with an id twice ranks it once.
+- States live in a state store (sessionstore.py): in this process, a preallocated store of `capacity`
+  rows, where a new session beyond it ends the least recently used one; or in Redis, shared by any
+  number of processes and kept when they end. A session idle for more than `idle_timeout` seconds is
+  ended; an ended session starts over from the zero state at its next click.
+- swap_model(new) keeps the live states when the new model is the old one retrained: the same lineage
+  (an id drawn when a model is fitted from scratch, kept by GRU4Rec.retrain and saved in its file), the
+  same layer sizes, and the old items at the front of its item map in the same order (retrain appends
+  new items). The states stay meaningful for a network that continued training. Any other model ends
+  all live sessions, since a state of one network means nothing to another, even one fitted anew on
+  the same catalogue. (Models from files older than the lineage have none: between two of them the
+  layer sizes and item map decide, as before.)
+- All methods may be called from several threads at once. A call reads the network and its store
+  once, as one pair, and never waits on a lock while it holds another: a model swap in the middle of
+  a call lets the call finish with the network it started with.
 """
-import threading
+import hashlib
 import time
-from collections import OrderedDict
+from numbers import Integral, Real
 
 import numba
+
 import numpy as np
+
+from sessionstore import InProcessStore, RedisStore
 
 FLOAT = np.float32
 # Scores of at most this many (session, item) pairs are held at once (64 MiB): 256 sessions over 1M
@@ -89,6 +99,7 @@ class _Network:
             raise ValueError('SessionRecommender needs a trained GRU4Rec: call fit(data) or GRU4Rec.loadmodel(path)')
         weights = model.weights  # the trained weights (float32 numpy arrays), kept in step with training
         params = model.get_params()
+        self.lineage = getattr(model, 'lineage_', None)
         self.item_ids = np.asarray(model.itemidmap)  # n_items, in index order
         self.itemidmap = model.itemidmap
         self.n_items = len(self.item_ids)
@@ -113,7 +124,29 @@ class _Network:
         return index if isinstance(index, (int, np.integer)) else -1
 
     def item_indices(self, item_ids):
+        """The indices of item ids (-1 for those the model does not know)."""
+        if len(item_ids) == 1:
+            return np.array([self.item_index(item_ids[0])])
         return self.itemidmap.get_indexer(np.asarray(item_ids, dtype=object if _mixed(item_ids) else None))
+
+    def namespace(self, history):
+        """The name under which a shared store keeps this network's states: its lineage (or, for a model
+        without one, a digest of its output weights) and the state's shape."""
+        if self.lineage is not None:
+            origin = self.lineage
+        else:
+            digest = hashlib.blake2b(digest_size=12)
+            digest.update(self.Wy.tobytes())
+            digest.update(self.By.tobytes())
+            origin = 'w' + digest.hexdigest()
+        return f'{origin}:{"-".join(map(str, self.layers))}:h{history}'
+
+    def continues(self, old):
+        """Whether this network is `old` trained further (see the module docstring on swap_model)."""
+        if (self.lineage is None) != (old.lineage is None) or self.lineage != old.lineage:
+            return False
+        return (self.layers == old.layers and self.n_items >= old.n_items
+                and np.array_equal(self.item_ids[:old.n_items], old.item_ids))
 
     def step(self, X, H):
         """The states after reading items X (M indices) from states H (list of M x L)."""
@@ -187,95 +220,83 @@ class UnknownSession(KeyError):
     """recommend() for a session that is not live (never seen, ended, evicted or timed out)."""
 
 
+def _check_ids(ids, what):
+    """Session and item ids are integers or strings (item ids may also be floats, as pandas allows):
+    anything else is refused before a state changes."""
+    for value in ids:
+        if isinstance(value, bool) or not isinstance(value, (str, Integral, Real)):
+            raise ValueError(f'{what} {value!r} is a {type(value).__name__}: ids are integers or strings')
+
+
 class SessionRecommender:
     """Next-click recommendations for many concurrent live sessions of a trained GRU4Rec.
 
     model: a trained or loaded GRU4Rec (its weights are read now; retraining the model later does not
-    change this recommender until swap_model). capacity: the most live sessions kept; the least
-    recently used one is ended to make room. idle_timeout: seconds after which an idle session is
-    ended (None: never). history: how many of a session's last known clicks exclude_seen excludes.
-    clock: the time source for idle_timeout (time.monotonic; tests pass a fake one).
-    See the module docstring for the rules. Memory: `bytes_per_session` per live session, allocated up
-    front for `capacity` sessions (touched as sessions arrive), plus the session id map.
+    change this recommender until swap_model). state_store: None (or 'memory') keeps the states in this
+    process; 'redis://host:port/db' keeps them in Redis, shared with every other recommender on it
+    (see sessionstore.py). capacity: the most live sessions the in-process store keeps; the least
+    recently used one is ended to make room (Redis: its maxmemory and eviction policy decide).
+    idle_timeout: seconds after which an idle session is ended (None: never). history: how many of a
+    session's last known clicks exclude_seen excludes. clock: the time source of the in-process store's
+    idle_timeout (time.monotonic; tests pass a fake one). See the module docstring for the rules.
+    Memory: `bytes_per_session` per live session, allocated up front for `capacity` sessions in
+    process (checked against the memory available), plus the session id map.
     """
 
-    def __init__(self, model, capacity=100_000, idle_timeout=1800.0, history=20, clock=time.monotonic):
-        if int(capacity) < 1:
-            raise ValueError(f'capacity={capacity!r}: give the most live sessions to keep (>= 1)')
+    def __init__(self, model, capacity=100_000, idle_timeout=1800.0, history=20, clock=time.monotonic,
+                 state_store=None):
+        if isinstance(capacity, bool) or not isinstance(capacity, Integral) or capacity < 1:
+            raise ValueError(f'capacity={capacity!r}: give the most live sessions to keep (an integer >= 1)')
         if idle_timeout is not None and not float(idle_timeout) > 0:
             raise ValueError(f'idle_timeout={idle_timeout!r}: give seconds (> 0), or None for no time-out')
-        if int(history) < 0:
+        if isinstance(history, bool) or not isinstance(history, Integral) or history < 0:
             raise ValueError(f'history={history!r}: give how many last clicks exclude_seen excludes (>= 0)')
         self.capacity, self.history = int(capacity), int(history)
         self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
         self.clock = clock
-        self._lock = threading.Lock()
-        self._net = _Network(model)
-        self._allocate()
-
-    def _allocate(self):
-        self._states = [np.zeros((self.capacity, L), dtype=FLOAT) for L in self._net.layers]  # capacity x L
-        self._seen = np.zeros((self.capacity, self.history), dtype=np.int32)  # capacity x history, a ring
-        self._n_clicks = np.zeros(self.capacity, dtype=np.int64)  # known clicks so far
-        self._last = np.zeros(self.capacity, dtype=np.float64)  # time of the last click
-        self._rows = OrderedDict()  # session id -> row, least recently used first
-        self._free = list(range(self.capacity - 1, -1, -1))
+        net = _Network(model)
+        if state_store in (None, 'memory'):
+            store = InProcessStore(net.layers, self.history, self.capacity, self.idle_timeout, clock)
+        elif isinstance(state_store, str) and state_store.split('://')[0] in ('redis', 'rediss', 'unix'):
+            store = RedisStore(state_store, net.layers, self.history, net.namespace(self.history), self.idle_timeout)
+        else:
+            raise ValueError(f'state_store={state_store!r}: give None for this process\'s memory or a '
+                             'redis://host:port/db URL')
+        self._serving = (net, store)  # replaced as one, never changed: a call reads it once
 
     @property
     def bytes_per_session(self):
-        """Bytes of preallocated state per session (without the session id map's entry)."""
-        return 4 * sum(self._net.layers) + 4 * self.history + 8 + 8
+        """Bytes of state per session (without the session id map's entry or Redis's key)."""
+        return self._serving[1].bytes_per_session
 
     @property
     def n_items(self):
-        return self._net.n_items
+        return self._serving[0].n_items
+
+    @property
+    def lineage(self):
+        """The served model's lineage (None for a model from a file older than lineages)."""
+        return self._serving[0].lineage
+
+    @property
+    def state_store(self):
+        """A description of where the live states are kept (for logs and /health)."""
+        return self._serving[1].describe()
+
+    @property
+    def shared(self):
+        """Whether the live states are in a store shared with other processes (Redis)."""
+        return isinstance(self._serving[1], RedisStore)
 
     def knows(self, item_id):
         """Whether the model knows an item id (a click of an unknown item is skipped)."""
-        return self._net.item_index(item_id) >= 0
+        return self._serving[0].item_index(item_id) >= 0
 
     def __len__(self):
-        with self._lock:
-            self._expire(self.clock())
-            return len(self._rows)
+        return len(self._serving[1])
 
     def __contains__(self, session_id):
-        with self._lock:
-            self._expire(self.clock())
-            return session_id in self._rows
-
-    # -- the state store (call with the lock held) ---------------------------------------------------
-
-    def _expire(self, now):
-        """Ends the sessions idle for longer than idle_timeout: the least recently used come first."""
-        if self.idle_timeout is None:
-            return
-        while self._rows:
-            session_id, row = next(iter(self._rows.items()))
-            if now - self._last[row] <= self.idle_timeout:
-                return
-            del self._rows[session_id]
-            self._free.append(row)
-
-    def _row(self, session_id, now):
-        """The row of a session, made most recently used; a new one (zero state) if it is not live."""
-        row = self._rows.get(session_id)
-        if row is not None:
-            self._rows.move_to_end(session_id)
-        else:
-            if not self._free:
-                _, evicted = self._rows.popitem(last=False)
-                self._free.append(evicted)
-            row = self._free.pop()
-            for states in self._states:
-                states[row] = 0
-            self._n_clicks[row] = 0
-            self._rows[session_id] = row
-        self._last[row] = now
-        return row
-
-    def _seen_of(self, row):
-        return self._seen[row, :min(self._n_clicks[row], self.history)].copy()
+        return session_id in self._serving[1]
 
     # -- the API -------------------------------------------------------------------------------------
 
@@ -287,126 +308,106 @@ class SessionRecommender:
 
     def update_many(self, session_ids, item_ids, k=20, exclude_seen=False, items=None):
         """Feeds the clicks (session_ids[i], item_ids[i]) in order and scores all of them in one matrix
-        product; returns a list of (item ids, scores), one per click. A session that clicks more than
-        once in the call reads its clicks in order (its result at each click is after that click)."""
+        product; returns a list of (item ids, scores), one per click (none for no clicks). A session
+        that clicks more than once in the call reads its clicks in order (its result at each click is
+        after that click). Everything is checked before any state changes."""
         session_ids, item_ids = list(session_ids), list(item_ids)
         if len(session_ids) != len(item_ids):
             raise ValueError(f'update_many got {len(session_ids)} session ids and {len(item_ids)} item ids; '
                              'give one item per session id')
-        net = self._net
+        _check_ids(session_ids, 'session id')
+        _check_ids(item_ids, 'item id')
+        net, store = self._serving
         k, candidates = self._check_query(net, k, items)
-        X = net.item_indices(item_ids) if len(item_ids) > 1 else np.array([net.item_index(item_ids[0])])
+        if not session_ids:
+            return []
+        X = net.item_indices(item_ids)
         H_last = np.zeros((len(X), net.layers[-1]), dtype=FLOAT)  # after each click
         has_state = np.zeros(len(X), dtype=bool)
         seen = [None] * len(X)
-        with self._lock:
-            if self._net is not net:  # swapped since the item indices were looked up
-                return self.update_many(session_ids, item_ids, k, exclude_seen, items)
-            now = self.clock()
-            self._expire(now)
-            todo = np.arange(len(X))
-            distinct = len(set(session_ids)) == len(session_ids)
-            while len(todo):  # rounds of distinct sessions: a session's later clicks wait for the next round
-                if distinct:
-                    batch = todo
-                else:
-                    first = {}
-                    for i in todo:
-                        first.setdefault(session_ids[i], i)
-                    batch = np.fromiter(first.values(), dtype=np.int64, count=len(first))
-                known = batch[X[batch] >= 0]
-                if len(known):
-                    rows = np.array([self._row(session_ids[i], now) for i in known])
-                    H = net.step(X[known], [states[rows] for states in self._states])
-                    for states, h in zip(self._states, H):
-                        states[rows] = h
-                    H_last[known] = H[-1]
-                    if self.history:
-                        self._seen[rows, self._n_clicks[rows] % self.history] = X[known]
-                    self._n_clicks[rows] += 1
-                    has_state[known] = True
-                    if exclude_seen:
-                        for i, row in zip(known, rows):
-                            seen[i] = self._seen_of(row)
-                for i in batch[X[batch] < 0]:  # unknown items: the stored state, unchanged
-                    row = self._rows.get(session_ids[i])
-                    if row is not None:
-                        self._rows.move_to_end(session_ids[i])
-                        self._last[row] = now
-                        H_last[i], has_state[i] = self._states[-1][row], True
-                        seen[i] = self._seen_of(row)
-                todo = todo[len(batch):] if distinct else np.setdiff1d(todo, batch, assume_unique=True)
+        todo = np.arange(len(X))
+        distinct = len(set(session_ids)) == len(session_ids)
+        while len(todo):  # rounds of distinct sessions: a session's later clicks wait for the next round
+            if distinct:
+                batch = todo
+            else:
+                first = {}
+                for i in todo:
+                    first.setdefault(session_ids[i], i)
+                batch = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+            known = batch[X[batch] >= 0]
+            if len(known):
+                H_last[known], seen_known = store.advance([session_ids[i] for i in known], X[known], net.step)
+                has_state[known] = True
+                for i, s in zip(known, seen_known):
+                    seen[i] = s
+            unknown = batch[X[batch] < 0]  # unknown items: the stored state, unchanged
+            if len(unknown):
+                h, live, seen_unknown = store.read([session_ids[i] for i in unknown])
+                H_last[unknown], has_state[unknown] = h, live
+                for i, s in zip(unknown, seen_unknown):
+                    seen[i] = s
+            todo = todo[len(batch):] if distinct else np.setdiff1d(todo, batch, assume_unique=True)
         return self._recommendations(net, H_last, has_state, k, candidates, seen if exclude_seen else None)
 
     def recommend(self, session_id, k=20, exclude_seen=False, items=None):
         """The top-k next items of a live session from its stored state, without a click, as
         (item ids, scores); it counts as use for the LRU order and the time-out. Raises
         UnknownSession when the session is not live."""
-        net = self._net
+        _check_ids([session_id], 'session id')
+        net, store = self._serving
         k, candidates = self._check_query(net, k, items)
-        with self._lock:
-            if self._net is not net:
-                return self.recommend(session_id, k, exclude_seen, items)
-            now = self.clock()
-            self._expire(now)
-            row = self._rows.get(session_id)
-            if row is None:
-                raise UnknownSession(f'no live session {session_id!r} (never seen, ended, evicted or timed out)')
-            self._rows.move_to_end(session_id)  # a recommendation is use, as a click is
-            self._last[row] = now
-            h = self._states[-1][row][None, :].copy()  # 1 x L
-            seen = self._seen_of(row)
-        return self._recommendations(net, h, np.ones(1, dtype=bool), k, candidates,
-                                     [seen] if exclude_seen else None)[0]
+        h, live, seen = store.read([session_id])
+        if not live[0]:
+            raise UnknownSession(f'no live session {session_id!r} (never seen, ended, evicted or timed out)')
+        return self._recommendations(net, h, live, k, candidates, seen if exclude_seen else None)[0]
 
     def end(self, session_id):
         """Ends a session (its state is dropped); returns whether it was live."""
-        with self._lock:
-            self._expire(self.clock())
-            row = self._rows.pop(session_id, None)
-            if row is None:
-                return False
-            self._free.append(row)
-            return True
+        _check_ids([session_id], 'session id')
+        return self._serving[1].end(session_id)
 
     def scores(self, session_ids, items=None):
         """The final scores of all items (or of `items`) for live sessions: len(session_ids) x C,
-        the columns in the order of the model's item map (or of `items`)."""
-        net = self._net
+        the columns in the order of the model's item map (or of `items`, each id once)."""
+        session_ids = list(session_ids)
+        _check_ids(session_ids, 'session id')
+        net, store = self._serving
         _, candidates = self._check_query(net, 1, items)
-        with self._lock:
-            self._expire(self.clock())
-            missing = [s for s in session_ids if s not in self._rows]
-            if missing:
-                raise UnknownSession(f'no live session {missing[0]!r}')
-            h = self._states[-1][[self._rows[s] for s in session_ids]]  # M x L
+        h, live, _ = store.read(session_ids, touch=False)  # M x L
+        if not live.all():
+            raise UnknownSession(f'no live session {session_ids[int(np.argmin(live))]!r}')
         logits = net.logits(h, candidates)
         return net.finish(logits, logits.copy())
 
     def swap_model(self, model):
         """Serves `model` (e.g. retrained) from now on. The live states are kept when it is this
-        model retrained (same layer sizes, the old items first in its item map, in the same order),
-        else every live session is ended. Returns whether the states were kept."""
+        model trained further (see the module docstring), else every live session is ended.
+        Returns whether the states were kept. Calls in flight finish with the model they started with."""
         new = _Network(model)
-        with self._lock:
-            old = self._net
-            keep = (new.layers == old.layers and new.n_items >= old.n_items
-                    and np.array_equal(new.item_ids[:old.n_items], old.item_ids))
-            self._net = new
-            if not keep:
-                self._allocate()
-            return keep
+        old, store = self._serving
+        keep = new.continues(old)
+        if not keep:
+            store = store.fresh(new.layers, new.namespace(self.history))
+        self._serving = (new, store)
+        return keep
+
+    def close(self):
+        """Releases the state store's connection (Redis); the in-process states are dropped with the object."""
+        self._serving[1].close()
 
     # -- scoring -------------------------------------------------------------------------------------
 
     def _check_query(self, net, k, items):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 0:
             raise ValueError(f'k={k!r}: give the number of items to recommend (an integer >= 1, or 0 for none)')
         if items is None:
             return min(int(k), net.n_items), None
         items = list(items)
         if not items:
             raise ValueError('items is empty: give the item ids to rank, or None for all items')
+        _check_ids(items, 'items holds')
+        items = list(dict.fromkeys(items))  # an id given twice is ranked once
         candidates = net.item_indices(items)
         if (candidates < 0).any():
             unknown = [items[i] for i in np.flatnonzero(candidates < 0)[:5]]

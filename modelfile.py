@@ -6,8 +6,9 @@ declares before it trusts or allocates anything, and every refusal is a ValueErr
 
 Layout (format 'gru4rec-npz'):
     MAGIC | header length (8 bytes, little-endian) | JSON header | .npz archive | SHA-256 of all before it
-The header holds the format, its version, the hyper-parameters, the training history and (version 2)
-the item ids' dtype. The archive is numpy's uncompressed .npz: one .npy entry per array, no pickles.
+The header holds the format, its version, the hyper-parameters, the training history, (version 2)
+the item ids' dtype and (version 3) the model's lineage: an id drawn when a model is fitted from scratch
+and kept by every retraining, so that a live service knows whether two files are one model's steps. The archive is numpy's uncompressed .npz: one .npy entry per array, no pickles.
 
 This module knows the file, not the model: the caller passes the hyper-parameter validation and the
 layout (which arrays, of which shapes) that the hyper-parameters declare.
@@ -25,9 +26,11 @@ from atomicfile import write_atomically
 
 MAGIC = b'GRU4REC\x00'
 FORMAT = 'gru4rec-npz'
-VERSION = 2  # 1: item ids stored as int64 or str; 2: the header records the item ids' dtype
+VERSION = 3  # 1: item ids stored as int64 or str; 2: the header records the item ids' dtype; 3: the lineage
 HEADER_FIELDS = {1: {'format', 'version', 'params', 'history'},
-                 2: {'format', 'version', 'params', 'history', 'itemids'}}
+                 2: {'format', 'version', 'params', 'history', 'itemids'},
+                 3: {'format', 'version', 'params', 'history', 'itemids', 'lineage'}}
+LINEAGE_CHARS = frozenset('0123456789abcdef')
 NUMERIC_IDS = ('int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64', 'float32', 'float64')
 STRING_IDS = ('str', 'string')  # pandas' StringDtype with NaN resp. pd.NA as missing value
 
@@ -35,9 +38,9 @@ STRING_IDS = ('str', 'string')  # pandas' StringDtype with NaN resp. pd.NA as mi
 # ---------------------------------------------------------------------------------------------------
 # Writing
 
-def write(path, params, history, itemids, arrays):
-    """Writes a model file to `path`: hyper-parameters and history (JSON), item ids (a pandas Index)
-    and named float arrays, atomically (atomicfile.write_atomically): readers and concurrent writers see
+def write(path, params, history, itemids, arrays, lineage):
+    """Writes a model file to `path`: hyper-parameters, history and lineage (JSON), item ids (a pandas
+    Index) and named float arrays, atomically (atomicfile.write_atomically): readers and concurrent writers see
     one whole file or the old one, and a failure leaves nothing behind. Item ids of a dtype that cannot
     round-trip exactly are refused (ValueError) before anything is written."""
     try:
@@ -45,7 +48,7 @@ def write(path, params, history, itemids, arrays):
     except ValueError as e:
         raise ValueError(f'cannot save the model to {str(path)!r}: {e}') from None
     header = json.dumps({'format': FORMAT, 'version': VERSION, 'params': params, 'history': history,
-                         'itemids': ids_dtype}).encode()
+                         'itemids': ids_dtype, 'lineage': lineage}).encode()
     payload = io.BytesIO()
     np.savez(payload, itemids=ids, **arrays)
     blob = MAGIC + len(header).to_bytes(8, 'little') + header + payload.getvalue()
@@ -99,7 +102,8 @@ def decode_itemids(values, record):
 # Reading
 
 def read(path, check_params, layout):
-    """Reads and checks a model file; returns (params, history, itemids, arrays).
+    """Reads and checks a model file; returns (params, history, itemids, arrays, lineage), the
+    lineage None for files written before format 3.
 
     check_params(raw dict) returns the validated hyper-parameters or raises ValueError.
     layout(params, n_items) returns (required, optional): {array name: (shape, dtype)} for the arrays
@@ -172,7 +176,7 @@ def read(path, check_params, layout):
             refuse(f'array {name} holds NaN or infinite values' + (' (after casting to float32)'
                                                                    if value.dtype != arrays[name].dtype else ''))
         arrays[name] = value
-    return params, meta['history'], itemids, arrays
+    return params, meta['history'], itemids, arrays, meta.get('lineage')
 
 
 def _read_bytes(path):
@@ -229,6 +233,10 @@ def _check_header(meta, check_params, refuse):
     if not isinstance(history, list) or not all(
             isinstance(h, dict) and all(_is_number(v) for v in h.values()) for h in history):
         refuse('header field history must be a list of {name: number} records')
+    if 'lineage' in meta:
+        lineage = meta['lineage']
+        if not isinstance(lineage, str) or not 16 <= len(lineage) <= 64 or not set(lineage) <= LINEAGE_CHARS:
+            refuse(f'header field lineage must be 16 to 64 lower-case hex digits; it is {lineage!r}'[:200])
     if 'itemids' in meta:
         record = meta['itemids']
         if not isinstance(record, dict) or record.get('dtype') not in NUMERIC_IDS + STRING_IDS + ('object',) \

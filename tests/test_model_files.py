@@ -380,7 +380,7 @@ CRAFTED = {
     'history-a-string': (_header(history='none'), r'header field history must be a list of \{name: number\}'),
     'history-with-a-string': (_header(history=[{'loss': 'low'}]), 'header field history must be a list'),
     'extra-header-field': (_header(author='me'), r"its header fields are \['author', "),
-    'header-field-missing': (_header(history=...), r"its header fields are \['format', 'itemids', 'params', 'version'\]"),
+    'header-field-missing': (_header(history=...), r"its header fields are \['format', 'itemids', 'lineage', 'params', 'version'\]"),
     'unknown-item-id-dtype': (_header(itemids={'dtype': 'complex128'}), 'header field itemids must record'),
     'implausible-batch-size': (_params(batch_size=10 ** 9), r'batch_size=1000000000 with layers=\[8\] needs 8000000000 '
                                                              'hidden state values'),
@@ -473,11 +473,32 @@ def test_format_version_1_files_still_load(model, model_file, tmp_path):
     """Files written before the item ids' dtype was recorded (int64 or str ids) load as before."""
     meta, arrays = split(model_file.read_bytes())
     path = tmp_path / 'v1.gru4rec'
-    path.write_bytes(join(dict({k: v for k, v in meta.items() if k != 'itemids'}, version=1), arrays))
+    path.write_bytes(join(dict({k: v for k, v in meta.items() if k not in ('itemids', 'lineage')}, version=1),
+                          arrays))
     loaded = GRU4Rec.loadmodel(path)
     assert loaded.itemidmap.equals(model.itemidmap) and loaded.itemidmap.dtype == np.int64
+    assert loaded.lineage_ is None
     reference = GRU4Rec.loadmodel(model_file)  # a fresh model: predict_next_batch keeps session state
     np.testing.assert_array_equal(predictions(loaded, session_log()), predictions(reference, session_log()))
+
+
+def test_lineage_is_drawn_by_fit_kept_by_retrain_and_saved(model, model_file, tmp_path):
+    """A model fitted from scratch gets a new lineage, even on the same data with the same seed;
+    retraining and saving keep it; format 2 files (before lineages) load without one."""
+    loaded = GRU4Rec.loadmodel(model_file)
+    assert loaded.lineage_ == model.lineage_ and len(model.lineage_) == 32
+    loaded.retrain(session_log(), n_epochs=1)
+    assert loaded.lineage_ == model.lineage_
+    refit = GRU4Rec(**model.get_params()).fit(session_log())
+    assert refit.lineage_ != model.lineage_
+    meta, arrays = split(model_file.read_bytes())
+    assert meta['lineage'] == model.lineage_
+    path = tmp_path / 'v2.gru4rec'
+    path.write_bytes(join(dict({k: v for k, v in meta.items() if k != 'lineage'}, version=2), arrays))
+    assert GRU4Rec.loadmodel(path).lineage_ is None
+    for bad in ('', 'XYZ' * 8, 42, 'a' * 65):
+        path.write_bytes(join(dict(meta, lineage=bad), arrays))
+        assert 'header field lineage must be 16 to 64 lower-case hex digits' in load_error(path)
 
 
 # -- item ids of every dtype pandas gives (issue 12, bug 3) ----------------------------------------------
