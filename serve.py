@@ -5,11 +5,21 @@ JSON endpoints (the OpenAPI description is at /openapi.json, a browsable one at 
     POST /recommend  {"session_id", "k", "exclude_seen", "items"}            -> the top k of a live session
     POST /end        {"session_id"}                                          -> whether it was live
     GET  /health                                                             -> model and store figures
-    POST /reload                                                             -> reads the model file again
+    POST /reload     (admin: `Authorization: Bearer TOKEN`)                  -> reads the model file again
                            (e.g. after retraining wrote it) and swaps it in; the old model answers meanwhile
 The rules for sessions, unknown items and model swaps are live.SessionRecommender's. A bad request
-gets a 4xx answer {"detail": ...} that says what is wrong. One process serves its sessions; to scale
-past one, run several and route each session id to one of them (README, "Live sessions").
+gets a 4xx answer {"detail": ...} that says what is wrong.
+
+Production rules (docs/serving.md):
+- The control plane is closed: /reload exists only when the service was started with an admin token
+  (--admin-token or GRU4REC_ADMIN_TOKEN), and answers 401 without it (compared in constant time).
+- Session endpoints take `Content-Type: application/json` only (415 otherwise), so a web page cannot
+  post to them across origins without a CORS preflight, which this service never grants.
+- Limits, each a 4xx JSON error naming it: the request body (413), the session id's length and the
+  length of items= (422).
+- With --state-store redis://..., the sessions live in Redis: they outlive the process, and any number
+  of workers (--workers) and machines serve them. A /reload on one worker reaches the others of the
+  same model file through Redis (a message on a channel they all listen to).
 
 Clicks are micro-batched: one scoring task takes the clicks that queued up while it scored the previous
 batch and scores them with one SessionRecommender.update_many (one read of the output matrix for all of
@@ -19,42 +29,66 @@ session's clicks keep their order, and each answer equals the one the click woul
 """
 import argparse
 import asyncio
+import hmac
+import json
+import os
 import sys
+import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import List, Optional, Union
+from dataclasses import asdict, dataclass
+from typing import Annotated, List, Optional, Union
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gru4rec import GRU4Rec
 from live import SessionRecommender, UnknownSession
 
-Id = Union[int, str]
 MAX_K = 1000
-MAX_ITEMS = 100_000
+TOKEN_VARIABLE = 'GRU4REC_ADMIN_TOKEN'
+CONFIG_VARIABLE = 'GRU4REC_SERVE_CONFIG'  # how `--workers N` hands the options to each worker process
+SESSION_PATHS = ('/click', '/recommend', '/end')
 
 
-class Query(BaseModel):
-    model_config = ConfigDict(extra='forbid')
-    session_id: Id
-    k: int = Field(20, ge=1, le=MAX_K, description='how many items to recommend')
-    exclude_seen: bool = Field(False, description="never recommend the session's recent clicks")
-    items: Optional[List[Id]] = Field(None, min_length=1, max_length=MAX_ITEMS,
-                                      description='rank only these item ids (default: all items)')
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold; beyond it, a 4xx answer that names the limit."""
+    max_body_bytes: int = 1 << 20
+    max_session_id: int = 256  # characters of a string session id
+    max_items: int = 10_000  # ids in items=
 
 
-class Click(Query):
-    item_id: Id
+def schemas(limits):
+    """The request bodies, their limits in the schema (so that /openapi.json documents them)."""
+    session_id = Union[Annotated[int, Field(ge=-2 ** 63, le=2 ** 63 - 1)],
+                       Annotated[str, Field(min_length=1, max_length=limits.max_session_id)]]
+    item_id = Union[Annotated[int, Field(ge=-2 ** 63, le=2 ** 63 - 1)], str]
+
+    class Query(BaseModel):
+        model_config = ConfigDict(extra='forbid')
+        session_id: session_id
+        k: int = Field(20, ge=1, le=MAX_K, description='how many items to recommend')
+        exclude_seen: bool = Field(False, description="never recommend the session's recent clicks")
+        items: Optional[List[item_id]] = Field(None, min_length=1, max_length=limits.max_items,
+                                               description='rank only these item ids (default: all items)')
+
+    class Click(Query):
+        item_id: item_id
+
+    class End(BaseModel):
+        model_config = ConfigDict(extra='forbid')
+        session_id: session_id
+
+    return Query, Click, End
 
 
-class End(BaseModel):
-    model_config = ConfigDict(extra='forbid')
-    session_id: Id
+Id = Union[int, str]
 
 
 class Recommendations(BaseModel):
@@ -73,9 +107,11 @@ class Ended(BaseModel):
 class Health(BaseModel):
     status: str
     model: str
+    lineage: Optional[str] = Field(description='the model\'s lineage (null for files older than lineages)')
     n_items: int
-    live_sessions: int
-    capacity: int
+    state_store: str
+    live_sessions: Optional[int] = Field(description='live sessions in this process (null with a shared store)')
+    capacity: Optional[int] = Field(description='most live sessions in this process (null with a shared store)')
     reloads: int
 
 
@@ -90,7 +126,53 @@ class Error(BaseModel):
 
 
 ERRORS = {400: {'model': Error, 'description': 'bad request (e.g. item ids the model does not know)'},
-          422: {'model': Error, 'description': 'the request does not follow the schema'}}
+          413: {'model': Error, 'description': 'the request body is larger than the limit'},
+          415: {'model': Error, 'description': 'the body is not application/json'},
+          422: {'model': Error, 'description': 'the request does not follow the schema, or exceeds a limit'}}
+
+
+def _error(status, detail, headers=None):
+    return JSONResponse(status_code=status, content={'detail': detail}, headers=headers)
+
+
+class RequestLimits:
+    """ASGI middleware that enforces the content type of the session endpoints and the body size
+    limit before the application reads a byte of the body."""
+
+    def __init__(self, app, limits):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http' or scope['method'] != 'POST':
+            return await self.app(scope, receive, send)
+        headers = dict(scope['headers'])
+        if scope['path'] in SESSION_PATHS:
+            kind = headers.get(b'content-type', b'').split(b';')[0].strip().lower()
+            if kind != b'application/json':
+                return await _error(415, f'{scope["path"]} takes Content-Type: application/json, '
+                                         f'not {kind.decode("latin-1") or "none"}')(scope, receive, send)
+        limit = self.limits.max_body_bytes
+        too_large = _error(413, f'the request body is larger than the limit of {limit} bytes (--max-body)')
+        if int(headers.get(b'content-length', b'0') or 0) > limit:
+            return await too_large(scope, receive, send)
+        body, more = b'', True
+        while more:  # read it all (bounded), then hand it to the application as one message
+            message = await receive()
+            if message['type'] != 'http.request':
+                return
+            body += message.get('body', b'')
+            if len(body) > limit:
+                return await too_large(scope, receive, send)
+            more = message.get('more_body', False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {'type': 'http.request', 'body': body, 'more_body': False}
+        await self.app(scope, replay, send)
 
 
 def _answer(session_id, known, result):
@@ -171,34 +253,84 @@ class ClickBatcher:
                     future.set_result(result)
 
 
-def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20):
-    """The FastAPI application serving the model file at `model_path`."""
-    recommender = SessionRecommender(GRU4Rec.loadmodel(model_path), capacity, idle_timeout, history)
+class ReloadBroadcast:
+    """Tells the other workers serving the same model file with the same Redis that it was reloaded:
+    a message on a Redis channel named after the file, which every worker listens to in a thread of
+    its own and answers by reloading the file itself. A worker ignores its own messages."""
+
+    def __init__(self, url, model_path, reload):
+        import redis
+        self.client = redis.Redis.from_url(url)
+        self.channel = f'gru4rec:reload:{model_path}'
+        self.me = uuid.uuid4().hex
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(**{self.channel: self._heard})
+        self.thread = self.pubsub.run_in_thread(sleep_time=0.5, daemon=True)
+        self.reload = reload
+
+    def _heard(self, message):
+        if json.loads(message['data']).get('from') != self.me:
+            try:
+                self.reload()
+            except ValueError as e:  # a bad file: this worker keeps its model, as the one that was asked did
+                print(f'gru4rec serve: reload refused: {e}', file=sys.stderr, flush=True)
+
+    def tell_others(self):
+        self.client.publish(self.channel, json.dumps({'from': self.me}))
+
+    def close(self):
+        self.thread.stop()
+        self.pubsub.close()
+        self.client.close()
+
+
+def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20, state_store=None,
+               admin_token=None, limits=Limits()):
+    """The FastAPI application serving the model file at `model_path`; its sessions in this process, or in
+    the Redis of `state_store` (redis://host:port/db); /reload only when `admin_token` is given."""
+    if admin_token is not None and len(admin_token) < 16:
+        raise ValueError('the admin token must be at least 16 characters (e.g. python -c "import secrets; '
+                         'print(secrets.token_urlsafe())")')
+    recommender = SessionRecommender(GRU4Rec.loadmodel(model_path), capacity, idle_timeout, history,
+                                     state_store=state_store)
     state = {'path': str(model_path), 'reloads': 0}
-    reload_lock = asyncio.Lock()
+    swap_lock = threading.Lock()  # one reload at a time: the file is read and swapped in as one
+    Query, Click, End = schemas(limits)
+
+    def reload():
+        with swap_lock:
+            kept = recommender.swap_model(GRU4Rec.loadmodel(state['path']))  # ValueError: the old model stays
+            state['reloads'] += 1
+        return kept
 
     @asynccontextmanager
     async def lifespan(app):
         batcher = ClickBatcher(recommender)
         scoring = asyncio.create_task(batcher.run())
         app.state.batcher = batcher
+        broadcast = ReloadBroadcast(state_store, state['path'], reload) if recommender.shared else None
+        app.state.broadcast = broadcast
         try:
             yield
         finally:
             scoring.cancel()
             await asyncio.gather(scoring, return_exceptions=True)
             batcher.worker.shutdown(wait=True)
+            if broadcast is not None:
+                broadcast.close()
+            recommender.close()
 
     app = FastAPI(title='GRU4Rec live sessions', version='1', lifespan=lifespan,
                   description='Next-click recommendations for live sessions of a GRU4Rec model.')
+    app.add_middleware(RequestLimits, limits=limits)
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, error: ValueError):
-        return JSONResponse(status_code=400, content={'detail': str(error)})
+        return _error(400, str(error))
 
     @app.exception_handler(UnknownSession)
     async def unknown_session(request: Request, error: UnknownSession):
-        return JSONResponse(status_code=404, content={'detail': error.args[0]})
+        return _error(404, error.args[0])
 
     # The hot path reads its body with pydantic's own JSON parser, in one pass, rather than through
     # FastAPI's body machinery (json.loads, then its own validation); the OpenAPI description and the
@@ -231,47 +363,119 @@ def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20):
 
     @app.get('/health', response_model=Health)
     async def health():
-        return Health(status='ok', model=state['path'], n_items=recommender.n_items, live_sessions=len(recommender),
-                      capacity=recommender.capacity, reloads=state['reloads'])
+        """The served model and where its sessions are kept."""
+        shared = recommender.shared
+        return Health(status='ok', model=state['path'], lineage=recommender.lineage, n_items=recommender.n_items,
+                      state_store=recommender.state_store, live_sessions=None if shared else len(recommender),
+                      capacity=None if shared else recommender.capacity, reloads=state['reloads'])
 
-    @app.post('/reload', response_model=Reloaded, responses=ERRORS)
-    async def reload():
-        """Reads the served model file again (a retraining writes it atomically) and serves it from now
-        on; the old model answers until the new one is ready. Only the file given at start-up is read:
-        a client cannot make the server open other files."""
-        async with reload_lock:
-            model = await run_in_threadpool(GRU4Rec.loadmodel, state['path'])  # ValueError -> 400, the old model stays
-            kept = await run_in_threadpool(recommender.swap_model, model)
-            state['reloads'] += 1
-        return Reloaded(model=state['path'], n_items=recommender.n_items, kept_states=kept)
+    if admin_token is not None:
+        expected = admin_token.encode()
+
+        @app.post('/reload', response_model=Reloaded, responses={
+            400: ERRORS[400], 401: {'model': Error, 'description': 'no or a wrong admin token'}})
+        async def reload_model(request: Request):
+            """Reads the served model file again (a retraining writes it atomically) and serves it from now
+            on; the old model answers until the new one is ready. Only the file given at start-up is read:
+            a client cannot make the server open other files. Needs `Authorization: Bearer TOKEN`."""
+            scheme, _, given = request.headers.get('authorization', '').partition(' ')
+            if not (scheme.lower() == 'bearer' and hmac.compare_digest(given.strip().encode(), expected)):
+                return _error(401, 'reloading needs the admin token: Authorization: Bearer TOKEN',
+                              {'WWW-Authenticate': 'Bearer'})
+            kept = await run_in_threadpool(reload)
+            if app.state.broadcast is not None:
+                await run_in_threadpool(app.state.broadcast.tell_others)
+            return Reloaded(model=state['path'], n_items=recommender.n_items, kept_states=kept)
 
     app.state.recommender = recommender
     return app
 
 
-def main(argv=None):
-    """`gru4rec serve MODEL [--host H] [--port P] ...`: serves a model file until interrupted."""
+def app_from_environment():
+    """The application of one `--workers N` worker process, from the options main() put in the environment."""
+    options = json.loads(os.environ[CONFIG_VARIABLE])
+    return create_app(**dict(options, limits=Limits(**options['limits']),
+                             admin_token=os.environ.get(TOKEN_VARIABLE)))
+
+
+def _port(text):
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f'{port} is not a TCP port (1-65535)')
+    return port
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} is not a positive integer')
+    return value
+
+
+def build_parser():
     parser = argparse.ArgumentParser(prog='gru4rec serve', description=__doc__.split('\n')[0])
     parser.add_argument('model', help='a model file written by GRU4Rec.savemodel (run.py -s)')
     parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default %(default)s)')
-    parser.add_argument('--port', type=int, default=8000, help='port (default %(default)s)')
-    parser.add_argument('--capacity', type=int, default=100_000,
-                        help='most live sessions; the least recently used is ended beyond it (default %(default)s)')
+    parser.add_argument('--port', type=_port, default=8000, help='port, 1-65535 (default %(default)s)')
+    parser.add_argument('--state-store', default='memory',
+                        help="where the live sessions are kept: 'memory' (this process, lost when it ends) or "
+                             'redis://HOST:PORT/DB (shared by workers and machines, kept across restarts) '
+                             '(default %(default)s)')
+    parser.add_argument('--workers', type=_positive, default=1,
+                        help='worker processes on the port; more than one needs a redis:// state store '
+                             '(default %(default)s)')
+    parser.add_argument('--admin-token', default=None,
+                        help=f'the token that /reload requires (Authorization: Bearer TOKEN); also read from '
+                             f'{TOKEN_VARIABLE}, which keeps it out of the process list. Without one, /reload is off')
+    parser.add_argument('--capacity', type=_positive, default=100_000,
+                        help='most live sessions in memory; the least recently used is ended beyond it '
+                             '(default %(default)s; with Redis, its maxmemory decides)')
     parser.add_argument('--idle-timeout', type=float, default=1800.0,
                         help='seconds after which an idle session is ended (default %(default)s)')
     parser.add_argument('--history', type=int, default=20,
                         help='how many last clicks exclude_seen excludes (default %(default)s)')
+    parser.add_argument('--max-body', type=_positive, default=Limits.max_body_bytes,
+                        help='largest request body in bytes (default %(default)s)')
+    parser.add_argument('--max-session-id', type=_positive, default=Limits.max_session_id,
+                        help='longest string session id in characters (default %(default)s)')
+    parser.add_argument('--max-items', type=_positive, default=Limits.max_items,
+                        help='most ids in a request\'s items= (default %(default)s)')
     parser.add_argument('--log-level', default='warning', help='uvicorn log level (default %(default)s)')
+    return parser
+
+
+def main(argv=None):
+    """`gru4rec serve MODEL [--host H] [--port P] ...`: serves a model file until interrupted."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        app = create_app(args.model, args.capacity, args.idle_timeout, args.history)
+    token = args.admin_token if args.admin_token is not None else os.environ.get(TOKEN_VARIABLE)
+    store = None if args.state_store == 'memory' else args.state_store
+    if args.workers > 1 and store is None:
+        parser.error('--workers above 1 needs --state-store redis://...: each worker would keep sessions of its own')
+    options = dict(model_path=args.model, capacity=args.capacity, idle_timeout=args.idle_timeout,
+                   history=args.history, state_store=store)
+    limits = Limits(args.max_body, args.max_session_id, args.max_items)
+    try:  # also when workers load it: a bad file or store is refused here, once, with a clear message
+        app = create_app(**options, admin_token=token, limits=limits)
     except ValueError as e:
         print(f'{parser.prog}: error: {e}', file=sys.stderr)
         return 2
+    recommender = app.state.recommender
+    print(f'{parser.prog}: serving {args.model} ({recommender.n_items:,} items, lineage {recommender.lineage}) '
+          f'on http://{args.host}:{args.port} with {args.workers} worker(s); sessions in {recommender.state_store}; '
+          f"/reload {'on' if token else 'off (no admin token)'}", file=sys.stderr, flush=True)
     # uvloop and httptools (the [serve] extra installs both; 'auto' falls back to asyncio and h11), no
     # access log: a log record per request would cost as much as the request.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1,
-                loop='auto', http='auto', access_log=False)
+    common = dict(host=args.host, port=args.port, log_level=args.log_level, loop='auto', http='auto',
+                  access_log=False)
+    if args.workers == 1:
+        uvicorn.run(app, workers=1, **common)
+        return 0
+    recommender.close()
+    os.environ[CONFIG_VARIABLE] = json.dumps(dict(options, limits=asdict(limits)))
+    if token is not None:
+        os.environ[TOKEN_VARIABLE] = token
+    uvicorn.run('serve:app_from_environment', factory=True, workers=args.workers, **common)
     return 0
 
 
