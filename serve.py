@@ -66,24 +66,24 @@ class Limits:
 
 def schemas(limits):
     """The request bodies, their limits in the schema (so that /openapi.json documents them)."""
-    session_id = Union[Annotated[int, Field(ge=-2 ** 63, le=2 ** 63 - 1)],
+    SessionId = Union[Annotated[int, Field(ge=-2 ** 63, le=2 ** 63 - 1)],
                        Annotated[str, Field(min_length=1, max_length=limits.max_session_id)]]
-    item_id = Union[Annotated[int, Field(ge=-2 ** 63, le=2 ** 63 - 1)], str]
+    ItemId = Union[Annotated[int, Field(ge=-2 ** 63, le=2 ** 63 - 1)], str]
 
     class Query(BaseModel):
         model_config = ConfigDict(extra='forbid')
-        session_id: session_id
+        session_id: SessionId
         k: int = Field(20, ge=1, le=MAX_K, description='how many items to recommend')
         exclude_seen: bool = Field(False, description="never recommend the session's recent clicks")
-        items: Optional[List[item_id]] = Field(None, min_length=1, max_length=limits.max_items,
+        items: Optional[List[ItemId]] = Field(None, min_length=1, max_length=limits.max_items,
                                                description='rank only these item ids (default: all items)')
 
     class Click(Query):
-        item_id: item_id
+        item_id: ItemId
 
     class End(BaseModel):
         model_config = ConfigDict(extra='forbid')
-        session_id: session_id
+        session_id: SessionId
 
     return Query, Click, End
 

@@ -2,12 +2,10 @@
 answers equal to SessionRecommender's, 4xx JSON errors, reload without dropped requests, and a
 schemathesis property run of the service's own OpenAPI description (no 5xx, no schema violation)."""
 import asyncio
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,14 +15,9 @@ from hypothesis import HealthCheck, given, settings
 
 from conftest import ITEM_IDS, MODELS, fit_small
 from live import SessionRecommender
+from servers import ADMIN_TOKEN, ROOT, Service, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+ADMIN = {'authorization': f'Bearer {ADMIN_TOKEN}'}
 
 
 @pytest.fixture(scope='module')
@@ -37,26 +30,10 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def server(model_file):
-    """`python run.py serve MODEL` (the gru4rec console script's main) on a free port."""
-    _, path = model_file
-    port = free_port()
-    process = subprocess.Popen([sys.executable, 'run.py', 'serve', str(path), '--port', str(port),
-                                '--capacity', '50'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f'http://127.0.0.1:{port}'
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f'{url}/health').status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f'the server did not start: {process.stdout.read().decode()[-2000:]}')
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=20)
+    """`python run.py serve MODEL` (the gru4rec console script's main) on a free port, with an admin token."""
+    service = Service(model_file[1], '--capacity', 50)
+    yield service.url
+    service.stop()
 
 
 def test_click_recommend_end(server, model_file):
@@ -113,12 +90,12 @@ def test_reload_without_dropping_requests(server, model_file):
     thread.start()
     try:
         time.sleep(0.3)
-        answer = httpx.post(f'{server}/reload', timeout=60).json()
+        answer = httpx.post(f'{server}/reload', headers=ADMIN, timeout=60).json()
         assert answer['kept_states'] and answer['n_items'] == len(ITEM_IDS)
         original = path.read_bytes()
         path.write_bytes(original[:-10])
         try:
-            bad = httpx.post(f'{server}/reload', timeout=60)
+            bad = httpx.post(f'{server}/reload', headers=ADMIN, timeout=60)
         finally:
             path.write_bytes(original)
         assert bad.status_code == 400 and 'corrupted' in bad.json()['detail']
