@@ -235,7 +235,8 @@ class SessionRecommender:
     change this recommender until swap_model). state_store: None (or 'memory') keeps the states in this
     process; 'redis://host:port/db' keeps them in Redis, shared with every other recommender on it
     (see sessionstore.py). capacity: the most live sessions the in-process store keeps; the least
-    recently used one is ended to make room (Redis: its maxmemory and eviction policy decide).
+    recently used one is ended to make room (with Redis, its maxmemory and eviction policy decide, and
+    capacity is how many states this process keeps a copy of, to save a read per click).
     idle_timeout: seconds after which an idle session is ended (None: never). history: how many of a
     session's last known clicks exclude_seen excludes. clock: the time source of the in-process store's
     idle_timeout (time.monotonic; tests pass a fake one). See the module docstring for the rules.
@@ -258,7 +259,8 @@ class SessionRecommender:
         if state_store in (None, 'memory'):
             store = InProcessStore(net.layers, self.history, self.capacity, self.idle_timeout, clock)
         elif isinstance(state_store, str) and state_store.split('://')[0] in ('redis', 'rediss', 'unix'):
-            store = RedisStore(state_store, net.layers, self.history, net.namespace(self.history), self.idle_timeout)
+            store = RedisStore(state_store, net.layers, self.history, net.namespace(self.history), self.idle_timeout,
+                               self.capacity)
         else:
             raise ValueError(f'state_store={state_store!r}: give None for this process\'s memory or a '
                              'redis://host:port/db URL')

@@ -7,12 +7,14 @@ passed in, so a store knows shapes, never weights.
 
 - InProcessStore: preallocated rows for `capacity` sessions; the least recently used session is
   ended to make room, an idle one after `idle_timeout` seconds. Lost when the process ends.
-- RedisStore: one Redis string per session, `idle_timeout` as its TTL; capacity is Redis's own
-  (maxmemory with an LRU eviction policy). Any number of processes on any number of machines serve
-  the same sessions, and the sessions outlive every one of them. A click reads the state (GETEX, which
-  also renews the TTL), steps it here, and writes it back only if nobody wrote it meanwhile (a
-  compare-and-set script), else reads and steps again: two processes clicking one session at once
-  never lose a click.
+- RedisStore: one Redis string per session, `idle_timeout` as its TTL; the most sessions are Redis's
+  own (maxmemory with an LRU eviction policy). Any number of processes on any number of machines serve
+  the same sessions, and the sessions outlive every one of them. A click steps the state here and
+  writes it back only if Redis still holds the state it was stepped from (a compare-and-set script,
+  which also renews the TTL), else reads it again and steps again: two processes clicking one session
+  at once never lose a click. The state it steps from is the one this process wrote last, when it
+  still has it (a cache of `capacity` sessions), so that a click usually costs one round trip to
+  Redis, not two; the compare-and-set makes a stale copy harmless.
 
 Keys carry a namespace (the model's lineage and the state's shape), so that the states of one model
 are never read by a network they mean nothing to.
@@ -211,13 +213,13 @@ class RedisStore:
     PREFIX = 'gru4rec'
     MAX_RETRIES = 100
 
-    def __init__(self, url, layers, history, namespace, idle_timeout=1800.0, client=None):
+    def __init__(self, url, layers, history, namespace, idle_timeout=1800.0, capacity=100_000, client=None):
         try:
             import redis
         except ImportError:
             raise ValueError('a redis:// state store needs redis-py: pip install "gru4rec[redis]"') from None
         self.url, self.layers, self.history = url, list(layers), int(history)
-        self.idle_timeout, self.namespace = idle_timeout, namespace
+        self.idle_timeout, self.namespace, self.capacity = idle_timeout, namespace, int(capacity)
         self._ttl = 0 if idle_timeout is None else max(1, int(round(idle_timeout * 1000)))
         if client is None:
             try:
@@ -229,6 +231,8 @@ class RedisStore:
         self._cas = client.register_script(_COMPARE_AND_SET)
         self._dtype = np.dtype([('n', '<i8'), ('h', '<f4', (sum(self.layers),)), ('seen', '<i4', (self.history,))])
         self._bounds = np.cumsum([0] + self.layers)
+        self._written = OrderedDict()  # key -> the state this process wrote last, least recently used first
+        self._lock = threading.Lock()  # of _written only: never held during a call to Redis
 
     @staticmethod
     def safe_url(url):
@@ -241,7 +245,7 @@ class RedisStore:
         return self._dtype.itemsize
 
     def fresh(self, layers, namespace):
-        return RedisStore(self.url, layers, self.history, namespace, self.idle_timeout, self._redis)
+        return RedisStore(self.url, layers, self.history, namespace, self.idle_timeout, self.capacity, self._redis)
 
     def describe(self):
         return f'Redis at {self.safe_url(self.url)} (namespace {self.namespace})'
@@ -258,6 +262,9 @@ class RedisStore:
         return bool(self._redis.exists(self.key(session_id)))
 
     def _get(self, keys, touch):
+        if len(keys) == 1:  # a pipeline's own cost is that of a round trip on the loopback
+            key = keys[0]
+            return [self._redis.getex(key, px=self._ttl) if touch and self._ttl else self._redis.get(key)]
         pipe = self._redis.pipeline(transaction=False)
         for key in keys:
             if touch and self._ttl:
@@ -280,30 +287,49 @@ class RedisStore:
     def _seen_of(self, record):
         return record['seen'][:min(int(record['n']), self.history)].copy()
 
+    def _remember(self, keys, blobs):
+        with self._lock:
+            for key, blob in zip(keys, blobs):
+                if blob is None:
+                    self._written.pop(key, None)
+                    continue
+                self._written[key] = blob
+                self._written.move_to_end(key)
+            while len(self._written) > self.capacity:
+                self._written.popitem(last=False)
+
     def advance(self, session_ids, X, step):
         """As InProcessStore.advance."""
         H_last = np.empty((len(X), self.layers[-1]), dtype=FLOAT)  # M x L
         seen = [None] * len(X)
         todo = np.arange(len(X))
+        keys = [self.key(s) for s in session_ids]
+        with self._lock:  # first try: from the states this process wrote last
+            blobs = [self._written.get(key) for key in keys]
         for _ in range(self.MAX_RETRIES):
-            keys = [self.key(session_ids[i]) for i in todo]
-            blobs = self._get(keys, touch=True)
+            missing = [j for j, blob in enumerate(blobs) if blob is None]
+            if missing:  # not written here (or changed elsewhere): read them
+                for j, blob in zip(missing, self._get([keys[todo[j]] for j in missing], touch=False)):
+                    blobs[j] = blob
             records, _ = self._decode(blobs)
             H = step(X[todo], self._split(records['h']))
             records['h'] = np.concatenate(H, axis=1)
             if self.history:
                 records['seen'][np.arange(len(todo)), records['n'] % self.history] = X[todo]
             records['n'] += 1
-            args = [self._ttl]
-            for old, new in zip(blobs, records):
-                args += [b'' if old is None else old, new.tobytes()]
-            changed = np.asarray(self._cas(keys=keys, args=args), dtype=np.int64) - 1
+            args, new_blobs = [self._ttl], [r.tobytes() for r in records]
+            for old, new in zip(blobs, new_blobs):
+                args += [b'' if old is None else old, new]
+            todo_keys = [keys[i] for i in todo]
+            changed = np.asarray(self._cas(keys=todo_keys, args=args), dtype=np.int64) - 1
             done = np.ones(len(todo), dtype=bool)
             done[changed] = False
+            self._remember(todo_keys, [new if ok else None for new, ok in zip(new_blobs, done)])
             H_last[todo[done]] = H[-1][done]
             for j in np.flatnonzero(done):
                 seen[todo[j]] = self._seen_of(records[j])
             todo = todo[~done]
+            blobs = [None] * len(todo)
             if not len(todo):
                 return H_last, seen
         raise RuntimeError(f'{len(todo)} session state(s) kept changing under {self.MAX_RETRIES} tries to update them')
@@ -316,7 +342,9 @@ class RedisStore:
         return H_last, live, seen
 
     def end(self, session_id):
-        return bool(self._redis.delete(self.key(session_id)))
+        key = self.key(session_id)
+        self._remember([key], [None])
+        return bool(self._redis.delete(key))
 
     def close(self):
         self._redis.close()

@@ -25,9 +25,10 @@ setup(
         'jax': ['jax>=0.4.30'],
         'paropt': ['optuna>=4.9', 'psycopg2-binary>=2.9'],
         'serve': ['fastapi>=0.110', 'uvicorn[standard]>=0.29'],  # standard: httptools and uvloop
-        'redis': ['redis>=5.0'],  # live session states in Redis (gru4rec serve --state-store redis://...)
+        # live session states in Redis (gru4rec serve --state-store redis://...); hiredis parses its replies fast
+        'redis': ['redis>=5.0', 'hiredis>=2.0'],
         'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=4.9', 'psycopg2-binary>=2.9',
                  'nbclient>=0.7', 'nbformat>=5.7', 'ipykernel>=6', 'matplotlib>=3.7',
-                 'fastapi>=0.110', 'uvicorn[standard]>=0.29', 'httpx>=0.27', 'schemathesis>=4.0', 'redis>=5.0'],
+                 'fastapi>=0.110', 'uvicorn[standard]>=0.29', 'httpx>=0.27', 'schemathesis>=4.0', 'redis>=5.0', 'hiredis>=2.0'],
     },
 )

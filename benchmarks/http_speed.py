@@ -3,11 +3,16 @@ clients, against a real server on 127.0.0.1 that this script starts and stops.
 
     python benchmarks/http_speed.py --model /tmp/yc64.gru4rec --data yoochoose1_64_test
     python benchmarks/http_speed.py --model /tmp/yc64.gru4rec --baseline /tmp/main   # before/after
+    python benchmarks/http_speed.py --model /tmp/yc64.gru4rec --servers memory:1 redis:2   # deployments
 
-With --baseline, the server of another checkout (e.g. `git worktree add /tmp/main main`) runs too, and
-each level drives it and then this checkout's server, back to back, with the ratio of their req/s.
-`cpu ms` is the server process's CPU time per request (user + system, from /proc), which depends less
-on what else the machine runs than the rates do; `load` the 1-minute load average after the level.
+--servers names the deployments to measure side by side: STORE:WORKERS, the store `memory` (one
+process's own) or `redis` (a redis-server this script starts on a free port, with its append-only file
+synced every second, as Redis is commonly run), served by that many uvicorn workers. With --baseline,
+the server of another checkout (e.g. `git worktree add /tmp/main main`) runs too, and each level drives
+it and then this checkout's servers, back to back, with the ratio of their req/s.
+`cpu ms` is the server's CPU time per request (user + system of its processes, from /proc; Redis's in
+parentheses), which depends less on what else the machine runs than the rates do; `load` the 1-minute
+load average after the level.
 Each client holds one keep-alive connection and sends the clicks of its own sessions (from the test
 log) one request after another, top 20 each; the load generator is a minimal asyncio HTTP/1.1 client
 in this process (it shares the machine's cores with the server). Bounded by --seconds per level and
@@ -17,9 +22,11 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -33,10 +40,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(model, port, root=ROOT, env=None):
-    """`run.py serve MODEL` in root, once it accepts connections on port; env: extra environment variables."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get('OPENBLAS_NUM_THREADS', '1'), **(env or {}))
-    process = subprocess.Popen([sys.executable, 'run.py', 'serve', model, '--port', str(port)], cwd=root, env=env)
+def wait_for_port(process, port, what):
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -47,17 +51,42 @@ def start_server(model, port, root=ROOT, env=None):
                 break
             time.sleep(0.3)
     process.kill()
-    sys.exit('the server did not start')
+    sys.exit(f'{what} did not start')
+
+
+def start_server(model, port, root=ROOT, env=None, options=()):
+    """`run.py serve MODEL` in root, once it accepts connections on port; env: extra environment variables."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get('OPENBLAS_NUM_THREADS', '1'), **(env or {}))
+    process = subprocess.Popen([sys.executable, 'run.py', 'serve', model, '--port', str(port), *options],
+                               cwd=root, env=env)
+    return wait_for_port(process, port, 'the server')
+
+
+def start_redis(folder):
+    """A redis-server on a free port of 127.0.0.1 with its files in folder: (process, URL)."""
+    binary = shutil.which('redis-server') or sys.exit('redis-server is not installed (apt-get install redis-server)')
+    port = free_port()
+    process = subprocess.Popen([binary, '--port', str(port), '--bind', '127.0.0.1', '--dir', folder, '--save', '',
+                                '--appendonly', 'yes', '--appendfsync', 'everysec'], stdout=subprocess.DEVNULL)
+    return wait_for_port(process, port, 'redis-server'), f'redis://127.0.0.1:{port}/0'
 
 
 def cpu_seconds(process):
-    """User + system CPU seconds a process has used so far (Linux /proc; NaN elsewhere)."""
+    """User + system CPU seconds a process and its children (uvicorn's workers) have used so far (Linux
+    /proc; NaN elsewhere)."""
+    def own(pid):
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
     try:
-        with open(f'/proc/{process.pid}/stat') as f:
-            fields = f.read().rsplit(')', 1)[1].split()
+        with open(f'/proc/{process.pid}/task/{process.pid}/children') as f:
+            children = f.read().split()
     except OSError:
         return float('nan')
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    return own(process.pid) + sum(own(child) for child in children)
 
 
 async def client(port, clicks, latencies, failures, deadline):
@@ -98,16 +127,28 @@ def main():
     parser.add_argument('--requests', type=int, default=20000, help='at most this many requests per level')
     parser.add_argument('--seconds', type=float, default=10, help='at most about this long per level')
     parser.add_argument('--baseline', help="another checkout's root whose server to measure alongside")
+    parser.add_argument('--servers', nargs='+', default=['memory:1'],
+                        help='deployments of this checkout to measure, STORE:WORKERS (default %(default)s)')
     args = parser.parse_args()
     log = load_log(args.data).sort_values(['SessionId', 'Time'], kind='stable')
     clicks = list(zip(log.SessionId.tolist(), log.ItemId.tolist()))[:args.requests]
     servers = {}  # name -> (port, process)
+    redis, folder = None, tempfile.mkdtemp(prefix='http_speed_redis_')
     try:
-        for name, root in ([('baseline', args.baseline)] if args.baseline else []) + [('this', ROOT)]:
+        if args.baseline:
             port = free_port()
-            servers[name] = (port, start_server(args.model, port, root))
-        print(f'{"server":>8} {"clients":>7} {"requests":>8} {"req/s":>8} {"p50 ms":>7} {"p99 ms":>7} '
-              f'{"errors":>6} {"cpu ms":>7} {"load":>5}')
+            servers['baseline'] = (port, start_server(args.model, port, args.baseline))
+        for spec in args.servers:
+            store, workers = spec.split(':')
+            options = ['--workers', workers]
+            if store == 'redis':
+                if redis is None:
+                    redis, url = start_redis(folder)
+                options += ['--state-store', url]
+            port = free_port()
+            servers[spec] = (port, start_server(args.model, port, options=options))
+        print(f'{"server":>9} {"clients":>7} {"requests":>8} {"req/s":>8} {"p50 ms":>7} {"p99 ms":>7} '
+              f'{"errors":>6} {"cpu ms":>12} {"load":>5}')
         for n_clients in args.clients:
             # Clients take whole sessions in turn, so that each session's clicks stay in order.
             bounds = np.r_[0, np.flatnonzero(np.diff([s for s, _ in clicks])) + 1, len(clicks)]
@@ -117,21 +158,30 @@ def main():
             rates = []
             for name, (port, process) in servers.items():
                 cpu = cpu_seconds(process)
+                cpu_redis = cpu_seconds(redis) if redis and 'redis' in name else None
                 latencies, failures, seconds = asyncio.run(level(port, streams, args.seconds))
-                cpu = cpu_seconds(process) - cpu
+                cpu = 1e3 * (cpu_seconds(process) - cpu) / len(latencies)
+                if cpu_redis is not None:
+                    cpu = f'{cpu:.2f} ({1e3 * (cpu_seconds(redis) - cpu_redis) / len(latencies):.2f})'
+                else:
+                    cpu = f'{cpu:.2f}'
                 rates.append(len(latencies) / seconds)
-                print(f'{name:>8} {n_clients:>7} {len(latencies):>8} {rates[-1]:>8.0f} '
+                print(f'{name:>9} {n_clients:>7} {len(latencies):>8} {rates[-1]:>8.0f} '
                       f'{1e3 * np.median(latencies):>7.2f} {1e3 * np.quantile(latencies, 0.99):>7.2f} '
-                      f'{len(failures):>6} {1e3 * cpu / len(latencies):>7.2f} {os.getloadavg()[0]:>5.2f}',
-                      flush=True)
+                      f'{len(failures):>6} {cpu:>12} {os.getloadavg()[0]:>5.2f}', flush=True)
                 if failures:
                     print('  first failures:', failures[:3])
-            if len(rates) == 2:
-                print(f'{"ratio":>8} {n_clients:>7} {"":>8} {rates[1] / rates[0]:>8.2f}', flush=True)
+            if args.baseline:
+                print(f'{"ratio":>9} {n_clients:>7} {"":>8} '
+                      + ' '.join(f'{rate / rates[0]:>8.2f}' for rate in rates[1:]), flush=True)
     finally:
         for _, process in servers.values():
             process.terminate()
             process.wait(timeout=30)
+        if redis is not None:
+            redis.terminate()
+            redis.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == '__main__':

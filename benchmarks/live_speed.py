@@ -4,6 +4,7 @@ the same click stream, and the memory of 1M live sessions.
     python benchmarks/live_speed.py --model /tmp/yc64.gru4rec --data yoochoose1_64_test
     python benchmarks/live_speed.py --synthetic 1000000
     python benchmarks/live_speed.py --model /tmp/yc64.gru4rec --memory 1000000
+    python benchmarks/live_speed.py --model /tmp/yc64.gru4rec --memory 100000 --state-store redis://127.0.0.1:6379/0
 
 Both sides return the top 20 of every click (predict_next_batch's scores are ranked with
 argpartition, as a caller would). The stream runs `batch` sessions side by side in slots, a slot
@@ -133,9 +134,19 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def run_memory(model, n_sessions):
-    before = rss_bytes()
-    live = SessionRecommender(model, capacity=n_sessions, idle_timeout=None)
+def run_memory(model, n_sessions, state_store=None):
+    """The memory of n_sessions live sessions: this process's resident memory, or with a Redis state
+    store, Redis's used_memory (Redis's own count, with its keys, TTLs and allocator overhead)."""
+    if state_store:
+        import redis
+        client = redis.Redis.from_url(state_store)
+        client.flushdb()
+        measure = lambda: client.info('memory')['used_memory']  # noqa: E731
+    else:
+        measure = rss_bytes
+    before = measure()
+    live = SessionRecommender(model, capacity=n_sessions, idle_timeout=None if not state_store else 3600,
+                              state_store=state_store)
     rng = np.random.default_rng(0)
     ids = np.asarray(model.itemidmap)
     t0 = time.perf_counter()
@@ -143,10 +154,10 @@ def run_memory(model, n_sessions):
         sessions = list(range(first, min(first + 10000, n_sessions)))
         live.update_many(sessions, ids[rng.integers(len(ids), size=len(sessions))].tolist(), k=0)
     seconds = time.perf_counter() - t0
-    used = rss_bytes() - before
-    print(f'{len(live)} live sessions of a {model.layers}-unit model: {used / 2**20:.0f} MiB '
-          f'resident ({used / len(live):.0f} bytes/session; {live.bytes_per_session} in the preallocated '
-          f'arrays), filled in {seconds:.1f} s')
+    used = measure() - before
+    where = 'in Redis' if state_store else 'resident'
+    print(f'{len(live)} live sessions of a {model.layers}-unit model: {used / 2**20:.0f} MiB {where} '
+          f'({used / len(live):.0f} bytes/session; {live.bytes_per_session} of state), filled in {seconds:.1f} s')
 
 
 def main():
@@ -160,6 +171,7 @@ def main():
     parser.add_argument('--interleaved', action='store_true',
                         help='instead: clicks in time order across sessions, batch 1 (see run_interleaved)')
     parser.add_argument('--memory', type=int, help='instead: the memory of this many live sessions')
+    parser.add_argument('--state-store', help='with --memory: keep them in this Redis (redis://...; its db is emptied)')
     args = parser.parse_args()
     if args.synthetic:
         model = random_model(args.synthetic)
@@ -169,7 +181,7 @@ def main():
         model = GRU4Rec.loadmodel(args.model)
         log = load_log(args.data)
     if args.memory:
-        return run_memory(model, args.memory)
+        return run_memory(model, args.memory, args.state_store)
     log = log[log.ItemId.isin(model.itemidmap)].sort_values(['SessionId', 'Time'], kind='stable')
     sessions = log.SessionId.to_numpy()
     offsets = np.r_[0, np.flatnonzero(sessions[1:] != sessions[:-1]) + 1, len(sessions)]

@@ -124,6 +124,13 @@ def test_redis_states_equal_in_process_ones(models, redis_url):
     assert other.end(3) and not shared.end(3) and 3 not in shared
     with pytest.raises(UnknownSession):
         shared.recommend(3)
+    # a session ended (or clicked) elsewhere: the copy `shared` kept of the state it wrote last is stale
+    other.update(4, ITEM_IDS[2])
+    memory.update(4, ITEM_IDS[2])
+    other.end(5)
+    memory.end(5)
+    for s in (4, 5):
+        assert_same([shared.update(s, ITEM_IDS[7], k=5)], [memory.update(s, ITEM_IDS[7], k=5)])
     assert shared.bytes_per_session == 8 + 4 * (8 + 6) + 4 * 20
     brief = SessionRecommender(model, state_store=redis_url, idle_timeout=0.2, history=3)
     brief.update('brief', ITEM_IDS[0])
