@@ -62,6 +62,7 @@ def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
             H_new, scores = model.symbolic_step(X, H_prev, None, ranking=True)  # M x n_items
             target_scores = scores[pt.arange(M), T]  # M
         updates = OrderedDict(zip(H, H_new))
+        updates.update(getattr(model, 'random_updates', {}))  # a model that draws random numbers (RandomPred)
         uniform = None
         if mode == 'tiebreaking':
             rng = pt.random.shared_rng(seed=seed)
@@ -87,7 +88,8 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     carries along a session) and `symbolic_step(X, H_prev, candidates, ranking=True)`, returning the
     new states and scores of all items (or of the candidate indices) in the order of the final scores
     (GRU4Rec ranks by the scores before a strictly increasing final activation), `compile_function`, and
-    `get_params()['backend']`, the backend it compiles for (see backends.py).
+    `get_params()['backend']`, the backend it compiles for (see backends.py). A model whose scores are
+    random leaves the updates of its generators in `random_updates` when symbolic_step builds them.
 
     items: optional candidate item ids to rank each target against (default: every training item); as in
     the original, every test event of a known item is still read and predicted, but a target that is not
