@@ -462,7 +462,7 @@ class GRU4Rec:
 
     Learned state (set by fit, retrain and loadmodel; the original's names without the '_' are
     aliases): itemidmap_ (item ids in index order), weights_, opt_values_ (optimiser state), support_
-    (training events per item), history_ (per-epoch records), hyperparameters_ (the parsed
+    (training events per item; after a retrain with retrain_state='fresh', the new data's), history_ (per-epoch records), hyperparameters_ (the parsed
     hyper-parameters trained with), training_step_.
 
     Hyper-parameters (names and defaults of the original implementation; see HYPERPARAMETERS):
@@ -510,7 +510,7 @@ class GRU4Rec:
     itemidmap = _alias('itemidmap_')  # item ids in index order (a pandas Index)
     weights = _alias('weights_')  # {parameter name: float32 array}, the trained weights
     opt_values = _alias('opt_values_')  # {optimiser state name: array}
-    support = _alias('support_')  # number of training events of each item
+    support = _alias('support_')  # number of training events of each item (see retrain_state)
     del _alias
 
     def _graph_key(self):
