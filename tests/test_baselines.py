@@ -164,7 +164,8 @@ def test_an_unfitted_baseline_says_so():
         Pop().symbolic_step(pt.ivector(), [])
 
 
-@pytest.mark.parametrize('model, floor', [(MarkovChain(), (0.591, 0.344)), (Pop(), (0.089, 0.026))])
+@pytest.mark.parametrize('model, floor', [(MarkovChain(), (0.591, 0.344)), (Pop(), (0.089, 0.026)),
+                                          (BPR(), (0.424, 0.260)), (RandomPred(), (0.007, 0.001))])
 def test_sanity_floors_on_rsc15_100k(model, floor, data_dir):
     train = pd.read_csv(data_dir / 'rsc15_100k_train_full.tsv.gz', sep='\t')
     test = pd.read_csv(data_dir / 'rsc15_100k_test.tsv.gz', sep='\t')
