@@ -5,6 +5,10 @@
 - ItemKNN: items similar to the session's last item by co-occurrence in training sessions
   (the item-kNN baseline of the GRU4Rec papers).
 - MarkovChain: first-order Markov chain, successors of the last item by transition count.
+- RandomPred: a random score for every item at every step (the floor every model must clear).
+- BPR: session-level BPR-MF (Rendle et al., UAI 2009), the matrix factorisation baseline of the ICLR 2016
+  paper's table: sessions are the users in training, and a test session is the mean of the factors of
+  its items so far.
 
 Each baseline is fitted on a session log (same format as GRU4Rec's training data) and then exposes the
 interface evaluate_gpu scores a model through: `itemidmap`, `state_sizes`, `symbolic_step` and
@@ -22,6 +26,7 @@ about ahead of all its ties, e.g. first of all items after an item that was neve
 """
 import inspect
 
+import numba
 import numpy as np
 import pandas as pd
 import pytensor
@@ -222,7 +227,115 @@ class MarkovChain(_NeighbourTable):
         return sp.coo_matrix((np.ones(len(target)), (source, target)), shape=(self.n_items, self.n_items))
 
 
-BASELINES = {'pop': Pop, 'spop': SessionPop, 'itemknn': ItemKNN, 'markov': MarkovChain}
+class RandomPred(Baseline):
+    """Scores every item by a uniform random number, drawn afresh at every step (the original's
+    RandomPred): Recall@k is k / n_items in expectation. seed: the first draw's state; each compiled
+    evaluation draws on from it. symbolic_step leaves the update of its random generator in
+    `random_updates`, which a compiled function must apply (evaluate_gpu does)."""
+
+    def __init__(self, seed=42, backend='c'):
+        super().__init__(backend)
+        self.seed = seed
+
+    def _fit(self, items, offsets):
+        pass
+
+    def _scores(self, X, H_prev):
+        rng = pt.random.shared_rng(seed=int(self.seed))
+        next_rng, scores = rng.uniform(0, 1, size=(X.shape[0], self.n_items))  # M x n_items
+        self.random_updates = {rng: next_rng}
+        return H_prev, scores.astype(FLOAT)
+
+
+@numba.njit(cache=True)
+def bpr_sgd(U, V, sessions, positives, negatives, learning_rate, lambda_session, lambda_item):
+    """SGD on BPR's log-likelihood (Rendle et al., UAI 2009), one triple after the other, in place:
+    for session u, clicked item p and sampled item n, with x = <U_u, V_p> - <U_u, V_n>, c = 1 - sigmoid(x)
+    (the derivative of ln sigmoid(x)) and the factors of before the step on the right-hand sides,
+        U_u += lr (c (V_p - V_n) - lambda_session U_u)
+        V_p += lr (c U_u - lambda_item V_p),   V_n += lr (-c U_u - lambda_item V_n).
+    U: sessions x F, V: items x F (float64). Returns the sum of ln sigmoid(x) over the triples."""
+    total = 0.0
+    for t in range(len(sessions)):
+        u, p, n = sessions[t], positives[t], negatives[t]
+        uf, pf, nf = U[u].copy(), V[p].copy(), V[n].copy()
+        x = np.dot(uf, pf) - np.dot(uf, nf)
+        sigmoid = 1.0 / (1.0 + np.exp(-x))
+        c = 1.0 - sigmoid
+        U[u] += learning_rate * (c * (pf - nf) - lambda_session * uf)
+        V[p] += learning_rate * (c * uf - lambda_item * pf)
+        V[n] += learning_rate * (-c * uf - lambda_item * nf)
+        total += np.log(sigmoid)
+    return total
+
+
+class BPR(Baseline):
+    """Session-level BPR-MF, as the original's baselines.BPR (the BPR-MF row of the ICLR 2016 paper).
+
+    Training: every training session is a user with factors U_s, every item has factors V_i (n_factors
+    each, drawn uniformly from [-sigma, sigma], or N(0, sigma^2) with init_normal); n_iterations passes
+    over the training events in random order, each an SGD step (bpr_sgd) on the event's session, its item
+    and an item drawn uniformly as the negative. Prediction: a test session's vector is the mean of the
+    item factors of its items so far, and item i scores <mean, V_i>. The state carried along a session is
+    the sum of those factors and their count. The original's item biases start at zero and are never
+    updated, so they are left out; its negatives are drawn from a fixed subset (see docs/differences.md).
+    The defaults are the original's. item_factors_ and session_factors_ are the learned factors (float64).
+    """
+
+    def __init__(self, n_factors=100, n_iterations=10, learning_rate=0.01, lambda_session=0.0, lambda_item=0.0,
+                 sigma=0.05, init_normal=False, seed=42, backend='c'):
+        super().__init__(backend)
+        self.n_factors = n_factors
+        self.n_iterations = n_iterations
+        self.learning_rate = learning_rate
+        self.lambda_session = lambda_session
+        self.lambda_item = lambda_item
+        self.sigma = sigma
+        self.init_normal = init_normal
+        self.seed = seed
+
+    def _check_params(self):
+        super()._check_params()
+        for name in ('n_factors', 'n_iterations'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name}={getattr(self, name)!r}: must be positive')
+        for name in ('learning_rate', 'lambda_session', 'lambda_item', 'sigma'):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f'{name}={value!r}: must be a finite number >= 0')
+
+    @property
+    def state_sizes(self):
+        return [self.n_factors, 1]  # the sum of the session's item factors, and their count
+
+    def _init_factors(self, rng, rows):
+        if self.init_normal:
+            return rng.standard_normal((rows, self.n_factors)) * self.sigma
+        return rng.uniform(-self.sigma, self.sigma, (rows, self.n_factors))
+
+    def _fit(self, items, offsets):
+        rng = np.random.default_rng(self.seed)
+        n_sessions = len(offsets) - 1
+        sessions = np.repeat(np.arange(n_sessions), np.diff(offsets))  # the session of every event
+        self.session_factors_ = self._init_factors(rng, n_sessions)
+        self.item_factors_ = self._init_factors(rng, self.n_items)
+        self.log_likelihood_ = []  # mean ln sigmoid(x) of each pass, as the original printed
+        for _ in range(int(self.n_iterations)):
+            order = rng.permutation(len(items))
+            negatives = rng.integers(0, self.n_items, len(items))
+            total = bpr_sgd(self.session_factors_, self.item_factors_, sessions[order], items[order], negatives,
+                            float(self.learning_rate), float(self.lambda_session), float(self.lambda_item))
+            self.log_likelihood_.append(total / len(items))
+        self._V = pytensor.shared(self.item_factors_.astype(FLOAT), name='item_factors')
+
+    def _scores(self, X, H_prev):
+        total = H_prev[0] + self._V[X]  # M x F
+        count = H_prev[1] + 1  # M x 1
+        return [total, count], pt.dot(total / count, self._V.T)  # M x n_items
+
+
+BASELINES = {'pop': Pop, 'spop': SessionPop, 'itemknn': ItemKNN, 'markov': MarkovChain, 'random': RandomPred,
+             'bpr': BPR}
 
 
 def make_baseline(name, **params):
@@ -237,6 +350,11 @@ def make_baseline(name, **params):
         raise ValueError(f'unknown parameter(s) {unknown} for baseline {name!r}; it takes {sorted(defaults)}')
     parsed = {}
     for key, value in params.items():
+        if isinstance(defaults[key], bool) and isinstance(value, str):
+            if value not in ('True', 'False'):
+                raise ValueError(f'{name} parameter {key}={value!r}: expected True or False')
+            parsed[key] = value == 'True'
+            continue
         try:
             parsed[key] = type(defaults[key])(value)
         except (TypeError, ValueError):

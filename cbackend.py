@@ -1041,9 +1041,13 @@ def local_row_loss(fgraph, node):
     Y = node.inputs[0]
     if Y.ndim != 2 or Y.dtype not in ('float32', 'float64'):
         return inline_ofg_node(node)
-    if name == 'row_loss:bpr-max':
+    # RowBPRMax computes in the scores' precision. A graph that computes BPR-max in another (float32 scores
+    # built under floatX=float64 give a float64 loss) is declined here, and inlined as written, rather
+    # than replaced by a kernel whose output type the graph cannot take (the rewrite would fail, leaving
+    # the op to run in Python). The gradient op's inputs carry the loss (its dtype): both decide alike.
+    if name == 'row_loss:bpr-max' and node.outputs[0].dtype == Y.dtype:
         return [RowBPRMax()(*node.inputs)]
-    if name == 'row_loss:bpr-max_LOp':
+    if name == 'row_loss:bpr-max_LOp' and node.inputs[3].dtype == Y.dtype:
         Y, cols, bpreg, _, g = node.inputs  # the loss itself (_) is not needed
         return [RowBPRMax(grad=True)(Y, cols, bpreg, g)]
     return inline_ofg_node(node)

@@ -43,7 +43,7 @@ def rank_of_target(scores, target_scores, mode, uniform=None):
 def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
     """Compiled step: (X, T, prev_rows, keep, active, candidates) -> metric sums for each cut-off.
     The batch has H's static size (JAX needs static shapes: the tail is padded), or shrinks at the tail.
-    With candidates, each target is ranked against the candidate items (itself among them or not)."""
+    With candidates, each target is ranked against the candidate items; one not among them is a miss."""
     B = H[0].type.shape[0]
     X = pt.tensor('X', dtype='int32', shape=(B,))
     T = pt.tensor('T', dtype='int32', shape=(B,))  # target items
@@ -62,11 +62,18 @@ def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
             H_new, scores = model.symbolic_step(X, H_prev, None, ranking=True)  # M x n_items
             target_scores = scores[pt.arange(M), T]  # M
         updates = OrderedDict(zip(H, H_new))
+        updates.update(getattr(model, 'random_updates', {}))  # a model that draws random numbers (RandomPred)
         uniform = None
         if mode == 'tiebreaking':
             rng = pt.random.shared_rng(seed=seed)
             updates[rng], uniform = rng.uniform(0, 1, size=X.shape)
         rank = rank_of_target(scores, target_scores, mode, uniform)
+        if with_candidates:
+            # A target that is not a candidate cannot be recommended: a miss in every mode (rank inf, so
+            # 1 / rank = 0), where counting only the candidates ahead of it ranked it anyway, even first,
+            # and conservative ranked it 0 when none was ahead (1 / 0 = inf).
+            listed = pt.eq(T[:, None], candidates[None, :]).any(axis=1)  # M
+            rank = pt.switch(listed, rank, np.float32(np.inf))
         cut = pt.as_tensor(np.asarray(cutoffs, dtype=FLOAT))[None, :]  # 1 x K
         hit = pt.le(rank[:, None], cut).astype(FLOAT) * active[:, None]  # B x K
         outputs = [hit.sum(axis=0), (hit / rank[:, None]).sum(axis=0)]
@@ -81,12 +88,14 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
     carries along a session) and `symbolic_step(X, H_prev, candidates, ranking=True)`, returning the
     new states and scores of all items (or of the candidate indices) in the order of the final scores
     (GRU4Rec ranks by the scores before a strictly increasing final activation), `compile_function`, and
-    `get_params()['backend']`, the backend it compiles for (see backends.py).
+    `get_params()['backend']`, the backend it compiles for (see backends.py). A model whose scores are
+    random leaves the updates of its generators in `random_updates` when symbolic_step builds them.
 
     items: optional candidate item ids to rank each target against (default: every training item); as in
-    the original, every test event of a known item is still read and predicted, its target ranked
-    against the candidates whether or not it is one (ids the model does not know are left out of the
-    candidates). cut_off: one k or a list. mode: how ties with the target are ranked (see
+    the original, every test event of a known item is still read and predicted, but a target that is not
+    a candidate is a miss in every mode (the original ranked it against the candidates anyway, which in
+    'conservative' could give rank 0). Ids the model does not know and repeated ids are left out of the
+    candidates. cut_off: one k or a list. mode: how ties with the target are ranked (see
     rank_of_target). Returns (recall, mrr), two dicts keyed by cut-off.
     """
     if mode not in TIE_MODES:

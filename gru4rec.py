@@ -396,6 +396,12 @@ SIGNATURE = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIO
                                for name, (default, _, _) in HYPERPARAMETERS.items()])
 # Changing these changes the model's parameters or what they mean: they are fixed once a model is trained.
 ARCHITECTURE = ('layers', 'embedding', 'constrained_embedding', 'reset_after')
+# What a retrain keeps besides the weights. 'carried': the optimiser state and the item supports (sampling,
+# logq) of all data trained on so far. 'fresh': neither, as the original's retrain (hidasib/GRU4Rec 4b91663),
+# which built new zero accumulators and velocities at every fit and drew samples by the new data's
+# popularity. The default is the one that scored better on rsc15_100k halves (benchmarks/retrain_state.py).
+RETRAIN_STATES = ('carried', 'fresh')
+RETRAIN_STATE = 'carried'
 
 
 def _check_hyperparameters(p):
@@ -457,7 +463,7 @@ class GRU4Rec:
 
     Learned state (set by fit, retrain and loadmodel; the original's names without the '_' are
     aliases): itemidmap_ (item ids in index order), weights_, opt_values_ (optimiser state), support_
-    (training events per item), history_ (per-epoch records), hyperparameters_ (the parsed
+    (training events per item; after a retrain with retrain_state='fresh', the new data's), history_ (per-epoch records), hyperparameters_ (the parsed
     hyper-parameters trained with), training_step_.
 
     Hyper-parameters (names and defaults of the original implementation; see HYPERPARAMETERS):
@@ -505,7 +511,7 @@ class GRU4Rec:
     itemidmap = _alias('itemidmap_')  # item ids in index order (a pandas Index)
     weights = _alias('weights_')  # {parameter name: float32 array}, the trained weights
     opt_values = _alias('opt_values_')  # {optimiser state name: array}
-    support = _alias('support_')  # number of training events of each item
+    support = _alias('support_')  # number of training events of each item (see retrain_state)
     del _alias
 
     def _graph_key(self):
@@ -649,8 +655,9 @@ class GRU4Rec:
 
     # -- training ------------------------------------------------------------------------------------
 
-    def fit(self, data, sample_store=10000000, store_type='gpu', *, retrain=False, n_epochs=None, valid_data=None,
-            valid_cutoff=20, valid_metric='mrr', keep_best=False, patience=None, callback=None):
+    def fit(self, data, sample_store=10000000, store_type='gpu', *, retrain=False, retrain_state=RETRAIN_STATE,
+            n_epochs=None, valid_data=None, valid_cutoff=20, valid_metric='mrr', keep_best=False, patience=None,
+            callback=None):
         """Trains on a session log (DataFrame with session, item and time columns); returns self.
 
         sample_store: how many negative sample ids to draw ahead in one go. store_type ('gpu' or 'cpu')
@@ -658,9 +665,12 @@ class GRU4Rec:
         it has no effect here. Everything after it is keyword-only.
 
         retrain=False builds a new model. retrain=True continues training the current (trained or
-        loaded) one: weights and optimiser state are kept, items never seen before are appended with
-        fresh rows, and the sampling supports grow with the new data. n_epochs overrides the
-        hyper-parameter for this call.
+        loaded) one: its weights are kept and items never seen before are appended with fresh rows.
+        retrain_state says what else is kept (see RETRAIN_STATES): 'carried' keeps the optimiser state
+        (Adagrad accumulators, momentum, Adam's moments and step count) and adds the new data's events
+        to the item supports that sampling and logq read; 'fresh' does as the original's retrain (commit
+        4b91663) did: the optimiser state restarts from zero and the supports are the new data's alone,
+        so items absent from it are not sampled. n_epochs overrides the hyper-parameter for this call.
         valid_data: a session log evaluated after every epoch (Recall or MRR at valid_cutoff, by
         valid_metric); its figures go into history_. keep_best=True ends with the weights of the best
         epoch; patience=K stops after K epochs without improvement.
@@ -675,6 +685,8 @@ class GRU4Rec:
                              'retrain, n_epochs and the other options by keyword')
         if retrain:
             self._check_retrainable(params)
+        if retrain_state not in RETRAIN_STATES:
+            raise ValueError(f'retrain_state={retrain_state!r}: use one of {list(RETRAIN_STATES)}')
         if valid_metric not in ('mrr', 'recall'):
             raise ValueError(f"valid_metric={valid_metric!r}: use 'mrr' or 'recall'")
         if (keep_best or patience) and valid_data is None:
@@ -718,6 +730,9 @@ class GRU4Rec:
             before = (self.itemidmap_, self.support_.copy(), OrderedDict(self.weights_), dict(self.opt_values_),
                       len(self.history_))
             self._grow(itemidmap[self.n_items:])
+            if retrain_state == 'fresh':
+                self.opt_values_ = {}  # missing accumulators are zero (TrainingStep.set_state)
+                self.support_ = np.zeros(self.n_items)
         else:
             self.itemidmap_ = itemidmap
             self.lineage_ = uuid.uuid4().hex
@@ -747,9 +762,12 @@ class GRU4Rec:
                     self._push_state()
         return self
 
-    def retrain(self, data, sample_store=10000000, n_epochs=None, **fit_options):
-        """Continues training on new data: fit(data, retrain=True, ...)."""
-        return self.fit(data, sample_store=sample_store, retrain=True, n_epochs=n_epochs, **fit_options)
+    def retrain(self, data, sample_store=10000000, n_epochs=None, retrain_state=RETRAIN_STATE, **fit_options):
+        """Continues training on new data: fit(data, retrain=True, ...). retrain_state: 'carried' keeps
+        the optimiser state and accumulates the item supports; 'fresh' restarts both, as the original did
+        (see fit and RETRAIN_STATES)."""
+        return self.fit(data, sample_store=sample_store, retrain=True, retrain_state=retrain_state,
+                        n_epochs=n_epochs, **fit_options)
 
     @staticmethod
     def _architecture_of(params):

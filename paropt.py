@@ -18,8 +18,11 @@ intermediate value. --timeout gives a worker a time budget. Workers send a heart
 after two missed heartbeats and retried once with the same parameters (a new trial, whose system
 attribute failed_trial names it).
 
-The parameter space file lists one parameter per line as JSON (or a JSON list of them), as in the
-original's paropt: {"name": "learning_rate", "dtype": "float", "values": [0.01, 0.25], "step": 0.005}
+Search spaces (paramspaces/): gru4rec_xe_standard_parspace.json and gru4rec_bprmax_standard_parspace.json
+are the original's (momentum in [0, 0.9]); gru4rec_*_shared_parspace.json are this library's, which the
+tuned files of paramfiles/ (*_tuned.py) were searched in: momentum in [0, 0.5], and logq (cross-entropy)
+and reset_after added. The parameter space file lists one parameter per line as JSON (or a JSON list of
+them), as in the original's paropt: {"name": "learning_rate", "dtype": "float", "values": [0.01, 0.25], "step": 0.005}
 with dtype int or float (values: [low, high]; optional "step" and "log") or categorical (values: the
 choices, e.g. ["elu-0.5", "elu-1"], or "200/200" for two layers). Fixed parameters come from -pf and
 -ps as in run.py; the searched ones override them. --enqueue name=value,... makes the study try a given
@@ -271,13 +274,14 @@ def build_parser():
                            'paropt.py. Exit status: 0 on success, 2 on bad input.')
     p.add_argument('train', metavar='TRAIN', help='training data (e.g. the train_tr file of preprocess.py)')
     p.add_argument('valid', metavar='VALID', help='validation data the trials are scored on (e.g. train_valid)')
-    p.add_argument('-opf', '--optuna-parameter-file', metavar='FILE', required=True,
-                   help='the search space: JSON, one parameter per line (see paramspaces/)')
+    p.add_argument('-opf', '--optuna-parameter-file', '--optuna_parameter_file', metavar='FILE', required=True,
+                   help='the search space: JSON, one parameter per line (see paramspaces/: the original\'s '
+                   'gru4rec_*_standard_parspace.json, or this library\'s gru4rec_*_shared_parspace.json)')
     p.add_argument('-pf', '--parameter-file', metavar='FILE',
                    help='fixed hyper-parameters, a run.py parameter file (the searched ones override it)')
-    p.add_argument('-ps', '--parameter-string', metavar='PARAMS',
-                   help='fixed hyper-parameters as name=value,... (override -pf)')
-    p.add_argument('-nt', '--n-trials', metavar='N', type=int, default=50,
+    p.add_argument('-ps', '--parameter-string', '-fp', '--fixed_parameters', metavar='PARAMS',
+                   help="fixed hyper-parameters as name=value,... (override -pf; -fp is the original's name)")
+    p.add_argument('-nt', '--n-trials', '--ntrials', metavar='N', type=int, default=50,
                    help='finished trials the study should reach, all workers together (default: 50)')
     p.add_argument('-m', '--measure', metavar='K', type=int, default=20, help='the cut-off k (default: 20)')
     p.add_argument('-pm', '--primary-metric', choices=('recall', 'mrr'), default='recall',

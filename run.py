@@ -186,7 +186,8 @@ def build_parser():
                         help='PATH is a trained model: load it instead of training')
     source.add_argument('-b', '--baseline', choices=sorted(BASELINES),
                         help='train this baseline instead of GRU4Rec (pop, session popularity, item-kNN, '
-                        'first-order Markov chain); -ps / -pf then set its parameters')
+                        "first-order Markov chain, random scores, the original's session-level BPR-MF); "
+                        '-ps / -pf then set its parameters')
     source.add_argument('--backend', choices=sorted(BACKENDS),
                         help="PyTensor compile mode: 'c' (default) or 'jax' (sets the backend "
                         'hyper-parameter; also for a loaded model)')

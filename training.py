@@ -17,6 +17,7 @@ import pytensor
 import pytensor.tensor as pt
 from pytensor.compile.builders import OpFromGraph
 from pytensor.gradient import DisconnectedType
+from pytensor.graph.traversal import graph_inputs
 from tqdm import tqdm
 
 from sessions import FLOAT, pad
@@ -134,16 +135,23 @@ def row_loss_op(name, loss, Yhat, cols, bpreg):
     with a kernel for the loss computes it and its gradient in a few passes over each row while the row
     is in cache (the C backend's RowBPRMax for 'row_loss:bpr-max'); any other runs the graph inside.
     The gradient is the op f'row_loss:{name}_LOp' of inputs (Yhat, cols, bpreg, loss, upstream gradient);
-    it is the gradient of the graph inside, w.r.t. Yhat only (cols and bpreg are not trained)."""
+    it is the gradient of the graph inside, w.r.t. Yhat only (cols and bpreg are not trained). Of cols and
+    bpreg, the op takes those the loss reads (bpreg: BPR-max's only): an unused input of the graph inside
+    is an error where PyTensor runs it as written (the Python linker, e.g. mode FAST_COMPILE)."""
     inner = [Yhat.type(), cols.type(), pt.scalar('bpreg', dtype=FLOAT)]
+    output = loss(inner[0], bpreg=inner[2], cols=inner[1])
+    read = set(graph_inputs([output]))
+    kept = [i for i, var in enumerate(inner) if i == 0 or var in read]
+    inner = [inner[i] for i in kept]
+    outer = [[Yhat, cols, pt.constant(np.float32(bpreg), dtype=FLOAT)][i] for i in kept]
 
     def gradient(inputs, outputs, output_grads):
         return ([pytensor.grad(None, inputs[0], known_grads={outputs[0]: output_grads[0]})]
-                + [DisconnectedType()(), DisconnectedType()()])
+                + [DisconnectedType()() for _ in inputs[1:]])
 
-    op = OpFromGraph(inner, [loss(inner[0], bpreg=inner[2], cols=inner[1])], pullback=gradient,
-                     connection_pattern=[[True], [False], [False]], name=f'row_loss:{name}')
-    return op(Yhat, cols, pt.constant(np.float32(bpreg), dtype=FLOAT))
+    op = OpFromGraph(inner, [output], pullback=gradient, connection_pattern=[[True]] + [[False]] * (len(inner) - 1),
+                     name=f'row_loss:{name}')
+    return op(*outer)
 
 
 class TrainingStep:

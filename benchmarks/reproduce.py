@@ -35,7 +35,7 @@ SETTINGS = {  # data set -> GRU4Rec parameter files: the original's, then ours t
     'diginetica': ['diginetica_bprmax_shared_best', 'diginetica_xe_tuned', 'diginetica_bprmax_tuned'],
     'retailrocket': ['retailrocket_bprmax_shared_best', 'retailrocket_xe_tuned', 'retailrocket_bprmax_tuned'],
 }
-BASELINES = ['pop', 'spop', 'itemknn', 'markov']
+BASELINES = ['pop', 'spop', 'itemknn', 'markov', 'random', 'bpr']
 RESULT = re.compile(r'^Recall@(\d+): (\S+) MRR@\d+: (\S+)$')
 TRAINED = re.compile(r'^Trained in (\S+)s(?:, (\S+)s per epoch)?$')
 

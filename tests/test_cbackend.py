@@ -18,7 +18,7 @@ from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowGather, 
                       bpr_max_rows)
 from conftest import RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
-from gru4rec import loss_bpr_max
+from gru4rec import LOSSES, loss_bpr_max
 from training import Optimizer, row_loss_op
 
 REDUCTIONS = {'add': (pt.sum, np.sum), 'maximum': (pt.max, np.max), 'minimum': (pt.min, np.min)}
@@ -246,19 +246,64 @@ def test_bpr_max_op_equals_the_graph(dtype):
     weights = rng.uniform(0.5, 1.5, M).astype(dtype)
     results = []
     for compile_with in ('c', 'python'):
-        Y, cols, w = pt.matrix('Y', dtype=dtype), pt.vector('cols', dtype=dtype), pt.vector('w', dtype=dtype)
-        loss = row_loss_op('bpr-max', loss_bpr_max, Y, cols, 0.9)
-        outputs = [loss, pytensor.grad((loss * w).sum(), Y)]
-        if compile_with == 'c':
-            fn = compile_function([Y, cols, w], outputs, backend='c')
-            assert RowBPRMax in c_ops(fn) | {type(n.op) for n in fn.maker.fgraph.toposort()}
-        else:
-            fn = pytensor.function([Y, cols, w], outputs, mode='FAST_COMPILE')
+        with pytensor.config.change_flags(floatX=dtype):  # a graph of that precision throughout
+            Y, cols, w = pt.matrix('Y', dtype=dtype), pt.vector('cols', dtype=dtype), pt.vector('w', dtype=dtype)
+            loss = row_loss_op('bpr-max', loss_bpr_max, Y, cols, 0.9)
+            outputs = [loss, pytensor.grad((loss * w).sum(), Y)]
+            if compile_with == 'c':
+                fn = compile_function([Y, cols, w], outputs, backend='c')
+                ops = [type(n.op) for n in fn.maker.fgraph.toposort()]
+                assert ops.count(RowBPRMax) == 2, 'the loss and its gradient'
+            else:
+                fn = pytensor.function([Y, cols, w], outputs, mode='FAST_COMPILE')
         results.append(fn(values, cols_value, weights))
     tolerance = {'float32': dict(rtol=2e-4, atol=2e-5), 'float64': dict(rtol=1e-9, atol=1e-12)}[dtype]
     for got, expected in zip(*results):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, expected, **tolerance)
+
+
+@pytest.mark.parametrize('name', sorted(LOSSES))
+def test_every_row_loss_runs_as_written_in_the_python_linker(name):
+    """row_loss_op's op runs its graph inside where no backend rewrites it (mode FAST_COMPILE, the Python
+    linker), loss and gradient equal to the loss's graph itself; an input the graph inside leaves unused
+    (bpreg for every loss but BPR-max, cols for cross-entropy's) was an UnusedInputError there."""
+    rng = np.random.default_rng(7)
+    values = rng.standard_normal((5, 12))
+    cols_value = np.r_[np.ones(9), np.zeros(3)]
+    final = {'cross-entropy': pt.special.softmax, 'xe_logit': lambda x: x - x.max(axis=1, keepdims=True)}
+    results = []
+    for wrapped in (True, False):
+        Y, cols = pt.dmatrix('Y'), pt.dvector('cols')
+        Yhat = final.get(name, lambda x: x)(Y)
+        loss = (row_loss_op(name, LOSSES[name], Yhat, cols, 0.7) if wrapped
+                else LOSSES[name](Yhat, bpreg=np.float32(0.7), cols=cols))
+        fn = pytensor.function([Y, cols], [loss, pytensor.grad(loss.sum(), Y)], mode='FAST_COMPILE',
+                               on_unused_input='ignore')  # cross-entropy's graph reads no cols
+        results.append(fn(values, cols_value))
+    for got, expected in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_bpr_max_of_another_precision_than_its_scores_is_inlined_not_left_to_python(caplog):
+    """float32 scores in a graph built under floatX=float64 give a float64 BPR-max, which RowBPRMax (in the
+    scores' precision) cannot stand for: the rewrite declines and inlines the graph instead of failing and
+    leaving the op to run in Python; the values are the graph's."""
+    rng = np.random.default_rng(8)
+    values = (rng.standard_normal((6, 30)) * 3).astype(np.float32)
+    cols_value = np.r_[np.ones(26), np.zeros(4)].astype(np.float32)
+    with pytensor.config.change_flags(floatX='float64'):
+        Y, cols = pt.matrix('Y', dtype='float32'), pt.vector('cols', dtype='float32')
+        loss = row_loss_op('bpr-max', loss_bpr_max, Y, cols, 0.9)
+        assert loss.dtype == 'float64'
+        outputs = [loss, pytensor.grad(loss.sum(), Y)]
+        fn = compile_function([Y, cols], outputs, backend='c')
+        reference = pytensor.function([Y, cols], outputs, mode='FAST_COMPILE')
+    ops = {type(node.op).__name__ for node in fn.maker.fgraph.toposort()}
+    assert 'OpFromGraph' not in ops and 'RowBPRMax' not in ops, ops
+    assert not [r for r in caplog.records if 'Rewrite failure' in r.getMessage()], caplog.text
+    for got, expected in zip(fn(values, cols_value), reference(values, cols_value)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_precompiled_headers_are_built_once_and_left_out_where_they_cannot_be(tmp_path):

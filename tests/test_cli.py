@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import run
-from baselines import MarkovChain
+from baselines import BPR, MarkovChain, RandomPred
 from evaluation import evaluate_gpu
 from gru4rec import GRU4Rec
 from sessionlogs import synthetic_log
@@ -125,6 +125,17 @@ def test_baselines_run_through_the_same_evaluation(files):
     status, out, _ = cli(files / 'train.tsv', '-b', 'markov', '-ps', 'n_successors=50', '-t', files / 'test.tsv',
                          '-m', '5')
     recall, mrr = evaluate_gpu(MarkovChain(n_successors=50).fit(pd.read_csv(files / 'train.tsv', sep='\t')),
+                               pd.read_csv(files / 'test.tsv', sep='\t'), cut_off=[5])
+    assert status == 0 and results(out) == [f'Recall@5: {recall[5]:.6f} MRR@5: {mrr[5]:.6f}']
+
+
+@pytest.mark.parametrize('name, params, model', [
+    ('bpr', 'n_factors=8,n_iterations=2,init_normal=True', lambda: BPR(n_factors=8, n_iterations=2, init_normal=True)),
+    ('random', 'seed=3', lambda: RandomPred(seed=3))])
+def test_the_originals_bpr_and_random_baselines_run_from_the_command_line(files, name, params, model):
+    import pandas as pd
+    status, out, _ = cli(files / 'train.tsv', '-b', name, '-ps', params, '-t', files / 'test.tsv', '-m', '5')
+    recall, mrr = evaluate_gpu(model().fit(pd.read_csv(files / 'train.tsv', sep='\t')),
                                pd.read_csv(files / 'test.tsv', sep='\t'), cut_off=[5])
     assert status == 0 and results(out) == [f'Recall@5: {recall[5]:.6f} MRR@5: {mrr[5]:.6f}']
 

@@ -252,3 +252,38 @@ def test_two_workers_share_one_sqlite_study_and_a_finished_search_resumes(tmp_pa
 @pytest.mark.parametrize('path', sorted((REPO / 'paramspaces').glob('*.json')), ids=lambda p: p.name)
 def test_shipped_search_spaces_are_valid(path):
     assert paropt.read_space(path)
+
+
+def space_by_name(path):
+    return {entry['name']: entry for entry in paropt.read_space(path)}
+
+
+@pytest.mark.parametrize('loss, ours_add', [('xe', {'logq', 'reset_after'}), ('bprmax', {'reset_after'})])
+def test_the_originals_spaces_and_ours_differ_as_documented(loss, ours_add):
+    """paramspaces/gru4rec_{loss}_standard_parspace.json is the original's; ours (shared) searches momentum
+    in [0, 0.5] instead of [0, 0.9] and adds its own parameters; everything else is the same."""
+    original = space_by_name(REPO / 'paramspaces' / f'gru4rec_{loss}_standard_parspace.json')
+    ours = space_by_name(REPO / 'paramspaces' / f'gru4rec_{loss}_shared_parspace.json')
+    assert set(ours) - set(original) == ours_add and set(original) <= set(ours)
+    assert original['momentum']['values'] == [0.0, 0.9] and ours['momentum']['values'] == [0.0, 0.5]
+    for name in set(original) - {'momentum'}:
+        assert ours[name] == original[name], name
+
+
+@pytest.mark.parametrize('path', sorted((REPO / 'paramspaces').glob('*.json')), ids=lambda p: p.name)
+def test_every_space_suggests_settings_run_py_accepts(path):
+    optuna = pytest.importorskip('optuna')
+    space = paropt.read_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(20):
+        params = paropt.suggest(study.ask(), space)
+        model = GRU4Rec().set_params(**run.parse_param_string(run.format_param_string(params)))
+        assert model.momentum == params['momentum'] <= space_by_name(path)['momentum']['values'][1]
+
+
+def test_the_originals_flag_names_are_accepted():
+    args = paropt.build_parser().parse_args(['train.tsv', 'valid.tsv', '--optuna_parameter_file',
+                                             'paramspaces/gru4rec_xe_standard_parspace.json', '-fp',
+                                             'loss=cross-entropy,final_act=softmax', '--ntrials', '7'])
+    assert args.parameter_string == 'loss=cross-entropy,final_act=softmax' and args.n_trials == 7
+    assert args.optuna_parameter_file == 'paramspaces/gru4rec_xe_standard_parspace.json'

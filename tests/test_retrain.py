@@ -14,7 +14,7 @@ import pytest
 
 from conftest import real_log
 from evaluation import evaluate_gpu
-from gru4rec import GRU4Rec
+from gru4rec import RETRAIN_STATE, GRU4Rec
 
 # Close to rsc15_xe_shared_100_best, but smaller and with fewer epochs so that the test stays cheap.
 SETTINGS = dict(loss='cross-entropy', final_act='softmax', constrained_embedding=True, embedding=0, layers=[64],
@@ -183,3 +183,49 @@ def test_retrain_appends_new_items_and_leaves_the_old_ones_in_place(small_model)
     assert set(model.itemidmap[len(old):]) == set(range(110, 115)) and model.itemidmap.is_unique
     recs = model.recommend({1: [112, 113]}, k=model.n_items)
     assert set(recs.ItemId) == set(model.itemidmap)
+
+
+# -- what a retrain keeps: retrain_state ---------------------------------------------------------------
+
+STILL = dict(SMALL, learning_rate=0.0, momentum=0.3, n_sample=0, dropout_p_hidden=0.0, n_epochs=1)
+
+
+@pytest.mark.parametrize('retrain_state', ['fresh', 'carried'])
+def test_fresh_retrain_starts_the_optimiser_and_supports_from_the_new_data(retrain_state):
+    """With learning_rate 0 the weights stay at their initial values, so each step's gradient depends on the
+    step's batch only; without samples or dropout nothing random remains. A model fitted on A, retrained
+    on B with fresh state, must then end with the optimiser state (Adagrad's sums of squared gradients,
+    step count) of a new model fitted on B alone, as the original's retrain, which built zero accumulators
+    at every fit; and its supports must be B's. Carried state adds A's to both."""
+    A, B = session_log(seed=5), session_log(seed=6)
+    assert set(A.ItemId) == set(B.ItemId), 'the same items, so that both models start from the same weights'
+    retrained = GRU4Rec(**STILL).fit(A).retrain(B, retrain_state=retrain_state)
+    on_b, on_a = GRU4Rec(**STILL).fit(B), GRU4Rec(**STILL).fit(A)
+    assert retrained.itemidmap.equals(on_b.itemidmap)
+    for name, weights in on_b.weights_.items():
+        np.testing.assert_array_equal(retrained.weights_[name], weights, err_msg=name)
+    expected_opt = {key: on_b.opt_values_[key] + (on_a.opt_values_[key] if retrain_state == 'carried' else 0)
+                    for key in on_b.opt_values_}
+    assert retrained.opt_values_.keys() == expected_opt.keys()
+    assert any(np.abs(value).sum() > 0 for key, value in expected_opt.items() if key != 't')
+    for key, value in expected_opt.items():
+        np.testing.assert_allclose(retrained.opt_values_[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+    supports = B.ItemId.value_counts() + (A.ItemId.value_counts() if retrain_state == 'carried' else 0)
+    np.testing.assert_array_equal(retrained.support, supports[retrained.itemidmap].to_numpy())
+
+
+def test_fresh_retrain_gives_items_absent_from_the_new_data_no_support(small_model):
+    model = copy.deepcopy(small_model).retrain(session_log(seed=7, first_item=105), retrain_state='fresh')
+    absent = ~model.itemidmap.isin(range(105, 115))
+    assert absent.sum() == 5 and (model.support[absent] == 0).all()
+    assert (model.support[~absent] > 0).all()
+
+
+def test_retrain_state_default_and_bad_value(small_model):
+    model = copy.deepcopy(small_model)
+    before = model.support.copy()
+    model.retrain(session_log(seed=1))
+    assert RETRAIN_STATE == 'carried'  # measured better than 'fresh' (benchmarks/retrain_state.py)
+    assert model.support.sum() == before.sum() + len(session_log(seed=1)), 'the default carries the supports'
+    with pytest.raises(ValueError, match=r"retrain_state='old': use one of \['carried', 'fresh'\]"):
+        model.retrain(session_log(seed=1), retrain_state='old')
