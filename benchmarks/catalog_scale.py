@@ -1,6 +1,7 @@
 """GRU4Rec on catalogues of 30k to 1M items: training, evaluation and live serving as the item count grows.
 
-    python benchmarks/catalog_scale.py live --items 30000 300000 1000000 --model /tmp/yc64.gru4rec
+    python benchmarks/catalog_scale.py live --items 30000 300000 1000000 --model /tmp/yc64.gru4rec \
+        /tmp/syn1m.gru4rec=synthetic:20000000:1000000:0
     python benchmarks/catalog_scale.py train --data synthetic:3000000:30000:0 synthetic:20000000:1000000:0
     python benchmarks/catalog_scale.py evaluate --items 30000 300000 1000000
     python benchmarks/catalog_scale.py model --data synthetic:20000000:1000000:0 --steps 20000 --out /tmp/syn1m.gru4rec
@@ -38,9 +39,10 @@ from live_speed import random_model
 
 
 def click_stream(model, log, n_clicks):
-    """The first n_clicks clicks of the log's sessions (known items), session after session."""
-    log = log[log.ItemId.isin(model.itemidmap)].sort_values(['SessionId', 'Time'], kind='stable')
-    return list(zip(log.SessionId.tolist()[:n_clicks], log.ItemId.tolist()[:n_clicks]))
+    """The last n_clicks clicks of the log's sessions (known items), session after session: of a log
+    that a model was trained on the first mini-batches of, clicks it did not see."""
+    log = log[log.ItemId.isin(model.itemidmap)].sort_values(['SessionId', 'Time'], kind='stable').tail(n_clicks)
+    return list(zip(log.SessionId.tolist(), log.ItemId.tolist()))
 
 
 def time_clicks(live, clicks, seconds):
@@ -61,7 +63,7 @@ def index_setting(text):
     """'ivf' or 'hnsw', optionally with hyper-parameters: 'ivf:n_probe=128', 'hnsw:ef_search=320,metric=inner_product'."""
     kind, _, params = text.partition(':')
     kwargs = dict(pair.split('=') for pair in filter(None, params.split(',')))
-    kwargs = {k: v if k == 'metric' else int(v) for k, v in kwargs.items()}
+    kwargs = {k: v if k in ('metric', 'encoding') else int(v) for k, v in kwargs.items()}
     return {'ivf': itemindex.IVF, 'hnsw': itemindex.HNSW}[kind](**kwargs)
 
 
@@ -77,8 +79,9 @@ def run_live(name, model, clicks, args):
     for text in args.index:
         setting = index_setting(text)
         t0 = time.perf_counter()
-        indexed = SessionRecommender(model, index=setting, capacity=100_000,
-                                     index_file=Path(args.index_dir) / f'{name}-{text}.index')
+        structure = '-'.join(f'{k}={v}' for k, v in setting.get_params().items() if k not in setting.SEARCH_PARAMS)
+        indexed = SessionRecommender(model, index=setting, capacity=100_000,  # settings that differ in search only
+                                     index_file=Path(args.index_dir) / f'{name}-{structure}.index')  # share one
         build = time.perf_counter() - t0  # or the read of an index built by an earlier run
         t_index, top_index = time_clicks(indexed, clicks[:len(t_exact)], args.seconds * 10)
         n = min(len(t_exact), len(t_index))
@@ -97,9 +100,10 @@ def live(args):
         log = generate_sessions(4 * args.clicks, n_items, seed=1)
         log['ItemId'] -= 1  # random_model's ids are 0..n_items-1
         run_live(f'random-{n_items}', model, click_stream(model, log, args.clicks), args)
-    for path in args.model or []:
+    for spec in args.model or []:
+        path, _, data = spec.partition('=')
         model = GRU4Rec.loadmodel(path)
-        run_live(Path(path).stem, model, click_stream(model, load_log(args.data), args.clicks), args)
+        run_live(Path(path).stem, model, click_stream(model, load_log(data or args.data), args.clicks), args)
 
 
 def train(args):
@@ -158,7 +162,8 @@ def main():
     sub = parser.add_subparsers(dest='what', required=True)
     p = sub.add_parser('live')
     p.add_argument('--items', type=int, nargs='*', default=[30_000, 300_000, 1_000_000])
-    p.add_argument('--model', nargs='*', help='model files (GRU4Rec.savemodel) to measure too')
+    p.add_argument('--model', nargs='*', help='model files (GRU4Rec.savemodel) to measure too, as PATH or PATH=DATA '
+                                              '(its clicks: a data set name or synthetic:EVENTS:ITEMS:SEED)')
     p.add_argument('--data', default='yoochoose1_64_test', help="the --model files' clicks (default %(default)s)")
     p.add_argument('--clicks', type=int, default=2000, help='clicks per model (default %(default)s)')
     p.add_argument('--seconds', type=float, default=30, help='at most about this long for the exact clicks')
