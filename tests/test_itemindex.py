@@ -173,3 +173,29 @@ def test_without_faiss(model, monkeypatch):
         live = SessionRecommender(model)
     assert live.item_index is None
     assert itemindex.IVF().candidates == 100  # the setting itself needs no faiss
+
+
+def test_serve_builds_saves_and_rebuilds_the_index_on_reload(tmp_path):
+    pytest.importorskip('fastapi')
+    from fastapi.testclient import TestClient
+
+    from conftest import ITEM_IDS, MODELS, fit_small, make_train_log
+    from serve import create_app
+    model = fit_small(**MODELS['constrained'])
+    path = tmp_path / 'model.gru4rec'
+    model.savemodel(path)
+    token = 'an-admin-token-of-16+'
+    app = create_app(path, index='ivf', admin_token=token)
+    saved = (tmp_path / 'model.gru4rec.index').read_bytes()
+    expected = SessionRecommender(model, index='ivf').update(1, ITEM_IDS[3].item(), k=5)
+    with TestClient(app) as client:
+        health = client.get('/health').json()
+        assert health['index'].startswith('IVF(') and health['score_kind'] == model.final_act
+        answer = client.post('/click', json={'session_id': 1, 'item_id': ITEM_IDS[3].item(), 'k': 5}).json()
+        assert answer['items'] == expected[0].tolist()
+        np.testing.assert_allclose(answer['scores'], expected[1], rtol=1e-6)
+        model.retrain(make_train_log(), sample_store=60, n_epochs=1)
+        model.savemodel(path)
+        assert client.post('/reload', headers={'authorization': f'Bearer {token}'}).status_code == 200
+    assert (tmp_path / 'model.gru4rec.index').read_bytes() != saved  # the retrained weights' index
+    assert create_app(path, index='exact').state.recommender.item_index is None
