@@ -40,7 +40,6 @@ import numpy as np
 from atomicfile import write_atomically
 
 METRICS = ('euclidean', 'inner_product')
-ENCODINGS = ('float', 'int8')
 MAGIC = b'GRU4REC-ITEMS\x00'
 VERSION = 1
 
@@ -120,28 +119,21 @@ class IVF(IndexSetting):
     n_lists: k-means cells (default 4 sqrt(n)); n_probe: the cells a query scans (recall vs time per
     query); candidates: how many items the search proposes for exact rescoring (at least k + the
     excluded history are always asked for); metric: 'euclidean' or 'inner_product' (see the module
-    docstring); encoding: how the scanned items are stored, 'float' (exact distances: the candidates
-    beyond k add nothing) or 'int8' (a uniform 8-bit scalar quantizer per dimension: a quarter of the
-    bytes per scanned item, approximate distances, so that the exact rescoring of more candidates
-    than k corrects their order). The defaults were measured in benchmarks/README.md ("Catalogues of a million items").
+    docstring). The scanned items are stored as they are (float32), so their distances are exact and
+    candidates beyond k add nothing (an 8-bit scalar quantizer, a quarter of the bytes, was slower per
+    click here: benchmarks/README.md). The defaults were measured in benchmarks/README.md ("Catalogues of a million items").
     """
 
     SEARCH_PARAMS = ('n_probe', 'candidates')
 
-    def __init__(self, n_lists=None, n_probe=64, candidates=100, metric='euclidean', encoding='float'):
-        if encoding not in ENCODINGS:
-            raise ValueError(f'encoding={encoding!r}: give one of {ENCODINGS}')
+    def __init__(self, n_lists=None, n_probe=128, candidates=100, metric='euclidean'):
         self._store(metric, n_lists=n_lists, n_probe=n_probe, candidates=candidates)
-        self._params['encoding'] = self.encoding = encoding
 
     def _build(self, faiss, vectors, metric):
         n_lists = min(self.n_lists or int(4 * np.sqrt(len(vectors))), len(vectors))
         d = vectors.shape[1]
         coarse = faiss.IndexFlatL2(d) if metric == faiss.METRIC_L2 else faiss.IndexFlatIP(d)
-        if self.encoding == 'int8':  # 8 bits per dimension: a quarter of the memory a query scans
-            index = faiss.IndexIVFScalarQuantizer(coarse, d, n_lists, faiss.ScalarQuantizer.QT_8bit, metric)
-        else:
-            index = faiss.IndexIVFFlat(coarse, d, n_lists, metric)
+        index = faiss.IndexIVFFlat(coarse, d, n_lists, metric)
         index.cp.min_points_per_centroid = 1  # a small catalogue has fewer than faiss's 39 per cell: no warning
         index.cp.max_points_per_centroid = 64  # k-means on a sample of 64 items per cell: seconds at 1M items
         index.train(vectors)

@@ -63,7 +63,7 @@ def index_setting(text):
     """'ivf' or 'hnsw', optionally with hyper-parameters: 'ivf:n_probe=128', 'hnsw:ef_search=320,metric=inner_product'."""
     kind, _, params = text.partition(':')
     kwargs = dict(pair.split('=') for pair in filter(None, params.split(',')))
-    kwargs = {k: v if k in ('metric', 'encoding') else int(v) for k, v in kwargs.items()}
+    kwargs = {k: v if k == 'metric' else int(v) for k, v in kwargs.items()}
     return {'ivf': itemindex.IVF, 'hnsw': itemindex.HNSW}[kind](**kwargs)
 
 

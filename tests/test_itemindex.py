@@ -48,7 +48,6 @@ def model():
 
 
 @pytest.mark.parametrize('setting', [SMALL, IVF(n_lists=32, n_probe=24, metric="inner_product"),
-                                     IVF(n_lists=32, n_probe=24, candidates=200, encoding='int8'),
                                      HNSW(M=16, ef_construction=40, metric='inner_product')])
 def test_recall_at_20_against_the_exact_top_20(model, setting):
     exact, approximate = SessionRecommender(model, index='exact'), SessionRecommender(model, index=setting)
@@ -160,8 +159,6 @@ def test_bad_index_setting(setting, kwargs):
         setting(**kwargs)
     with pytest.raises(ValueError, match="metric='cosine': give one of"):
         setting(metric='cosine')
-    with pytest.raises(ValueError, match="encoding='pq': give one of"):
-        IVF(encoding='pq')
 
 
 def test_without_faiss(model, monkeypatch):
