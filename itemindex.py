@@ -121,7 +121,7 @@ class IVF(IndexSetting):
     excluded history are always asked for); metric: 'euclidean' or 'inner_product' (see the module
     docstring). The scanned items are stored as they are (float32), so their distances are exact and
     candidates beyond k add nothing (an 8-bit scalar quantizer, a quarter of the bytes, was slower per
-    click here: benchmarks/README.md). The defaults were measured in benchmarks/README.md ("Catalogues of a million items").
+    click here). The defaults were measured in benchmarks/README.md ("Catalogues of a million items").
     """
 
     SEARCH_PARAMS = ('n_probe', 'candidates')
@@ -237,6 +237,12 @@ class ItemIndex:
             raise ValueError(f'{str(path)!r} is an item index of format {version}, not {VERSION}: remove it '
                              'and it is built again')
         end = start + int.from_bytes(blob[len(MAGIC) + 4:start], 'little')
-        fingerprint = json.loads(blob[start:end])
-        index = require_faiss().deserialize_index(np.frombuffer(blob, dtype=np.uint8, offset=end))
+        try:
+            fingerprint = json.loads(blob[start:end])
+            index = require_faiss().deserialize_index(np.frombuffer(blob, dtype=np.uint8, offset=end))
+        except (ValueError, RuntimeError) as e:  # faiss raises RuntimeError for a damaged payload
+            raise ValueError(f'{str(path)!r} is a damaged item index ({e}): remove it and it is built again') from None
+        if not isinstance(fingerprint, dict):
+            raise ValueError(f'{str(path)!r} is a damaged item index (its header is not an object): remove it '
+                             'and it is built again')
         return cls(index, setting, fingerprint)

@@ -480,7 +480,8 @@ def main(argv=None):
     recommender = app.state.recommender
     print(f'{parser.prog}: serving {args.model} ({recommender.n_items:,} items, lineage {recommender.lineage}) '
           f'on http://{args.host}:{args.port} with {args.workers} worker(s); sessions in {recommender.state_store}; '
-          f'top k {"exact" if recommender.item_index is None else "from the item index"}, scores: {recommender.score_kind}; '
+          f'top k {"exact" if recommender.item_index is None else "from the item index"}, '
+          f'scores: {recommender.score_kind}; '
           f"/reload {'on' if token else 'off (no admin token)'}", file=sys.stderr, flush=True)
     # uvloop and httptools (the [serve] extra installs both; 'auto' falls back to asyncio and h11), no
     # access log: a log record per request would cost as much as the request.

@@ -6,7 +6,8 @@
     python benchmarks/catalog_scale.py evaluate --items 30000 300000 1000000
     python benchmarks/catalog_scale.py model --data synthetic:20000000:1000000:0 --steps 20000 --out /tmp/syn1m.gru4rec
 
-live: one click at a time (update, top 20), exactly and with each --index setting (itemindex.py), clicks/s and per-click p50/p99, and the index's recall@20 against the exact top 20 on the
+live: one click at a time (update, top 20), exactly and with each --index setting (itemindex.py),
+clicks/s and per-click p50/p99, and the index's recall@20 against the exact top 20 on the
 same clicks. Models: a random-weight model per --items count (benchmarks/live_speed.py's
 random_model; its clicks a synthetic log's sessions) and each --model file with its --data clicks.
 An index is built once per model and setting and kept in --index-dir ('load s': its build, or its read
@@ -60,7 +61,8 @@ def time_clicks(live, clicks, seconds):
 
 
 def index_setting(text):
-    """'ivf' or 'hnsw', optionally with hyper-parameters: 'ivf:n_probe=128', 'hnsw:ef_search=320,metric=inner_product'."""
+    """'ivf' or 'hnsw', optionally with hyper-parameters: 'ivf:n_probe=128',
+    'hnsw:ef_search=320,metric=inner_product'."""
     kind, _, params = text.partition(':')
     kwargs = dict(pair.split('=') for pair in filter(None, params.split(',')))
     kwargs = {k: v if k == 'metric' else int(v) for k, v in kwargs.items()}
@@ -168,7 +170,8 @@ def main():
     p.add_argument('--clicks', type=int, default=2000, help='clicks per model (default %(default)s)')
     p.add_argument('--seconds', type=float, default=30, help='at most about this long for the exact clicks')
     p.add_argument('--index', nargs='+', default=['ivf'],
-                   help="index settings to measure: ivf or hnsw, e.g. ivf:n_probe=128 hnsw:ef_search=320,metric=inner_product")
+                   help='index settings to measure: ivf or hnsw, e.g. ivf:n_probe=128 '
+                        'hnsw:ef_search=320,metric=inner_product')
     p.add_argument('--index-dir', default='/tmp/gru4rec-catalog-scale', help='where the built indexes are kept')
     p = sub.add_parser('train')
     p.add_argument('--data', nargs='+', default=['synthetic:3000000:30000:0', 'synthetic:20000000:1000000:0'])

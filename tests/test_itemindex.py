@@ -139,11 +139,16 @@ def test_recommender_saves_and_swap_rebuilds(model, tmp_path):
 
 
 def test_not_an_index_file_is_refused(model, tmp_path):
-    path = tmp_path / 'model.hnsw'
+    path = tmp_path / 'model.index'
     path.write_bytes(b'something else')
     with pytest.raises(ValueError, match='is not a GRU4Rec item index'):
         SessionRecommender(model, index=SMALL, index_file=path)
     assert path.read_bytes() == b'something else'
+    SMALL.load_or_build(path.with_name('good.index'), model.weights['Wy'], model.weights['By'])
+    damaged = path.with_name('good.index').read_bytes()
+    path.write_bytes(damaged[:len(damaged) // 2])  # cut short
+    with pytest.raises(ValueError, match='is a damaged item index'):
+        SessionRecommender(model, index=SMALL, index_file=path)
 
 
 @pytest.mark.parametrize('index', ['fast', 'HNSW', 3, True, IVF])
