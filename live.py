@@ -28,12 +28,23 @@ Rules (documented in the README, section "Live sessions"):
   all live sessions, since a state of one network means nothing to another, even one fitted anew on
   the same catalogue. (Models from files older than the lineage have none: between two of them the
   layer sizes and item map decide, as before.)
+- Large catalogues (index='auto' at AUTO_INDEX_ITEMS items or more, or index='ivf' or 'hnsw'): the top k
+  of a click comes from an approximate maximum-inner-product index of the output items (itemindex.py,
+  needs faiss-cpu), which proposes candidates that are then rescored exactly: the returned items are
+  in the model's order and their logits are the model's own; an item the index missed can be absent
+  (recall@20 against the exact top 20 in benchmarks/README.md). Scores are the final activation of
+  the exact logits when it is element-wise. A softmax needs the normaliser over all items, the very
+  pass the index avoids, so with an index a softmax model's scores are its logits (score_kind says
+  'logit'; the ranking is the same); index='exact' keeps probabilities. items=[ids] and scores() are
+  always exact. The index is built when the model is (swap_model builds the new model's), or read
+  from index_file when it was saved there from the same weights (else built and saved there).
 - All methods may be called from several threads at once. A call reads the network and its store
   once, as one pair, and never waits on a lock while it holds another: a model swap in the middle of
   a call lets the call finish with the network it started with.
 """
 import hashlib
 import time
+import warnings
 from numbers import Integral, Real
 
 import numba
@@ -46,6 +57,10 @@ FLOAT = np.float32
 # Scores of at most this many (session, item) pairs are held at once (64 MiB): 256 sessions over 1M
 # items are scored in slices instead of one 1 GiB matrix.
 MAX_SCORE_CELLS = 1 << 24
+# index='auto' serves catalogues of this many items or more from an approximate index: below it the exact
+# top k is about as fast (benchmarks/README.md, "Catalogues of a million items").
+AUTO_INDEX_ITEMS = 200_000
+INDEX_CHOICES = ("'auto'", "'exact' (or None)", "'ivf'", "'hnsw'", 'an itemindex.IVF(...) or HNSW(...)')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,7 +109,7 @@ class _Network:
     Immutable once built: a model swap replaces the whole object, so a call in flight keeps a
     consistent network."""
 
-    def __init__(self, model):
+    def __init__(self, model, index=None, index_file=None):
         if getattr(model, 'itemidmap', None) is None:
             raise ValueError('SessionRecommender needs a trained GRU4Rec: call fit(data) or GRU4Rec.loadmodel(path)')
         weights = model.weights  # the trained weights (float32 numpy arrays), kept in step with training
@@ -114,6 +129,17 @@ class _Network:
         self.hidden_act = numpy_activation(params['hidden_act'])
         self.final_act = params['final_act']
         self.Wy, self.By = self.w['Wy'], self.w['By']
+        self.index = None  # an itemindex.ItemIndex serving the top k of all items, or None for the exact one
+        setting = index_setting(index, self.n_items)
+        if setting is not None:
+            if index_file is None:
+                self.index = setting.build(self.Wy, self.By, self.lineage)
+            else:
+                self.index, _ = setting.load_or_build(index_file, self.Wy, self.By, self.lineage)
+        # What the scores of a top k over all items are: the final activation, or the logits (see the
+        # module docstring: a softmax with an index)
+        self.score_kind = ('logit' if self.index is not None and self.final_act.startswith('softmax')
+                           else self.final_act)
 
     def item_index(self, item_id):
         """The index of one item id, or -1 when the model does not know it."""
@@ -177,6 +203,28 @@ class _Network:
             np.exp(np.subtract(logits, top, out=logits), out=logits)
             return np.exp(selected - top) / logits.sum(axis=1, keepdims=True)
         return numpy_activation(self.final_act)(selected)
+
+
+def index_setting(index, n_items):
+    """The itemindex setting that an `index` argument asks for at n_items items, or None for the exact
+    top k. 'auto' is IVF's defaults from AUTO_INDEX_ITEMS items on; without faiss installed it serves
+    exactly (with a warning)."""
+    if index is None or (isinstance(index, str) and index == 'exact'):
+        return None
+    import itemindex  # only with an index: itself imports faiss only when an index is built or read
+    if isinstance(index, itemindex.IndexSetting):
+        return index
+    if not (isinstance(index, str) and index in ('auto', 'ivf', 'hnsw')):
+        raise ValueError(f'index={index!r}: give one of {", ".join(INDEX_CHOICES)}')
+    if index == 'auto':
+        if n_items < AUTO_INDEX_ITEMS:
+            return None
+        try:
+            itemindex.require_faiss()
+        except ImportError as e:
+            warnings.warn(f'{n_items:,} items are served with the exact top k: {e}', stacklevel=3)
+            return None
+    return itemindex.HNSW() if index == 'hnsw' else itemindex.IVF()
 
 
 def _mixed(values):
@@ -245,7 +293,7 @@ class SessionRecommender:
     """
 
     def __init__(self, model, capacity=100_000, idle_timeout=1800.0, history=20, clock=time.monotonic,
-                 state_store=None):
+                 state_store=None, index='auto', index_file=None):
         if isinstance(capacity, bool) or not isinstance(capacity, Integral) or capacity < 1:
             raise ValueError(f'capacity={capacity!r}: give the most live sessions to keep (an integer >= 1)')
         if idle_timeout is not None and not float(idle_timeout) > 0:
@@ -255,7 +303,9 @@ class SessionRecommender:
         self.capacity, self.history = int(capacity), int(history)
         self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
         self.clock = clock
-        net = _Network(model)
+        index_setting(index, 0)  # a bad index argument is refused before the model is read
+        self.index, self.index_file = index, index_file
+        net = _Network(model, index, index_file)
         if state_store in (None, 'memory'):
             store = InProcessStore(net.layers, self.history, self.capacity, self.idle_timeout, clock)
         elif isinstance(state_store, str) and state_store.split('://')[0] in ('redis', 'rediss', 'unix'):
@@ -279,6 +329,18 @@ class SessionRecommender:
     def lineage(self):
         """The served model's lineage (None for a model from a file older than lineages)."""
         return self._serving[0].lineage
+
+    @property
+    def score_kind(self):
+        """What the scores of a top k over all items are: the final activation's name ('softmax',
+        'elu-0.5', ...), or 'logit' for a softmax model served with an index (see the module docstring)."""
+        return self._serving[0].score_kind
+
+    @property
+    def item_index(self):
+        """The served model's approximate item index (an itemindex.ItemIndex), or None when its top k
+        is exact."""
+        return self._serving[0].index
 
     @property
     def state_store(self):
@@ -385,8 +447,9 @@ class SessionRecommender:
     def swap_model(self, model):
         """Serves `model` (e.g. retrained) from now on. The live states are kept when it is this
         model trained further (see the module docstring), else every live session is ended.
-        Returns whether the states were kept. Calls in flight finish with the model they started with."""
-        new = _Network(model)
+        Returns whether the states were kept. Calls in flight finish with the model they started with.
+        The new model's index is built (or read from index_file) before it is swapped in."""
+        new = _Network(model, self.index, self.index_file)
         old, store = self._serving
         keep = new.continues(old)
         if not keep:
@@ -420,6 +483,8 @@ class SessionRecommender:
         """(item ids, scores) of the top k for each row of H (M x L) that has a state."""
         results = [(net.item_ids[:0], np.zeros(0, dtype=FLOAT))] * len(H)
         rows = np.flatnonzero(has_state) if k else []
+        if candidates is None and net.index is not None and len(rows):
+            return self._indexed_recommendations(net, H, rows, k, seen, results)
         n_cols = net.n_items if candidates is None else len(candidates)
         step = max(1, MAX_SCORE_CELLS // n_cols)
         for first in range(0, len(rows), step):
@@ -438,4 +503,25 @@ class SessionRecommender:
             ids = net.item_ids[top if candidates is None else candidates[top]]
             for j, i in enumerate(part):
                 results[i] = (ids[j], scores[j]) if valid[j].all() else (ids[j][valid[j]], scores[j][valid[j]])
+        return results
+
+    def _indexed_recommendations(self, net, H, rows, k, seen, results):
+        """The top k of the rows of H (M x L) among the candidates the index proposes, rescored
+        exactly: the order and logits among them are the model's (ties by lower item index)."""
+        wanted = max(net.index.setting.candidates, k + (self.history if seen is not None else 0))
+        found = np.sort(net.index.search(H[rows], wanted), axis=1)  # m x n, -1 (none) first
+        valid = found >= 0
+        cand = np.where(valid, found, 0)
+        logits = np.einsum('mnl,ml->mn', net.Wy[cand], H[rows]) + net.By[cand]  # m x n
+        masked = np.where(valid, logits, -np.inf)
+        if seen is not None:
+            for j, i in enumerate(rows):
+                masked[j, np.isin(cand[j], seen[i])] = -np.inf
+        top = top_k(masked, k)  # m x k
+        selected = np.take_along_axis(masked, top, 1)
+        keep = selected > -np.inf
+        scores = selected if net.score_kind == 'logit' else numpy_activation(net.final_act)(selected)
+        ids = net.item_ids[np.take_along_axis(cand, top, 1)]
+        for j, i in enumerate(rows):
+            results[i] = (ids[j], scores[j]) if keep[j].all() else (ids[j][keep[j]], scores[j][keep[j]])
         return results

@@ -48,7 +48,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gru4rec import GRU4Rec
-from live import SessionRecommender, UnknownSession
+from live import AUTO_INDEX_ITEMS, SessionRecommender, UnknownSession
 
 MAX_K = 1000
 TOKEN_VARIABLE = 'GRU4REC_ADMIN_TOKEN'
@@ -110,6 +110,9 @@ class Health(BaseModel):
     lineage: Optional[str] = Field(description='the model\'s lineage (null for files older than lineages)')
     n_items: int
     state_store: str
+    index: str = Field(description="how the top k over all items is found: 'exact' or the item index's setting")
+    score_kind: str = Field(description="what a top k's scores are: the final activation ('softmax', 'elu-0.5', "
+                                        "...), or 'logit' for a softmax model served with an index")
     live_sessions: Optional[int] = Field(description='live sessions in this process (null with a shared store)')
     capacity: Optional[int] = Field(description='most live sessions in this process (null with a shared store)')
     reloads: int
@@ -285,14 +288,16 @@ class ReloadBroadcast:
 
 
 def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20, state_store=None,
-               admin_token=None, limits=Limits()):
+               admin_token=None, limits=Limits(), index='auto'):
     """The FastAPI application serving the model file at `model_path`; its sessions in this process, or in
-    the Redis of `state_store` (redis://host:port/db); /reload only when `admin_token` is given."""
+    the Redis of `state_store` (redis://host:port/db); /reload only when `admin_token` is given. index:
+    SessionRecommender's ('auto', 'exact', 'ivf' or 'hnsw'); a built index is saved beside the model file
+    (MODEL.index) and read from there while it matches the model (a /reload of a retrained file rebuilds it)."""
     if admin_token is not None and len(admin_token) < 16:
         raise ValueError('the admin token must be at least 16 characters (e.g. python -c "import secrets; '
                          'print(secrets.token_urlsafe())")')
     recommender = SessionRecommender(GRU4Rec.loadmodel(model_path), capacity, idle_timeout, history,
-                                     state_store=state_store)
+                                     state_store=state_store, index=index, index_file=index_file(model_path))
     state = {'path': str(model_path), 'reloads': 0}
     swap_lock = threading.Lock()  # one reload at a time: the file is read and swapped in as one
     Query, Click, End = schemas(limits)
@@ -366,7 +371,9 @@ def create_app(model_path, capacity=100_000, idle_timeout=1800.0, history=20, st
         """The served model and where its sessions are kept."""
         shared = recommender.shared
         return Health(status='ok', model=state['path'], lineage=recommender.lineage, n_items=recommender.n_items,
-                      state_store=recommender.state_store, live_sessions=None if shared else len(recommender),
+                      state_store=recommender.state_store,
+                      index='exact' if recommender.item_index is None else repr(recommender.item_index.setting),
+                      score_kind=recommender.score_kind, live_sessions=None if shared else len(recommender),
                       capacity=None if shared else recommender.capacity, reloads=state['reloads'])
 
     if admin_token is not None:
@@ -396,6 +403,11 @@ def app_from_environment():
     options = json.loads(os.environ[CONFIG_VARIABLE])
     return create_app(**dict(options, limits=Limits(**options['limits']),
                              admin_token=os.environ.get(TOKEN_VARIABLE)))
+
+
+def index_file(model_path):
+    """Where the item index of a model file is kept: beside it, MODEL.index."""
+    return f'{model_path}.index'
 
 
 def _port(text):
@@ -434,6 +446,11 @@ def build_parser():
                         help='seconds after which an idle session is ended (default %(default)s)')
     parser.add_argument('--history', type=int, default=20,
                         help='how many last clicks exclude_seen excludes (default %(default)s)')
+    parser.add_argument('--index', choices=['auto', 'exact', 'ivf', 'hnsw'], default='auto',
+                        help="how the top k over all items is found: 'exact', 'ivf' or 'hnsw' (approximate indexes of "
+                             f"the items, need faiss-cpu; saved as MODEL.index), or 'auto': ivf from "
+                             f"{AUTO_INDEX_ITEMS:,} items on (default %(default)s). With an index a softmax "
+                             "model's scores are its logits (see /health's score_kind)")
     parser.add_argument('--max-body', type=_positive, default=Limits.max_body_bytes,
                         help='largest request body in bytes (default %(default)s)')
     parser.add_argument('--max-session-id', type=_positive, default=Limits.max_session_id,
@@ -453,7 +470,7 @@ def main(argv=None):
     if args.workers > 1 and store is None:
         parser.error('--workers above 1 needs --state-store redis://...: each worker would keep sessions of its own')
     options = dict(model_path=args.model, capacity=args.capacity, idle_timeout=args.idle_timeout,
-                   history=args.history, state_store=store)
+                   history=args.history, state_store=store, index=args.index)
     limits = Limits(args.max_body, args.max_session_id, args.max_items)
     try:  # also when workers load it: a bad file or store is refused here, once, with a clear message
         app = create_app(**options, admin_token=token, limits=limits)
@@ -463,6 +480,8 @@ def main(argv=None):
     recommender = app.state.recommender
     print(f'{parser.prog}: serving {args.model} ({recommender.n_items:,} items, lineage {recommender.lineage}) '
           f'on http://{args.host}:{args.port} with {args.workers} worker(s); sessions in {recommender.state_store}; '
+          f'top k {"exact" if recommender.item_index is None else "from the item index"}, '
+          f'scores: {recommender.score_kind}; '
           f"/reload {'on' if token else 'off (no admin token)'}", file=sys.stderr, flush=True)
     # uvloop and httptools (the [serve] extra installs both; 'auto' falls back to asyncio and h11), no
     # access log: a log record per request would cost as much as the request.

@@ -9,7 +9,7 @@ setup(
     license='MIT',
     python_requires='>=3.10',
     py_modules=['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'gru4rec', 'baselines',
-                'synthetic', 'sessionstore', 'live', 'serve', 'run', 'paropt'],
+                'synthetic', 'sessionstore', 'itemindex', 'live', 'serve', 'run', 'paropt'],
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=3.0.7,<3.1',  # cbackend.py uses PyTensor's internals; tested with 3.0.7
@@ -27,8 +27,10 @@ setup(
         'serve': ['fastapi>=0.110', 'uvicorn[standard]>=0.29'],  # standard: httptools and uvloop
         # live session states in Redis (gru4rec serve --state-store redis://...); hiredis parses its replies fast
         'redis': ['redis>=5.0', 'hiredis>=2.0'],
+        # the approximate top k of live sessions on large catalogues (itemindex.py, serve --index)
+        'index': ['faiss-cpu>=1.8'],
         'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=4.9', 'psycopg2-binary>=2.9',
                  'nbclient>=0.7', 'nbformat>=5.7', 'ipykernel>=6', 'matplotlib>=3.7',
-                 'fastapi>=0.110', 'uvicorn[standard]>=0.29', 'httpx>=0.27', 'schemathesis>=4.0', 'redis>=5.0', 'hiredis>=2.0'],
+                 'fastapi>=0.110', 'uvicorn[standard]>=0.29', 'httpx>=0.27', 'schemathesis>=4.0', 'redis>=5.0', 'hiredis>=2.0', 'faiss-cpu>=1.8'],
     },
 )
