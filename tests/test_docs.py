@@ -38,8 +38,8 @@ SHARED = REPO.parent / 'shared'
 DOCUMENTS = ['README.md', *sorted(str(p.relative_to(REPO)) for p in (REPO / 'docs').glob('*.md'))]
 RUN_LANGUAGES = {'python': 'python', 'bash': 'bash', 'sh': 'bash', 'shell': 'bash'}
 SHOWN_LANGUAGES = {'text', 'json', 'console-output', 'toml', 'ini', 'markdown'}
-MARKER = re.compile(r'<!--\s*doctest:\s*(.*?)\s*-->', re.S)
-REPLACE = re.compile(r'replace\s+`([^`]*)`\s+with\s+`([^`]*)`\s*(\(.*\))?$', re.S)
+MARKER = re.compile(r'<!--\s*doctest:\s*(.*?)\s*-->', re.DOTALL)
+REPLACE = re.compile(r'replace\s+`([^`]*)`\s+with\s+`([^`]*)`\s*(\(.*\))?$', re.DOTALL)
 FENCE = re.compile(r'^(```+)(.*)$')
 BLOCK_TIMEOUT = 600
 SCRATCH_IGNORE = shutil.ignore_patterns('.git', '.venv', '__pycache__', '*.egg-info', '.pytest_cache', '.hypothesis',
@@ -200,7 +200,7 @@ def test_a_background_server_ends_with_its_block(tmp_path):
     with pytest.raises(ProcessLookupError):
         for _ in range(50):  # the process may take a moment to be reaped
             os.kill(pid, 0)
-            subprocess.run(['sleep', '0.1'])
+            subprocess.run(['sleep', '0.1'], check=True)
 
 
 @pytest.mark.parametrize('markdown, error', [
