@@ -295,7 +295,7 @@ def build_parser():
     p.add_argument('--seed', type=int, help="seed of Optuna's sampler (give each worker its own)")
     p.add_argument('--pruner', choices=PRUNERS, default='hyperband',
                    help='ends hopeless trials early by their validation metric after each epoch: hyperband, median '
-                   'or none (default: hyperband, chosen by the replay in benchmarks/README.md)')
+                   'or none (default: hyperband, chosen by the replay in docs/tuning.md)')
     p.add_argument('--prune-below', metavar='FRACTION', type=float, default=0.5,
                    help='also prune a trial whose metric after an epoch is below FRACTION times the best any other '
                    'trial reached after that epoch (default: 0.5; 0 turns it off)')

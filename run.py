@@ -15,9 +15,11 @@ Exit status: 0 on success, 2 on bad input (reported in one line), 1 when trainin
 """
 import argparse
 import ast
+import importlib
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -166,13 +168,39 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
+# Subcommands `gru4rec NAME ...` dispatches to other modules: name -> (module whose main(argv) runs it, what it does).
+# Without one of these names first, the command line trains or loads a model (build_parser).
+SUBCOMMANDS = {
+    'serve': ('serve', ('serve a trained model over HTTP: recommendations for live sessions, click by click '
+                        '(needs the serve extra)')),
+}
+
+
+def _commands_text(prog):
+    """The --help section that lists what the command does without a subcommand and with each one."""
+    rows = [(f'{prog} PATH [options]', ('train a model (-ps / -pf) or load one (-l), save it, evaluate it '
+                                        '(the options below)'))]
+    rows += [(f'{prog} {name} MODEL [options]', f'{text}; see {prog} {name} --help')
+             for name, (_, text) in SUBCOMMANDS.items()]
+    width = max(len(usage) for usage, _ in rows) + 2
+    indent = ' ' * (2 + width)
+    lines = ['commands:']
+    for usage, text in rows:
+        wrapped = textwrap.wrap(text, 100 - len(indent))
+        lines.append(f'  {usage:<{width}}{wrapped[0]}')
+        lines += [indent + line for line in wrapped[1:]]
+    return '\n'.join(lines)
+
+
 def build_parser():
-    p = ArgumentParser(description='Train GRU4Rec (or a baseline) on a session log, or load a trained model; '
-                       'optionally save it and evaluate it on test sets (Recall@k and MRR@k against all items).',
-                       epilog='Give -ps or -pf (or both: -ps then overrides the file) to train, or -l to load. '
-                       'Data files: TAB separated with a header (also .gz, .bz2, .xz, .zip), Parquet (.parquet, '
-                       'needs pyarrow), pickled DataFrames (.pickle, .pkl) with --allow-pickle. '
-                       'Exit status: 0 on success, 2 on bad input, 1 when training diverges.')
+    p = ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.description = '\n'.join(textwrap.wrap(
+        'Train GRU4Rec (or a baseline) on a session log, or load a trained model; optionally save it and evaluate '
+        'it on test sets (Recall@k and MRR@k against all items).', 100)) + '\n\n' + _commands_text(p.prog)
+    p.epilog = '\n'.join(textwrap.wrap(
+        'Give -ps or -pf (or both: -ps then overrides the file) to train, or -l to load. Data files: TAB separated '
+        'with a header (also .gz, .bz2, .xz, .zip), Parquet (.parquet, needs pyarrow), pickled DataFrames (.pickle, '
+        '.pkl) with --allow-pickle. Exit status: 0 on success, 2 on bad input, 1 when training diverges.', 100))
     p.add_argument('path', metavar='PATH', help='training data, or with -l a model file written by -s / savemodel')
     source = p.add_argument_group('model')
     source.add_argument('-ps', '--parameter-string', '--parameter_string', metavar='PARAMS',
@@ -335,13 +363,14 @@ def run(args):
 def main(argv=None):
     """Entry point of `run.py` and of the `gru4rec` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ['serve']:  # `gru4rec serve MODEL ...`: the HTTP service (serve.py)
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # e.g. `gru4rec serve MODEL ...`: another module's command line
+        name = argv[0]
         try:
-            import serve
+            module = importlib.import_module(SUBCOMMANDS[name][0])
         except ImportError as e:
-            print(f'gru4rec serve: error: {e}; install the service extra: pip install gru4rec[serve]', file=sys.stderr)
+            print(f'gru4rec {name}: error: {e}; install the {name} extra: pip install gru4rec[{name}]', file=sys.stderr)
             return 2
-        return serve.main(argv[1:])
+        return module.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)

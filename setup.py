@@ -13,7 +13,10 @@ setup(
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=3.0.7,<3.1',  # cbackend.py uses PyTensor's internals; tested with 3.0.7
-        'numba>=0.57',  # compiled host loops: the training step's distinct rows, live top-k
+        # compiled host loops: the training step's distinct rows, live top-k. At most PyTensor 3.0's own bound: with
+        # only a lower bound pip first takes the newest numba and then backtracks through numpy and pandas for
+        # many minutes in a fresh virtual environment.
+        'numba>=0.57,<=0.65.1',
         'numpy>=1.26',
         'pandas>=2.0',
         'tqdm>=4.60',

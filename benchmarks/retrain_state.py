@@ -22,11 +22,31 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PRESETS, load_log  # noqa: E402
-from retrain_sigma import new_item_targets, top20_metrics  # noqa: E402
 
 from evaluation import evaluate_gpu  # noqa: E402
 from gru4rec import RETRAIN_STATES, GRU4Rec  # noqa: E402
 
+
+
+def new_item_targets(test, new_items):
+    """{(session, position): the items before it} and {(session, position): target} for every test event
+    whose target is a new item."""
+    histories, targets = {}, {}
+    for sid, session in test.groupby('SessionId'):
+        items = session.ItemId.tolist()
+        for i in range(1, len(items)):
+            if items[i] in new_items:
+                histories[(sid, i)], targets[(sid, i)] = items[:i], items[i]
+    return histories, targets
+
+
+def top20_metrics(model, histories, targets):
+    """Recall@20 and MRR@20 of the targets in the model's top 20 for each history."""
+    recs = model.recommend(histories, k=20)
+    rank = {key: dict(zip(group.ItemId, group['rank'])).get(targets[key])
+            for key, group in recs.groupby('SessionId', sort=False)}
+    ranks = np.array([rank.get(key) or np.inf for key in targets], dtype=float)
+    return np.mean(ranks <= 20), np.mean(np.where(ranks <= 20, 1 / ranks, 0))
 
 def split_in_time(train):
     """Halves of a log by session start: A the sessions starting up to the median start, B the rest."""

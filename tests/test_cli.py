@@ -307,3 +307,26 @@ def test_console_entry_point():
         pytest.skip(f'the gru4rec script is not installed next to {sys.executable}')
     proc = subprocess.run([executable, '--help'], capture_output=True, text=True)
     assert proc.returncode == 0 and '--parameter-file' in proc.stdout
+
+
+def test_help_lists_every_subcommand_with_what_it_does():
+    status, out, _ = cli('--help')
+    assert status == 0
+    commands = out.split('commands:\n', 1)[1].split('\n\n', 1)[0]
+    assert re.search(r'^  \S+ PATH \[options\]\s+train a model', commands, re.MULTILINE)
+    for name, (_, text) in run.SUBCOMMANDS.items():
+        row = re.search(rf'^  \S+ {name} MODEL \[options\]\s+(.*(\n {{6,}}.*)*)', commands, re.MULTILINE)
+        assert row, f'{name} is missing from --help:\n{commands}'
+        assert ' '.join(row.group(1).split()).startswith(text), row.group(1)
+
+
+@pytest.mark.parametrize('name', sorted(run.SUBCOMMANDS))
+def test_each_subcommand_help_says_what_it_does(name):
+    module = run.SUBCOMMANDS[name][0]
+    pytest.importorskip(module, reason=f"the {name} extra is not installed (pip install -e '.[test]')")
+    proc = subprocess.run([sys.executable, str(REPO / 'run.py'), name, '--help'], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    usage, description = proc.stdout.split('\n\n')[:2]
+    assert usage.startswith(f'usage: gru4rec {name} ')
+    assert len(description.split()) >= 5, f'gru4rec {name} --help does not say what it does: {description!r}'
