@@ -1,0 +1,85 @@
+"""The JAX training step before and after issue 31, side by side in one run: milliseconds per mini-batch
+on the rsc15 and diginetica settings, and the memory of the step with and without buffer donation.
+
+    python benchmarks/jax_step.py --baseline 0773b7b --steps 300 --rounds 2
+    python benchmarks/jax_step.py --memory-only --memory-data synthetic:1000000:500000
+
+Each measurement is one run of benchmarks/train_speed.py (--backend jax --steps N) in a subprocess: the
+baseline's own copy from a checkout of --baseline (git archive of its Python files), and this checkout's,
+in alternating order, --rounds times; the figure is the median. The memory runs use this checkout with and
+without --no-donate on a log with many items, where the item tables dominate: XLA's memory plan of the
+step (its device memory) and the peak RSS of the process (on a CPU the device memory is host memory).
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from common import ROOT
+
+SETTINGS = {
+    'rsc15 (yoochoose1_64, 100 units, batch 32)': ('yoochoose1_64_train_full', 'rsc15_xe_shared_100_best'),
+    'diginetica (512 units, batch 128)': ('diginetica_train_full', 'diginetica_bprmax_shared_best'),
+}
+
+
+def train_speed(root, data, paramfile, steps, *extra):
+    """The figures train_speed.py (of the checkout at `root`) prints for `steps` JAX mini-batches."""
+    command = [sys.executable, os.path.join(root, 'benchmarks', 'train_speed.py'), '--data', data, '--backend',
+               'jax', '-pf', str(ROOT / 'paramfiles' / f'{paramfile}.py'), '--steps', str(steps), *extra]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+    if out.returncode:
+        sys.exit(f'{" ".join(command)} failed:\n{out.stderr[-3000:]}')
+    figures = {'mb/s': float(re.search(r'speed: ([\d.]+) mini-batches/s', out.stdout).group(1)),
+               'peak RSS MiB': float(re.search(r'peak RSS: ([\d,]+) MiB', out.stdout).group(1).replace(',', ''))}
+    xla = re.search(r'XLA step memory: peak ([\d,.]+) MiB', out.stdout)
+    if xla:
+        figures['XLA peak MiB'] = float(xla.group(1).replace(',', ''))
+    return figures
+
+
+def checkout(revision, folder):
+    """The Python files of the repository at `revision` (the top level and benchmarks/) in `folder`."""
+    archive = subprocess.run(['git', '-C', str(ROOT), 'archive', revision, '--', ':(glob)*.py', 'benchmarks/*.py'],
+                             capture_output=True, check=True).stdout
+    subprocess.run(['tar', '-x', '-C', folder], input=archive, check=True)
+    return folder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--baseline', default='0773b7b', help='the revision before the change (default %(default)s)')
+    parser.add_argument('--steps', type=int, default=300, help='mini-batches per run (default %(default)s)')
+    parser.add_argument('--rounds', type=int, default=2, help='runs of each version, alternating (default %(default)s)')
+    parser.add_argument('--memory-data', default='synthetic:1000000:500000',
+                        help='the log of the memory runs (default %(default)s: 500k items)')
+    parser.add_argument('--memory-only', action='store_true', help='only the memory with and without donation')
+    args = parser.parse_args()
+    print(f'python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}', flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.memory_only:
+            before = checkout(args.baseline, tmp)
+            versions = [(f'before ({args.baseline})', before), ('after (this checkout)', str(ROOT))]
+            print(f'\nms per mini-batch, JAX on this CPU, {args.steps} mini-batches a run, median of {args.rounds}')
+            for name, (data, paramfile) in SETTINGS.items():
+                runs = {label: [] for label, _ in versions}
+                for r in range(args.rounds):
+                    for label, root in versions if r % 2 == 0 else versions[::-1]:
+                        runs[label].append(1000 / train_speed(root, data, paramfile, args.steps)['mb/s'])
+                medians = {label: statistics.median(ms) for label, ms in runs.items()}
+                cells = ' | '.join(f'{label}: {ms:.2f} ({", ".join(f"{m:.2f}" for m in runs[label])})'
+                                   for label, ms in medians.items())
+                speedup = medians[versions[0][0]] / medians[versions[1][0]]
+                print(f'{name}: {cells} | x{speedup:.2f}', flush=True)
+    print(f'\nmemory of the step on {args.memory_data}, rsc15 setting, this checkout')
+    for label, extra in (('without donation (--no-donate)', ('--no-donate',)), ('with donation', ())):
+        figures = train_speed(str(ROOT), args.memory_data, 'rsc15_xe_shared_100_best', 30, *extra)
+        print(f'{label}: XLA peak {figures["XLA peak MiB"]:,.1f} MiB, process peak RSS '
+              f'{figures["peak RSS MiB"]:,.0f} MiB, {1000 / figures["mb/s"]:.2f} ms per mini-batch', flush=True)
+
+
+if __name__ == '__main__':
+    main()
