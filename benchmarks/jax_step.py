@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import ROOT
+from common import DATA_DIR, ROOT
 
 SETTINGS = {
     'rsc15 (yoochoose1_64, 100 units, batch 32)': ('yoochoose1_64_train_full', 'rsc15_xe_shared_100_best'),
@@ -28,9 +28,12 @@ SETTINGS = {
 
 def train_speed(root, data, paramfile, steps, *extra):
     """The figures train_speed.py (of the checkout at `root`) prints for `steps` JAX mini-batches."""
+    if not data.startswith('synthetic:'):
+        data = str(DATA_DIR / f'{data}.tsv.gz')  # a checkout elsewhere has no ../shared/data
     command = [sys.executable, os.path.join(root, 'benchmarks', 'train_speed.py'), '--data', data, '--backend',
                'jax', '-pf', str(ROOT / 'paramfiles' / f'{paramfile}.py'), '--steps', str(steps), *extra]
-    out = subprocess.run(command, capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root))
+    out = subprocess.run(command, capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root),
+                         check=False)
     if out.returncode:
         sys.exit(f'{" ".join(command)} failed:\n{out.stderr[-3000:]}')
     figures = {'mb/s': float(re.search(r'speed: ([\d.]+) mini-batches/s', out.stdout).group(1)),

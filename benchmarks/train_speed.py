@@ -70,8 +70,9 @@ def main():
                         help="JAX: compile with PyTensor's own JAX linker, which donates no buffer (to measure donation)")
     args = parser.parse_args()
     if args.no_donate:
-        import backends
         from pytensor.compile.mode import get_mode
+
+        import backends
         backends.JAX_MODE = get_mode('JAX')
 
     t0 = time.perf_counter()
