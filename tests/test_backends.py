@@ -187,3 +187,11 @@ def test_a_loaded_or_restored_jax_model_keeps_its_weights_on_the_device(tmp_path
     evaluate_gpu(loaded, test, cut_off=[5], batch_size=4)  # the new learning rate rebuilt the graphs
     with jax.transfer_guard('disallow'):
         assert evaluate_gpu(loaded, test, cut_off=[5], batch_size=4) == expected
+
+
+def test_the_python_example_of_docs_gpu_runs(capsys):
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / 'docs' / 'gpu.md').read_text()
+    (example,) = [block.split('```')[0] for block in text.split('```python\n')[1:]]
+    exec(compile(example, 'docs/gpu.md', 'exec'), {})
+    assert capsys.readouterr().out.startswith('loss ')
