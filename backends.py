@@ -80,17 +80,19 @@ def set_shared(var, value, backend):
 
 
 def call(fn, *values):
-    """fn(*values) for a function that compile_function compiled. On JAX the values are checked and
-    converted on the host by the types of fn's inputs, as the call itself checks them, then uploaded
-    together by one explicit device_put, and the call trusts them: it transfers nothing itself (a JAX
-    function that checks its inputs reads device arrays back to the host to do it)."""
+    """fn(*values) for a function that compile_function compiled. On JAX the host values are checked and
+    converted by the types of fn's inputs, as the call itself checks them, then uploaded together by one
+    explicit device_put (device arrays, the outputs of earlier calls, pass as they are), and the call
+    trusts them: it transfers nothing itself (a JAX function that checks its inputs reads device arrays
+    back to the host to do it)."""
     if not isinstance(fn.maker.linker, JAXLinker):
         return fn(*values)
     import jax
     containers = fn.input_storage[:len(values)]
     if len(values) != sum(not i.implicit for i in fn.maker.inputs):
         raise TypeError(f'the function takes {sum(not i.implicit for i in fn.maker.inputs)} inputs, got {len(values)}')
-    checked = [c.type.filter(v, strict=c.strict, allow_downcast=c.allow_downcast) for c, v in zip(containers, values)]
+    checked = [v if isinstance(v, jax.Array) else c.type.filter(v, strict=c.strict, allow_downcast=c.allow_downcast)
+               for c, v in zip(containers, values)]
     trusted = fn.trust_input
     fn.trust_input = True
     try:

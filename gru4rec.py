@@ -912,8 +912,8 @@ class GRU4Rec:
                 X = pad(items[offsets[batch[:n_active]] + t], batch_size, 0)  # padding rows are ignored
                 ending = slice(n_going_on, n_active)
                 if n_active > n_going_on:
-                    scores[ending] = score(X, *H)[ending]
-                H = step(X, *H)
+                    scores[ending] = to_host([call(score, X, *H)])[0][ending]
+                H = call(step, X, *H)
             back = np.argsort(batch)  # the sessions in the order of the log again
             batch, scores = batch[back], scores[back]
             if exclude_seen:

@@ -3,8 +3,9 @@ on the rsc15 and diginetica settings, and the memory of the step with and withou
 
     python benchmarks/jax_step.py --baseline 0773b7b --steps 300 --rounds 2
     python benchmarks/jax_step.py --memory-only --memory-data synthetic:1000000:500000
+    python benchmarks/jax_step.py --backend c --steps 3000      # the C backend's step, before and after
 
-Each measurement is one run of benchmarks/train_speed.py (--backend jax --steps N) in a subprocess: the
+Each measurement is one run of benchmarks/train_speed.py (--backend, --steps N) in a subprocess: the
 baseline's own copy from a checkout of --baseline (git archive of its Python files), and this checkout's,
 in alternating order, --rounds times; the figure is the median. The memory runs use this checkout with and
 without --no-donate on a log with many items, where the item tables dominate: XLA's memory plan of the
@@ -26,12 +27,12 @@ SETTINGS = {
 }
 
 
-def train_speed(root, data, paramfile, steps, *extra):
-    """The figures train_speed.py (of the checkout at `root`) prints for `steps` JAX mini-batches."""
+def train_speed(root, data, paramfile, steps, *extra, backend='jax'):
+    """The figures train_speed.py (of the checkout at `root`) prints for `steps` mini-batches."""
     if not data.startswith('synthetic:'):
         data = str(DATA_DIR / f'{data}.tsv.gz')  # a checkout elsewhere has no ../shared/data
     command = [sys.executable, os.path.join(root, 'benchmarks', 'train_speed.py'), '--data', data, '--backend',
-               'jax', '-pf', str(ROOT / 'paramfiles' / f'{paramfile}.py'), '--steps', str(steps), *extra]
+               backend, '-pf', str(ROOT / 'paramfiles' / f'{paramfile}.py'), '--steps', str(steps), *extra]
     out = subprocess.run(command, capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root),
                          check=False)
     if out.returncode:
@@ -60,23 +61,29 @@ def main():
     parser.add_argument('--memory-data', default='synthetic:1000000:500000',
                         help='the log of the memory runs (default %(default)s: 500k items)')
     parser.add_argument('--memory-only', action='store_true', help='only the memory with and without donation')
+    parser.add_argument('--backend', default='jax', help="the backend timed: 'jax' (default) or 'c', to check that "
+                        'the changes to the step cost the C backend nothing (no memory runs then)')
     args = parser.parse_args()
     print(f'python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}', flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if not args.memory_only:
             before = checkout(args.baseline, tmp)
             versions = [(f'before ({args.baseline})', before), ('after (this checkout)', str(ROOT))]
-            print(f'\nms per mini-batch, JAX on this CPU, {args.steps} mini-batches a run, median of {args.rounds}')
+            print(f'\nms per mini-batch, {args.backend} backend on this CPU, {args.steps} mini-batches a run, '
+                  f'median of {args.rounds}')
             for name, (data, paramfile) in SETTINGS.items():
                 runs = {label: [] for label, _ in versions}
                 for r in range(args.rounds):
                     for label, root in versions if r % 2 == 0 else versions[::-1]:
-                        runs[label].append(1000 / train_speed(root, data, paramfile, args.steps)['mb/s'])
+                        speed = train_speed(root, data, paramfile, args.steps, backend=args.backend)['mb/s']
+                        runs[label].append(1000 / speed)
                 medians = {label: statistics.median(ms) for label, ms in runs.items()}
                 cells = ' | '.join(f'{label}: {ms:.2f} ({", ".join(f"{m:.2f}" for m in runs[label])})'
                                    for label, ms in medians.items())
                 speedup = medians[versions[0][0]] / medians[versions[1][0]]
                 print(f'{name}: {cells} | x{speedup:.2f}', flush=True)
+    if args.backend != 'jax':
+        return
     print(f'\nmemory of the step on {args.memory_data}, rsc15 setting, this checkout')
     for label, extra in (('without donation (--no-donate)', ('--no-donate',)), ('with donation', ())):
         figures = train_speed(str(ROOT), args.memory_data, 'rsc15_xe_shared_100_best', 30, *extra)

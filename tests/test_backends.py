@@ -141,7 +141,7 @@ def test_jax_training_step_consumes_its_weights_buffers():
 
 def test_jax_training_evaluation_and_prediction_move_nothing_behind_the_codes_back():
     """Under jax.transfer_guard('disallow') every implicit host-device transfer raises: training with
-    validation (the loss reads included), evaluation and prediction only move data by their explicit
+    validation (the loss reads included), evaluation, prediction and recommend only move data by their explicit
     uploads and downloads (per step: the mini-batch up; every 256 steps and after an epoch the losses
     down). Compiling may move constants: the first round compiles everything outside the guard."""
     import jax
@@ -152,6 +152,8 @@ def test_jax_training_evaluation_and_prediction_move_nothing_behind_the_codes_ba
             model.fit(log, valid_data=valid)
             recall, _ = evaluate_gpu(model, valid, cut_off=[1, 5], batch_size=4)
             scores = model.predict_next_batch([1, 2, 3], [0, 4, 9], batch=3)
+            top = model.recommend({1: [0, 4], 2: [9]}, k=3)
+    assert len(top) == 6 and (top['score'].diff().fillna(0)[top['rank'] > 1] <= 0).all()
     assert np.isfinite(model.history_[-1]['loss']) and 0 < recall[5] <= 1 and np.isfinite(scores.to_numpy()).all()
     # The guard does catch an implicit transfer: a training step fed its inputs without the explicit upload.
     fn = model.training_step_.function
