@@ -195,8 +195,8 @@ def test_losses_read_in_blocks_give_the_epoch_loss_and_name_the_nan_step(monkeyp
         recorded.append((np.asarray(cost), len(X)))
         return np.float32(np.nan) if len(recorded) == nan_at['step'] else cost
     monkeypatch.setattr(training.TrainingStep, '__call__', recording)
-    params = dict(layers=[8], batch_size=4, n_sample=6, n_epochs=1, verbose=False, seed=1)
-    model = GRU4Rec(**params).fit(make_train_log(), sample_store=60)
+    model = GRU4Rec(layers=[8], batch_size=4, n_sample=6, n_epochs=1, verbose=False, seed=1)
+    model.fit(make_train_log(), sample_store=60)
     assert len(recorded) > 2 * 3 + 1
     total = 0.0
     for cost, size in recorded:
