@@ -80,7 +80,11 @@ def environment(args):
     venv = Path(args.venv)
     python = venv / 'bin' / 'python'
     if not python.exists():
-        run([args.python, '-m', 'venv', '--system-site-packages', venv])
+        status, _ = run([args.python, '-m', 'venv', '--system-site-packages', venv])
+        if status:  # e.g. Debian's Python without python3-venv: no ensurepip; the machine's pip installs
+            run([args.python, '-m', 'venv', '--system-site-packages', '--without-pip', venv])
+    has_pip = subprocess.run([python, '-m', 'pip', '--version'], capture_output=True, check=False).returncode == 0
+    pip = [python, '-m', 'pip'] if has_pip else [args.python, '-m', 'pip', '--python', python]
     # The machine's site-packages after the environment's own (a .pth file): whether the machine's
     # Python is the system's, a virtual environment's or conda's, pip sees what it has.
     listing = 'import site; print("\\n".join(site.getsitepackages() + [site.getusersitepackages()]))'
@@ -91,10 +95,12 @@ def environment(args):
     has_jax = subprocess.run([python, '-c', 'import jax'], capture_output=True, check=False).returncode == 0
     wanted = requirements() + ([] if has_jax else ['jax' if args.allow_cpu else 'jax[cuda12]'])
     source = ['--no-index', '--find-links', args.wheels] if args.wheels else []
-    print(f"JAX: {'the machine' + chr(39) + 's own' if has_jax else 'none yet: adding ' + wanted[-1]}", flush=True)
-    status, _ = run([python, '-m', 'pip', 'install', '-q', '--disable-pip-version-check', *source, *wanted])
+    print("JAX: the machine's own" if has_jax else f'JAX: none yet, adding {wanted[-1]}', flush=True)
+    status, out = run([*pip, 'install', '--disable-pip-version-check', *source, *wanted], echo=False)
+    added = [line for line in out.splitlines() if line.startswith('Successfully installed')]
+    print(added[0] if added else 'nothing to add: the machine has every requirement', flush=True)
     if status:
-        sys.exit('could not add the missing packages (see above); without a network give --wheels DIR, made by '
+        sys.exit(f'{out}\ncould not add the missing packages (above); without a network give --wheels DIR, made by '
                  '--download DIR on a machine with one')
     return python
 
