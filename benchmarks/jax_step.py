@@ -65,6 +65,7 @@ def main():
     parser.add_argument('--memory-data', default='synthetic:1000000:500000',
                         help='the log of the memory runs (default %(default)s: 500k items)')
     parser.add_argument('--memory-only', action='store_true', help='only the memory with and without donation')
+    parser.add_argument('--only', choices=[name.split()[0] for name in SETTINGS], help='time only this setting')
     parser.add_argument('--backend', default='jax', help="the backend timed: 'jax' (default) or 'c', to check that "
                         'the changes to the step cost the C backend nothing (no memory runs then)')
     args = parser.parse_args()
@@ -76,6 +77,8 @@ def main():
             print(f'\nms per mini-batch, {args.backend} backend on this CPU, {args.steps} mini-batches a run, '
                   f'median of {args.rounds}')
             for name, (data, paramfile) in SETTINGS.items():
+                if args.only and not name.startswith(args.only):
+                    continue
                 runs = {label: [] for label, _ in versions}
                 for r in range(args.rounds):
                     for label, root in versions if r % 2 == 0 else versions[::-1]:
