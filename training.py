@@ -219,8 +219,8 @@ class TrainingStep:
             updates[H] = h
         # The step's inputs travel as two vectors, one of int32 and one of float32, so that a device
         # receives two arrays a step instead of a dozen (each copy to a GPU has its own fixed cost).
-        self._layout = [X, T, prev_rows, rows_Y, inv_Y, rows_X, inv_X], [keep, active] + [m for m, _ in self.dropout]
-        (ints, int_parts), (floats, float_parts) = (packed(v, name) for v, name in zip(self._layout, ('ints', 'floats')))
+        layout = [X, T, prev_rows, rows_Y, inv_Y, rows_X, inv_X], [keep, active] + [m for m, _ in self.dropout]
+        (ints, int_parts), (floats, float_parts) = (packed(v, name) for v, name in zip(layout, ('ints', 'floats')))
         outputs = clone_replace([cost] + list(updates.values()), replace=dict(int_parts + float_parts))
         # Compiled when training starts (compile()): a model loaded only to predict or to be served never
         # waits for its largest graph.
