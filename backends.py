@@ -3,15 +3,49 @@
 The model, its training step and the evaluation build backend-neutral graphs and compile them with
 compile_function. The C backend's own kernels (cbackend.py) enter only through the graph rewrites of its
 compile mode; JAX needs every shape static, which needs_static_shapes tells the code that pads batches.
+
+On JAX the arrays live on the device (a GPU when JAX has one): the shared variables hold device arrays
+(set_shared), a call's varying inputs travel by one explicit upload (call), results come back by one
+explicit download of many values at once (to_host), and every buffer that a step's updates replace is
+donated to it (DonatingJAXLinker). Nothing moves between host and device behind the code's back, which
+tests/test_backends.py checks under jax.transfer_guard('disallow').
 """
+import numpy as np
 import pytensor
-from pytensor.compile.mode import get_mode
+from pytensor.compile.mode import Mode, get_mode
+from pytensor.link.jax.linker import JAXLinker
 
 import cbackend
+
+
+class DonatingJAXLinker(JAXLinker):
+    """PyTensor's JAX linker, with the buffers of the inputs that the function's updates replace donated
+    to the compiled program (jax.jit's donate_argnums; see "Buffer donation" in JAX's documentation).
+
+    PyTensor stores each update's output in its shared variable after the call, so the old value is never
+    read again; without donation XLA must write the new item matrix and optimiser tables beside the old
+    ones, a full copy of each on every step and twice the memory (benchmarks/README.md). An input whose
+    value is still referenced elsewhere (a numpy view of it on a CPU) is copied by JAX instead, so
+    donation never changes a result. Graphs whose shapes are scalar inputs (none of GRU4Rec's) keep
+    PyTensor's own jit."""
+
+    def donated_inputs(self):
+        """The positions of the inputs that an update replaces (the jitted function's arguments are the
+        function graph's inputs, in order)."""
+        return tuple(sorted(set((self.fgraph.update_mapping or {}).values())))
+
+    def jit_compile(self, fn):
+        if self.scalar_shape_inputs:
+            return super().jit_compile(fn)
+        import jax
+        return jax.jit(fn, donate_argnums=self.donated_inputs())
+
 
 # backend -> PyTensor's compile mode. PyTensor's Numba mode is not offered: compiling a tiny model's
 # training step took about a minute there, too long for a test to train it (see benchmarks/README.md).
 BACKENDS = {'c': 'CVM', 'jax': 'JAX'}
+# PyTensor's JAX mode (its graph rewrites), linked with donation.
+JAX_MODE = Mode(DonatingJAXLinker(), get_mode('JAX').provided_optimizer)
 
 
 def check_backend(backend):
@@ -32,5 +66,47 @@ def compile_function(inputs, outputs, updates=None, backend='c'):
         with pytensor.config.change_flags(**cbackend.compile_flags()):
             return pytensor.function(inputs, outputs, updates=updates, mode=cbackend.c_mode(),
                                      on_unused_input='ignore')
-    return pytensor.function(inputs, outputs, updates=updates, mode=get_mode(BACKENDS[backend]),
-                             on_unused_input='ignore')
+    return pytensor.function(inputs, outputs, updates=updates, mode=JAX_MODE, on_unused_input='ignore')
+
+
+def set_shared(var, value, backend):
+    """var.set_value(value), checked and converted by var's type as set_value does, then kept on the
+    device on JAX: a compiled function reads it there, where a numpy value would be uploaded on every
+    call (PyTensor itself stores a JAX function's updates in the shared variables as device arrays)."""
+    var.set_value(value)  # a copy: the caller's array is never donated or aliased
+    if backend == 'jax':
+        import jax
+        var.container.storage[0] = jax.device_put(var.container.storage[0])
+
+
+def call(fn, *values):
+    """fn(*values) for a function that compile_function compiled. On JAX the host values are checked and
+    converted by the types of fn's inputs, as the call itself checks them, then uploaded together by one
+    explicit device_put (device arrays, the outputs of earlier calls, pass as they are), and the call
+    trusts them: it transfers nothing itself (a JAX function that checks its inputs reads device arrays
+    back to the host to do it)."""
+    if not isinstance(fn.maker.linker, JAXLinker):
+        return fn(*values)
+    import jax
+    containers = fn.input_storage[:len(values)]
+    if len(values) != sum(not i.implicit for i in fn.maker.inputs):
+        raise TypeError(f'the function takes {sum(not i.implicit for i in fn.maker.inputs)} inputs, got {len(values)}')
+    checked = [v if isinstance(v, jax.Array) else c.type.filter(v, strict=c.strict, allow_downcast=c.allow_downcast)
+               for c, v in zip(containers, values)]
+    trusted = fn.trust_input
+    fn.trust_input = True
+    try:
+        return fn(*jax.device_put(checked))
+    finally:
+        fn.trust_input = trusted
+
+
+def to_host(values):
+    """Numpy copies of a list of results (device arrays, numpy arrays or scalars), fetched in one go:
+    a device array is waited for and copied only here, so the code that collects results never stops the
+    device. The copies are the caller's own: a view of a device buffer (what a CPU device gives) would
+    change when a later step reuses the buffer, and would keep JAX from donating it."""
+    if any(type(v).__module__.startswith('jax') for v in values):
+        import jax
+        values = jax.device_get(list(values))
+    return [np.array(v) for v in values]

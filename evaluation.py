@@ -16,7 +16,7 @@ import pandas as pd
 import pytensor
 import pytensor.tensor as pt
 
-from backends import needs_static_shapes
+from backends import call, needs_static_shapes, set_shared, to_host
 from sessions import FLOAT, pad, session_arrays, session_parallel_batches
 
 TIE_MODES = ('standard', 'conservative', 'median', 'tiebreaking')
@@ -125,21 +125,24 @@ def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='
         return _compile_eval_step(gru, H, cutoffs, mode, items is not None, seed), H
     compiled = getattr(gru, 'compiled', lambda key, make: make())
     step, H = compiled(('evaluate', B, tuple(cutoffs), mode, items is not None, seed), make)
+    backend = gru.get_params()['backend']
     for h, L in zip(H, state_sizes):
-        h.set_value(np.zeros((B, L), dtype=FLOAT))
-    recall_sum = np.zeros(len(cutoffs))
-    mrr_sum = np.zeros(len(cutoffs))
+        set_shared(h, np.zeros((B, L), dtype=FLOAT), backend)
     n = 0
     positions = np.arange(len(event_items))
-
+    sums = []  # each batch's (hits, reciprocal ranks), read in one go at the end: a device never waits
     for pos_in, pos_out, prev_rows, keep in session_parallel_batches(positions, offsets, order, B):
         M = len(pos_in)
         size = B if static else M  # padding rows read item 0 and are masked out of the sums
-        hits, rr = step(pad(event_items[pos_in], size, 0), pad(event_items[pos_out], size, 0), pad(prev_rows, size, 0),
-                        pad(keep, size, 0), pad(np.ones(M, dtype=FLOAT), size, 0), candidates)
-        recall_sum += np.asarray(hits)  # JAX returns its own arrays
-        mrr_sum += np.asarray(rr)
+        sums += call(step, pad(event_items[pos_in], size, 0), pad(event_items[pos_out], size, 0),
+                     pad(prev_rows, size, 0), pad(keep, size, 0), pad(np.ones(M, dtype=FLOAT), size, 0), candidates)
         n += len(pos_in)
+    recall_sum = np.zeros(len(cutoffs))
+    mrr_sum = np.zeros(len(cutoffs))
+    sums = to_host(sums)
+    for hits, rr in zip(sums[::2], sums[1::2]):  # in the order of the batches, as they were added before
+        recall_sum += hits
+        mrr_sum += rr
     recall = OrderedDict((k, float(recall_sum[i] / n)) for i, k in enumerate(cutoffs))
     mrr = OrderedDict((k, float(mrr_sum[i] / n)) for i, k in enumerate(cutoffs))
     return recall, mrr

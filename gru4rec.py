@@ -36,7 +36,7 @@ import pytensor.tensor as pt
 from pytensor.gradient import disconnected_grad
 
 import modelfile
-from backends import BACKENDS, compile_function
+from backends import BACKENDS, call, compile_function, set_shared, to_host
 from evaluation import evaluate_gpu
 from sessions import FLOAT, pad, session_arrays, session_parallel_batches, sort_log, validate_log
 from training import (ADAPT_DEFAULTS, OPT_STATE_KINDS, Optimizer, SampleStore, TrainingStep, row_loss_op, sample_cdf,
@@ -615,8 +615,7 @@ class GRU4Rec:
         with_pad_row = lambda n, w: np.concatenate([w, np.zeros((1,) + w.shape[1:], FLOAT)]) if n in item_params else w
         with pytensor.config.change_flags(floatX=FLOAT):
             self.params = OrderedDict((n, static_shared(with_pad_row(n, w), n)) for n, w in self.weights_.items())
-            self.H = [static_shared(np.zeros((hp['batch_size'], L), dtype=FLOAT), f'H{l}')
-                      for l, L in enumerate(self.layers_)]
+            self.H = self._state_buffers(hp['batch_size'])
             self.P_target = static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_target')
             self.P_sample = static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_sample')
             optimizer = Optimizer(hp['adapt'], hp['adapt_params'], hp['learning_rate'], hp['momentum'], hp['lmbd'],
@@ -625,7 +624,7 @@ class GRU4Rec:
             self.training_step_ = TrainingStep(
                 self.params, item_params, self.H, input_table, self._training_network, self._output,
                 self._training_loss, optimizer, hp['batch_size'], hp['n_sample'], self.n_items,
-                hp['constrained_embedding'], self.compile_function)
+                hp['constrained_embedding'], self.compile_function, hp['backend'])
         self._compiled_for = self._graph_key()
         self._fns = {}
         self._push_state()
@@ -817,8 +816,9 @@ class GRU4Rec:
     def _push_state(self):
         """Loads self.weights_ and self.opt_values_ into the compiled graph's shared variables."""
         self.training_step_.set_state(self.weights_, self.opt_values_)
-        self.P_target.set_value(self._log_support(1.0))
-        self.P_sample.set_value(self._log_support(self.hyperparameters_['sample_alpha']))
+        backend = self.hyperparameters_['backend']
+        set_shared(self.P_target, self._log_support(1.0), backend)
+        set_shared(self.P_sample, self._log_support(self.hyperparameters_['sample_alpha']), backend)
 
     def _grow(self, added):
         """Appends items never seen before: fresh parameter rows, zero optimiser state and support."""
@@ -857,17 +857,23 @@ class GRU4Rec:
         with_items = predict_for_item_ids is not None
         items = self._item_indices(predict_for_item_ids, 'predict_for_item_ids') if with_items else X[:0]
         H = self.compiled(('predict_next_batch states', batch),  # shared by both output modes
-                          lambda: [static_shared(np.zeros((batch, L), dtype=FLOAT), f'H{l}')
-                                   for l, L in enumerate(self.layers_)])
+                          lambda: self._state_buffers(batch))
         step = self.compiled(('predict_next_batch', batch, with_items),
                              lambda: self._compile_stateful_step(H, with_items))
         if self._pred_sessions is None or len(self._pred_sessions) != batch:
             self._pred_sessions = np.full(batch, None, dtype=object)
         keep = (session_ids == self._pred_sessions).astype(FLOAT)
         self._pred_sessions = session_ids.astype(object)
-        scores = step(X, keep, items)  # batch x C
+        (scores,) = to_host([call(step, X, keep, items)])  # batch x C
         index = pd.Index(np.asarray(predict_for_item_ids)) if with_items else self.itemidmap_
         return pd.DataFrame(scores.T, index=index)
+
+    def _state_buffers(self, batch):
+        """Shared variables for the hidden states of `batch` sessions (zeros; on the device for JAX)."""
+        H = [static_shared(np.zeros((batch, L), dtype=FLOAT), f'H{l}') for l, L in enumerate(self.layers_)]
+        for h in H:
+            set_shared(h, h.get_value(borrow=True), self.hyperparameters_['backend'])
+        return H
 
     def _compile_stateful_step(self, H, with_items):
         """(X, keep, items) -> scores; the hidden state stays in the shared variables H between calls."""
@@ -926,8 +932,8 @@ class GRU4Rec:
                 X = pad(items[offsets[batch[:n_active]] + t], batch_size, 0)  # padding rows are ignored
                 ending = slice(n_going_on, n_active)
                 if n_active > n_going_on:
-                    scores[ending] = score(X, *H)[ending]
-                H = step(X, *H)
+                    scores[ending] = to_host([call(score, X, *H)])[0][ending]
+                H = call(step, X, *H)
             back = np.argsort(batch)  # the sessions in the order of the log again
             batch, scores = batch[back], scores[back]
             if exclude_seen:

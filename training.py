@@ -17,15 +17,21 @@ import pytensor
 import pytensor.tensor as pt
 from pytensor.compile.builders import OpFromGraph
 from pytensor.gradient import DisconnectedType
+from pytensor.graph.replace import clone_replace
 from pytensor.graph.traversal import graph_inputs
 from tqdm import tqdm
 
+from backends import call, set_shared, to_host
 from sessions import FLOAT, pad
 
 # adapt -> its adapt_params' defaults (decay, or the betas of Adam); None is SGD.
 ADAPT_DEFAULTS = {None: [], 'adagrad': [], 'rmsprop': [0.9], 'adadelta': [0.95], 'adam': [0.9, 0.999]}
 # The optimiser accumulators that a parameter may have; a model file names them f'{kind}_{parameter}'.
 OPT_STATE_KINDS = ('adagrad', 'rmsprop', 'adadelta_g', 'adadelta_d', 'adam_m', 'adam_v', 'velocity')
+# Training steps between two reads of their losses (the non-finite check and the progress bar). A read waits
+# for the device to finish every step queued before it; between reads the host prepares the next
+# mini-batches while the device trains on the previous ones.
+CHECK_EVERY = 256
 
 
 def static_shared(value, name):
@@ -154,6 +160,15 @@ def row_loss_op(name, loss, Yhat, cols, bpreg):
     return op(*outer)
 
 
+def packed(variables, name):
+    """A vector input holding `variables` (tensors of static shapes and one dtype) one after another, and
+    (variable, its part of the vector) pairs to replace them with in a graph."""
+    sizes = [int(np.prod(v.type.shape)) for v in variables]
+    vector = pt.tensor(name, dtype=variables[0].dtype, shape=(sum(sizes),))
+    ends = np.cumsum(sizes)
+    return vector, [(v, vector[end - size:end].reshape(v.type.shape)) for v, size, end in zip(variables, sizes, ends)]
+
+
 class TrainingStep:
     """One compiled training step of session-parallel mini-batches, with static shapes (the JAX backend
     needs them): the batch always has batch_size rows, and the item-indexed parameters one extra row,
@@ -165,13 +180,14 @@ class TrainingStep:
     network(X, H_prev, input_rows) -> (H_new, dropout): the network's new states for inputs whose
     input_table rows are input_rows, and its dropout (mask input, p) pairs; output(h, Wy, By): the
     scores of the items whose output rows are Wy, By; row_loss(logits, T, samples, cols): the loss of
-    each row (see gru4rec's losses). Call the step with a mini-batch of M <= batch_size sessions and
-    its samples; it returns the cost.
+    each row (see gru4rec's losses); compile_function(inputs, outputs, updates) compiles it for
+    `backend`, where set_state keeps the values (on the device for JAX). Call the step with a mini-batch of
+    M <= batch_size sessions and its samples; it returns the cost.
     """
 
     def __init__(self, params, item_params, states, input_table, network, output, row_loss, optimizer,
-                 batch_size, n_sample, n_items, constrained_embedding, compile_function):
-        self.params, self.item_params, self.states = params, item_params, states
+                 batch_size, n_sample, n_items, constrained_embedding, compile_function, backend='c'):
+        self.params, self.item_params, self.states, self.backend = params, item_params, states, backend
         self.optimizer, self.batch_size, self.n_sample = optimizer, batch_size, n_sample
         self.constrained_embedding, self.pad_item = constrained_embedding, n_items
         self.slot = np.zeros(n_items + 1, dtype=np.int32)  # scratch space of distinct_rows
@@ -209,11 +225,15 @@ class TrainingStep:
         updates = optimizer.updates(targets, grads)
         for H, h in zip(states, H_new):
             updates[H] = h
+        # The step's inputs travel as two vectors, one of int32 and one of float32, so that a device
+        # receives two arrays a step instead of a dozen (each copy to a GPU has its own fixed cost).
+        layout = [X, T, prev_rows, rows_Y, inv_Y, rows_X, inv_X], [keep, active] + [m for m, _ in self.dropout]
+        (ints, int_parts), (floats, float_parts) = (packed(v, name) for v, name in zip(layout, ('ints', 'floats')))
+        outputs = clone_replace([cost] + list(updates.values()), replace=dict(int_parts + float_parts))
         # Compiled when training starts (compile()): a model loaded only to predict or to be served never
         # waits for its largest graph.
         self.function = None
-        inputs = [X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X] + [mask for mask, _ in self.dropout]
-        self._graph = inputs, cost, updates
+        self._graph = [ints, floats], outputs[0], OrderedDict(zip(updates, outputs[1:]))
         self._compile_function = compile_function
 
     def compile(self):
@@ -239,10 +259,13 @@ class TrainingStep:
         rows_Y, inv_Y, rows_X, inv_X = distinct_rows(X, T, samples, self.constrained_embedding, self.slot, pad_item)
         masks = [(self.rng.random(mask.type.shape, dtype=np.float32) < np.float32(1 - p))
                  * np.float32(1 / (1 - p)) for mask, p in self.dropout]
-        return X, T, prev_rows, keep, active, rows_Y, inv_Y, rows_X, inv_X, *masks
+        ints = np.concatenate([X, T, prev_rows, rows_Y, inv_Y, rows_X, inv_X], dtype=np.int32)  # 5B + 2N
+        floats = np.concatenate([keep, active] + [m.ravel() for m in masks], dtype=FLOAT)  # 2B + dropout masks
+        return ints, floats
 
     def __call__(self, X, T, prev_rows, keep, samples):
-        return self.compile()(*self.inputs(X, T, prev_rows, keep, samples))
+        """One training step; returns its cost, which on JAX stays on the device until read."""
+        return call(self.compile(), *self.inputs(X, T, prev_rows, keep, samples))
 
     def with_pad_row(self, name, value):
         """An item-indexed parameter's value (or its optimiser state's) with the padding row appended."""
@@ -254,23 +277,30 @@ class TrainingStep:
         return value[:-1] if name in self.item_params else value
 
     def get_state(self):
-        """(weights, optimiser values) as numpy arrays without the pad row: {name: array} and
-        {f'{kind}_{name}': array, 't': step count} (the names of a model file)."""
-        weights = OrderedDict((n, self.without_pad_row(n, v.get_value())) for n, v in self.params.items())
-        opt_values = {acc.name: self.without_pad_row(name, acc.get_value())
-                      for name, state in self.optimizer.state.items() for acc in state.values()}
-        opt_values['t'] = self.optimizer.t.get_value()
+        """(weights, optimiser values) as numpy arrays (copies, read from a device in one go) without the
+        pad row: {name: array} and {f'{kind}_{name}': array, 't': step count} (the names of a model file)."""
+        accumulators = [(name, acc) for name, state in self.optimizer.state.items() for acc in state.values()]
+        shared = list(self.params.values()) + [acc for _, acc in accumulators] + [self.optimizer.t]
+        values = to_host([var.get_value(borrow=True) for var in shared])
+        weights = OrderedDict((n, self.without_pad_row(n, v)) for n, v in zip(self.params, values))
+        opt_values = {acc.name: self.without_pad_row(name, v)
+                      for (name, acc), v in zip(accumulators, values[len(self.params):])}
+        opt_values['t'] = values[-1]
         return weights, opt_values
 
     def set_state(self, weights, opt_values):
-        """Loads weights and optimiser values (as get_state returns them; missing accumulators are zero)."""
+        """Loads weights and optimiser values (as get_state returns them; missing accumulators are zero),
+        onto the device on JAX."""
         for name, var in self.params.items():
-            var.set_value(self.with_pad_row(name, weights[name]))
+            set_shared(var, self.with_pad_row(name, weights[name]), self.backend)
         for name, state in self.optimizer.state.items():
             for acc in state.values():
                 value = opt_values.get(acc.name)
-                acc.set_value(self.with_pad_row(name, np.zeros_like(weights[name]) if value is None else value))
-        self.optimizer.t.set_value(np.float32(opt_values.get('t', 0)))
+                set_shared(acc, self.with_pad_row(name, np.zeros_like(weights[name]) if value is None else value),
+                           self.backend)
+        set_shared(self.optimizer.t, np.float32(opt_values.get('t', 0)), self.backend)
+        for H in self.states:  # sessions start afresh
+            set_shared(H, np.zeros(H.type.shape, dtype=H.dtype), self.backend)
 
 
 def train_epochs(step, samples, epoch_batches, n_pairs, n_epochs, history, save, restore, validate=None,
@@ -284,31 +314,34 @@ def train_epochs(step, samples, epoch_batches, n_pairs, n_epochs, history, save,
     validate(): the validation figures {name: value} after an epoch, valid_name the one to maximise;
     keep_best ends with the best epoch's state, patience stops after that many epochs without progress.
     callback(record) is called after each epoch. A NaN or infinite loss restores the last completed epoch
-    and raises FloatingPointError; Ctrl-C (KeyboardInterrupt) restores it and returns."""
+    and raises FloatingPointError; Ctrl-C (KeyboardInterrupt) restores it and returns.
+
+    The losses are read every CHECK_EVERY steps and at the end of the epoch (add_losses), not after each
+    step: reading one waits for the step, which would keep the host from preparing the next mini-batch
+    while a device trains on this one. A loss that turns NaN is found at the next read, which names its
+    step; the steps run after it are lost with the rest of the epoch."""
     best, since_best = None, 0
     step.compile()  # before the first epoch's clock starts
     for epoch in range(1, n_epochs + 1):
         t0 = time.time()
         total, n_steps, n_events = 0.0, 0, 0
+        costs, sizes = [], []  # the losses not read yet, as the step returns them, and their steps' sessions
         progress = tqdm(total=n_pairs, desc=f'Epoch{epoch}', leave=False, unit='e', disable=None if verbose else True)
         # The batches have exactly the graph's input types, so the per-call input checks (most of the
         # call's overhead) are skipped while training.
         step.function.trust_input = True
         try:
             for X, T, prev_rows, keep in epoch_batches():
-                cost = step(X, T, prev_rows, keep, samples.next())
-                if not np.isfinite(cost):
-                    restore(None)
-                    raise FloatingPointError(
-                        f'the loss became {cost} at epoch {epoch}, step {n_steps + 1}; the model keeps the '
-                        f'weights of the last completed epoch. Lower learning_rate or set grad_cap.')
-                total += cost * len(X)  # the epoch's loss weighs each step by its sessions, as the original
+                costs.append(step(X, T, prev_rows, keep, samples.next()))
+                sizes.append(len(X))
                 n_steps += 1
                 n_events += len(X)
-                if n_steps % 256 == 0:
+                if n_steps % CHECK_EVERY == 0:
+                    total = add_losses(total, costs, sizes, epoch, n_steps, restore)
                     seconds = time.time() - t0
                     progress.set_postfix(loss=f'{total / n_events:.4f}', mb_s=f'{n_steps / seconds:.0f}', refresh=False)
                     progress.update(n_events - progress.n)
+            total = add_losses(total, costs, sizes, epoch, n_steps, restore)
         except KeyboardInterrupt:
             restore(None)
             print(f'Training interrupted in epoch {epoch}: the model keeps the weights of the '
@@ -344,6 +377,23 @@ def train_epochs(step, samples, epoch_batches, n_pairs, n_epochs, history, save,
         restore(snapshot)
         if verbose:
             print(f'Keeping the weights of epoch {best_epoch} (best valid {valid_name})')
+
+
+def add_losses(total, costs, sizes, epoch, n_steps, restore):
+    """total plus the losses of the steps not read yet (costs, emptied), each weighted by its step's sessions
+    (sizes, emptied), as the original weighs them, added one at a time in the losses' float32. A NaN or
+    infinite loss restores the last completed epoch (restore(None)) and raises FloatingPointError naming
+    the epoch and the step (n_steps: the steps of the epoch so far) where it first appeared."""
+    for i, (cost, size) in enumerate(zip(to_host(costs), sizes)):
+        if not np.isfinite(cost):
+            restore(None)
+            raise FloatingPointError(
+                f'the loss became {cost} at epoch {epoch}, step {n_steps - len(costs) + i + 1}; the model keeps '
+                f'the weights of the last completed epoch. Lower learning_rate or set grad_cap.')
+        total += cost * size
+    costs.clear()
+    sizes.clear()
+    return total
 
 
 @numba.njit(cache=True)

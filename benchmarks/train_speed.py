@@ -3,12 +3,15 @@
     python benchmarks/train_speed.py --data yoochoose1_64_train_full -ps rsc15_xe_shared_100_best
     python benchmarks/train_speed.py --data synthetic:10000000:300000 -ps rsc15_xe_shared_100_best --steps 20000
     python benchmarks/train_speed.py -ps rsc15_xe_shared_100_best --steps 2000 --profile
+    python benchmarks/train_speed.py -pf paramfiles/rsc15_xe_shared_100_best.py --backend jax --steps 500 --no-donate
 
 Trains one epoch, or the first --steps mini-batches of it (on the whole data set and item set; the
 seconds per epoch are then extrapolated and labelled so). The speed excludes the first step, which on
 the JAX backend also compiles the graph; that step is reported on its own. --profile prints
 the per-op profile of the training step: PyTensor's own for the C backend (in thread CPU time unless
---wall-clock), node_profile.py's for JAX, which compiles the whole graph into one function.
+--wall-clock), node_profile.py's for JAX, which compiles the whole graph into one function. On JAX it
+also prints XLA's memory plan of the step (the device memory it needs); --no-donate compiles the step
+without buffer donation, as before issue 31, to compare.
 """
 import argparse
 import itertools
@@ -43,6 +46,19 @@ class FirstCallTimer:
         setattr(self.fn, name, value)
 
 
+def xla_memory(fn, inputs):
+    """XLA's memory plan of a JAX-compiled PyTensor function's program (compiled again for the inputs
+    `inputs` and the shared variables' current values): its peak is arguments + outputs - the outputs
+    written into donated arguments + temporaries."""
+    args = list(inputs) + [c.storage[0] for c in fn.input_storage[len(inputs):]]
+    m = fn.vm.jit_fn.lower(*args).compile().memory_analysis()
+    mib = lambda n: f'{n / 2 ** 20:,.1f} MiB'
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return (f'XLA step memory: peak {mib(peak)} (arguments {mib(m.argument_size_in_bytes)}, outputs '
+            f'{mib(m.output_size_in_bytes)}, donated and reused {mib(m.alias_size_in_bytes)}, '
+            f'temporaries {mib(m.temp_size_in_bytes)})')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
@@ -50,7 +66,14 @@ def main():
     parser.add_argument('--sample-store', type=int, default=10000000)
     parser.add_argument('--profile', action='store_true', help='print a per-op profile of the training step')
     parser.add_argument('--wall-clock', action='store_true', help='profile in wall-clock time (default: thread CPU time)')
+    parser.add_argument('--no-donate', action='store_true',
+                        help="JAX: compile with PyTensor's own JAX linker, which donates no buffer (to measure donation)")
     args = parser.parse_args()
+    if args.no_donate:
+        from pytensor.compile.mode import get_mode
+
+        import backends
+        backends.JAX_MODE = get_mode('JAX')
 
     t0 = time.perf_counter()
     data = load_log(args.data)
@@ -112,6 +135,8 @@ def main():
     print(f'{label}: {epoch_steps / (steps / seconds):.1f}')
     print(f'peak RSS: {peak_rss_mb():,.0f} MiB (after loading the data: {rss_data:,.0f} MiB)')
     print(f"loss: {model.history_[-1]['loss']:.6f}")
+    if model.backend == 'jax':
+        print(xla_memory(model.training_step_.function, timings['inputs']))
     if c_profile:
         model.training_step_.function.profile.summary()
     elif args.profile:

@@ -178,3 +178,35 @@ def test_fit_keeps_the_hyper_parameters_as_given():
     assert model.get_params()['layers'] == '8' and model.n_epochs == '1' and model.learning_rate == '0.05'
     assert model.hyperparameters_['layers'] == [8] and model.hyperparameters_['constrained_embedding'] is True
     assert model.layers_ == [8] and np.isfinite(model.history_[0]['loss'])
+
+
+def test_losses_read_in_blocks_give_the_epoch_loss_and_name_the_nan_step(monkeypatch):
+    """The loop reads the steps' losses every CHECK_EVERY steps (3 here) and at the epoch's end: the
+    epoch's loss is still the float32 running sum of each step's cost times its sessions, over the
+    events; a NaN returned at step 8 is named as step 8 and the model goes back to its last epoch."""
+    import training
+    from gru4rec import GRU4Rec
+    monkeypatch.setattr(training, 'CHECK_EVERY', 3)
+    recorded, nan_at = [], {'step': None}
+    train = training.TrainingStep.__call__
+
+    def recording(self, X, *args):
+        cost = train(self, X, *args)
+        recorded.append((np.asarray(cost), len(X)))
+        return np.float32(np.nan) if len(recorded) == nan_at['step'] else cost
+    monkeypatch.setattr(training.TrainingStep, '__call__', recording)
+    model = GRU4Rec(layers=[8], batch_size=4, n_sample=6, n_epochs=1, verbose=False, seed=1)
+    model.fit(make_train_log(), sample_store=60)
+    assert len(recorded) > 2 * 3 + 1
+    total = 0.0
+    for cost, size in recorded:
+        total += cost * size
+    assert model.history_[0]['loss'] == float(total) / sum(size for _, size in recorded)
+    good = {name: w.copy() for name, w in model.weights_.items()}
+    recorded.clear()
+    nan_at['step'] = 8
+    with pytest.raises(FloatingPointError, match=r'the loss became nan at epoch 1, step 8;'):
+        model.retrain(make_train_log())
+    assert len(recorded) == 9  # found at the read after step 9
+    for name, w in good.items():
+        np.testing.assert_array_equal(model.weights_[name], w)
