@@ -71,6 +71,7 @@ import ctypes
 import functools
 import glob
 import hashlib
+import inspect
 import os
 import re
 import shutil
@@ -83,13 +84,14 @@ import warnings
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
-from pytensor.compile.mode import Mode
+from pytensor.compile.mode import Mode, optdb
 import pytensor.link.c as c_package
 from pytensor.compile.builders import OpFromGraph
 from pytensor.graph.basic import Apply
 from pytensor.graph.fg import FunctionGraph
 from pytensor.graph.features import ReplaceValidate
 from pytensor.graph.rewriting.basic import GraphRewriter, in2out, node_rewriter
+from pytensor.graph.rewriting.db import RewriteDatabase
 from pytensor.graph.utils import MethodNotDefined
 from pytensor.link.c.basic import CLinker, get_module_cache
 from pytensor.link.c.cmodule import GCC_compiler, dlimport, get_lib_extension, get_module_hash, std_include_dirs
@@ -104,6 +106,74 @@ from pytensor.tensor.exceptions import NotScalarConstantError
 from pytensor.tensor.rewriting.ofg import inline_ofg_node
 from pytensor.tensor.subtensor import (AdvancedIncSubtensor, AdvancedIncSubtensor1, AdvancedSubtensor,
                                       AdvancedSubtensor1, Subtensor)
+
+# The rewrites of PyTensor's fast_run that c_mode() leaves out by name.
+EXCLUDED_REWRITES = ('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
+
+
+def _rewrite_names(db, seen=None):
+    """Every name and tag registered in PyTensor's rewrite database `db` and the databases inside it."""
+    seen = set() if seen is None else seen
+    if id(db) in seen:
+        return set()
+    seen.add(id(db))
+    table = getattr(db, '__db__', None) or {}
+    names = set(table)
+    for rewriters in table.values():
+        for rewriter in rewriters:
+            if isinstance(rewriter, RewriteDatabase):
+                names |= _rewrite_names(rewriter, seen)
+    return names
+
+
+def missing_internals():
+    """What of PyTensor's compile and link machinery this module relies on is missing or different, in
+    words ([] when everything is there). It probes the attributes, signatures and names that the module
+    uses rather than trusting a version number: backends.py uses the kernels only when this is empty."""
+    missing = []
+
+    def need(ok, what):
+        if not ok:
+            missing.append(what)
+
+    compile_str = getattr(GCC_compiler, 'compile_str', None)
+    try:
+        parameters = set(inspect.signature(compile_str).parameters) if callable(compile_str) else set()
+    except (TypeError, ValueError):
+        parameters = set()
+    need({'module_name', 'src_code', 'location', 'include_dirs', 'lib_dirs', 'libs', 'preargs', 'py_module',
+          'hide_symbols'} <= parameters,
+         'GCC_compiler.compile_str(module_name, src_code, location, include_dirs, lib_dirs, libs, preargs, '
+         'py_module, hide_symbols)')
+    for method in ('accept', 'compile_args', 'cmodule_key', 'get_dynamic_module', 'header_dirs', 'lib_dirs',
+                   'libraries'):
+        need(callable(getattr(CLinker, method, None)), f'CLinker.{method}')
+    need(callable(getattr(VMLinker, 'make_all', None)), 'VMLinker.make_all')
+    try:
+        cache = get_module_cache()
+    except Exception as error:  # noqa: BLE001  (a probe: any failure means the cache is not as expected)
+        cache, _ = None, missing.append(f'get_module_cache() ({type(error).__name__}: {error})')
+    if cache is not None:
+        for table in ('entry_from_key', 'module_hash_to_key_data'):
+            need(isinstance(getattr(cache, table, None), dict), f'the module cache\'s dict {table}')
+    for op, methods in ((Dot22, ('c_code', 'c_support_code', 'c_code_cache_version')),
+                        (Gemm, ('c_code', 'c_support_code', 'c_code_cache_version'))):
+        for method in methods:
+            need(callable(getattr(op, method, None)), f'{op.__name__}.{method}')
+    need('inplace' in getattr(Gemm, '__props__', ()), "Gemm's property inplace")
+    for op, props in ((AdvancedIncSubtensor1, ('inplace', 'set_instead_of_inc')), (Softmax, ('axis',)),
+                      (DimShuffle, ('new_order',))):
+        instance_props = set(getattr(op, '__props__', ()))
+        for prop in props:
+            need(prop in instance_props, f'{op.__name__}\'s property {prop}')
+    need(callable(getattr(Mode, 'register', None)) and callable(getattr(Mode, 'excluding', None)),
+         'Mode.register and Mode.excluding')
+    names = _rewrite_names(optdb)
+    for name in EXCLUDED_REWRITES:
+        need(name in names, f'the rewrite {name!r}')
+    need(os.path.isdir(os.path.join(os.path.dirname(c_package.__file__), 'c_code')), 'pytensor/link/c/c_code')
+    return missing
+
 
 @functools.cache
 def blas_ldflags():
@@ -1182,7 +1252,7 @@ def local_matrix_reduce(fgraph, node):
 def c_mode():
     """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
     op, nor element-wise work into (slow, scalar) C reductions."""
-    return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
+    return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding(*EXCLUDED_REWRITES)
             .register((in2out(local_row_loss), 0.01),
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
                       (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99), (in2out(local_matrix_reduce), 99),
