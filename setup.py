@@ -10,6 +10,9 @@ setup(
     python_requires='>=3.10',
     py_modules=['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'gru4rec', 'baselines',
                 'synthetic', 'live', 'serve', 'run', 'paropt'],
+    # The C of cbackend.py's kernels: data files that an installed cbackend reads beside itself.
+    packages=['cbackend_kernels'],
+    package_data={'cbackend_kernels': ['*.c']},
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
         'pytensor>=3.0.7,<3.1',  # cbackend.py uses PyTensor's internals; tested with 3.0.7
