@@ -17,8 +17,8 @@ import warnings
 import pytensor
 from pytensor.compile.builders import OpFromGraph
 from pytensor.compile.mode import get_mode
-from pytensor.graph.replace import clone_replace
 from pytensor.graph.rewriting.basic import in2out, node_rewriter
+from pytensor.tensor.rewriting.ofg import inline_ofg_node
 
 # backend -> PyTensor's compile mode. PyTensor's Numba mode is not offered: compiling a tiny model's
 # training step took about a minute there, too long for a test to train it (see benchmarks/README.md).
@@ -80,10 +80,9 @@ def c_kernels():
 def local_inline_row_loss(fgraph, node):
     """Inlines the losses of training.row_loss_op (and their gradients), which a backend with a kernel
     for them replaces: left in the graph, an OpFromGraph runs as a Python call into its own function."""
-    op = node.op
-    if not (op.name or '').startswith('row_loss:'):
+    if not (node.op.name or '').startswith('row_loss:'):
         return None
-    return clone_replace(op.inner_outputs, replace=dict(zip(op.inner_inputs, node.inputs)))
+    return inline_ofg_node(node)
 
 
 @functools.cache

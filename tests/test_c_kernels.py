@@ -122,8 +122,8 @@ CHANGED_PYTENSOR = {
         drop(optdb, 'local_dot22_to_dot22scalar')
      """, "the rewrite 'local_dot22_to_dot22scalar'"),
     'import': ("""
-        import pytensor.tensor.rewriting.ofg as ofg
-        del ofg.inline_ofg_node
+        import pytensor.graph.features as features
+        del features.ReplaceValidate
      """, 'importing cbackend failed: ImportError'),
 }
 

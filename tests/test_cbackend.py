@@ -18,7 +18,7 @@ from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowGather, 
                       bpr_max_rows)
 from conftest import RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
-from gru4rec import loss_bpr_max
+from losses import loss_bpr_max
 from training import Optimizer, row_loss_op
 
 REDUCTIONS = {'add': (pt.sum, np.sum), 'maximum': (pt.max, np.max), 'minimum': (pt.min, np.min)}

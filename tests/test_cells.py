@@ -19,7 +19,9 @@ import run
 from conftest import (ACTIVATIONS, INPUT_MODES, fit_small, forward_reference, gru_reference,
                       hidden_reference, make_log, sigmoid, weights64)
 from evaluation import evaluate_gpu
-from gru4rec import HYPERPARAMETERS, GRU4Rec, compile_function
+from backends import compile_function
+from gru4rec import GRU4Rec
+from hyperparams import HYPERPARAMETERS
 
 REPO = Path(__file__).resolve().parents[1]
 # Trained with reset_after=True: every input mode, and two layers of different widths (conftest's MODELS,
@@ -113,7 +115,7 @@ def test_gradients_of_the_gru_weights_match_numeric_differences(cells, reset_aft
     G_s = rng.normal(size=(len(X_val), model.n_items))
     X, H_prev, H, scores = symbolic(model)
     loss = (G_H * H[-1]).sum() + (G_s * scores).sum()
-    grads = model.compile_function([X] + H_prev, pytensor.grad(loss, [model.params[n] for n in names]))(X_val, *H_val)
+    grads = model.compile_function([X] + H_prev, pytensor.grad(loss, [model.params_[n] for n in names]))(X_val, *H_val)
 
     W = weights64(model)
 
@@ -320,7 +322,7 @@ def test_the_reset_after_graphs_compile_and_agree_on_every_backend(cells):
     model = cells('two_layers', True)
     names = [n for n in model.weights if n.startswith(('Wx', 'Wrz', 'Wh', 'Bh'))]
     X, H_prev, H, scores = symbolic(model)
-    outputs = H + [scores] + pytensor.grad(scores.sum() + H[-1].sum(), [model.params[n] for n in names])
+    outputs = H + [scores] + pytensor.grad(scores.sum() + H[-1].sum(), [model.params_[n] for n in names])
     X_val, H_val = step_inputs(model)
     expected = compile_function([X] + H_prev, outputs, backend='c')(X_val, *H_val)
     got = compile_function([X] + H_prev, outputs, backend=backend)(X_val, *H_val)

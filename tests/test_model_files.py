@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import modelfile
-from gru4rec import GRU4Rec, parameter_shapes
+from gru4rec import GRU4Rec
+from network import parameter_shapes
 
 
 def session_log(n_sessions=40, n_items=15, seed=0, item_prefix=None):
