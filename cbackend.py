@@ -518,7 +518,8 @@ def local_row_scatter(fgraph, node):
 
 
 class RowAdagrad(COp):
-    """Adagrad with heavy-ball momentum on the rows `rows` of a matrix (or entries of a vector), in place. For each row r with
+    """Adagrad with heavy-ball momentum on the rows `rows` of a matrix (or entries of a vector), in place.
+    For each row r with
     gradient g: acc[r] += g^2; step = learning_rate * g / sqrt(acc[r] + epsilon);
     vel[r] = momentum * vel[r] - step; w[r] += vel[r] (without momentum, no vel: w[r] -= step).
     The rows must be distinct, except repeats of a row whose gradient is zero and whose velocity is
@@ -953,6 +954,7 @@ def c_mode():
     return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding(*EXCLUDED_REWRITES)
             .register((in2out(local_row_loss), 0.01),
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
-                      (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99), (in2out(local_matrix_reduce), 99),
+                      (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
+                      (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
                       (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_threaded_product), 99)))

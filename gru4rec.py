@@ -28,12 +28,15 @@ import math
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytensor
 import pytensor.tensor as pt
+from numpy.typing import ArrayLike
+from pytensor.tensor.variable import TensorVariable
 
 import modelfile
 from backends import BACKENDS, compile_function  # noqa: F401  (BACKENDS: a public name of gru4rec)
@@ -123,22 +126,24 @@ class GRU4Rec:
         return tuple((k, str(p[k])) for k in HYPERPARAMETERS if k not in ('n_epochs', 'verbose')) + shape
 
     @property
-    def n_items(self):
+    def n_items(self) -> int:
         return len(self.itemidmap_)
 
     @property
-    def embedding_size(self):
+    def embedding_size(self) -> int:
         return embedding_size(self._parsed_params())
 
     # The interface that evaluation.py scores a model through (the baselines implement it too).
 
     @property
-    def state_sizes(self):
+    def state_sizes(self) -> list[int]:
         """Widths of the per-session states carried between steps (one per GRU layer)."""
         self._require_trained()
         return list(self.layers_)
 
-    def symbolic_step(self, X, H_prev, candidates=None, ranking=False):
+    def symbolic_step(self, X: TensorVariable, H_prev: Sequence[TensorVariable],
+                      candidates: TensorVariable | None = None,
+                      ranking: bool = False) -> tuple[list[TensorVariable], TensorVariable]:
         """One step of the trained network (network.GRUNetwork.step): the new states and the scores of all
         items, or of the item indices `candidates`, for sessions reading items X."""
         self._require_trained()
@@ -189,13 +194,15 @@ class GRU4Rec:
         loss = functools.partial(LOSSES[hp['loss']], smoothing=np.float32(hp['smoothing']))
         return row_loss_op(hp['loss'], loss, Yhat, cols, hp['bpreg'])
 
-    def compile_function(self, inputs, outputs, updates=None):
+    def compile_function(self, inputs, outputs, updates=None) -> Callable[..., Any]:
         return compile_function(inputs, outputs, updates, self._parsed_params()['backend'])
 
     # -- training ------------------------------------------------------------------------------------
 
-    def fit(self, data, sample_store=10000000, store_type='gpu', *, retrain=False, n_epochs=None, valid_data=None,
-            valid_cutoff=20, valid_metric='mrr', keep_best=False, patience=None, callback=None):
+    def fit(self, data: pd.DataFrame, sample_store: int = 10000000, store_type: str = 'gpu', *, retrain: bool = False,
+            n_epochs: int | None = None, valid_data: pd.DataFrame | None = None, valid_cutoff: int = 20,
+            valid_metric: str = 'mrr', keep_best: bool = False, patience: int | None = None,
+            callback: Callable[[dict], Any] | None = None) -> 'GRU4Rec':
         """Trains on a session log (DataFrame with session, item and time columns); returns self.
 
         sample_store: how many negative sample ids to draw ahead in one go. store_type ('gpu' or 'cpu')
@@ -291,7 +298,8 @@ class GRU4Rec:
                     self._push_state()
         return self
 
-    def retrain(self, data, sample_store=10000000, n_epochs=None, **fit_options):
+    def retrain(self, data: pd.DataFrame, sample_store: int = 10000000, n_epochs: int | None = None,
+                **fit_options: Any) -> 'GRU4Rec':
         """Continues training on new data: fit(data, retrain=True, ...)."""
         return self.fit(data, sample_store=sample_store, retrain=True, n_epochs=n_epochs, **fit_options)
 
@@ -368,7 +376,8 @@ class GRU4Rec:
             self._fns[key] = make()
         return self._fns[key]
 
-    def predict_next_batch(self, session_ids, input_item_ids, predict_for_item_ids=None, batch=100):
+    def predict_next_batch(self, session_ids: ArrayLike, input_item_ids: ArrayLike,
+                           predict_for_item_ids: ArrayLike | None = None, batch: int = 100) -> pd.DataFrame:
         """One step for a batch of sessions: scores (items x batch) as a DataFrame indexed by item id.
 
         Slot i keeps its session's hidden state between calls, whether or not predict_for_item_ids is
@@ -413,7 +422,8 @@ class GRU4Rec:
             H_new, scores = self.symbolic_step(X, H)
         return self.compile_function([X] + H, H_new), self.compile_function([X] + H, scores)
 
-    def recommend(self, sessions, k=20, exclude_seen=False, batch_size=512):
+    def recommend(self, sessions: pd.DataFrame | dict[Any, Sequence[Any]], k: int = 20, exclude_seen: bool = False,
+                  batch_size: int = 512) -> pd.DataFrame:
         """Top-k next items for each session, given its events so far.
 
         sessions: a DataFrame in the training format (session, item, time columns) or a dict
@@ -484,7 +494,7 @@ class GRU4Rec:
 
     # -- saving and loading --------------------------------------------------------------------------
 
-    def savemodel(self, path):
+    def savemodel(self, path: str | os.PathLike) -> None:
         """Saves hyper-parameters, item map, weights, optimiser state and item supports to `path`, atomically
         (see modelfile.py: JSON and a numpy archive, no pickled objects). Item ids must be integers,
         floats or strings (a ValueError says so before anything is written)."""
@@ -496,7 +506,7 @@ class GRU4Rec:
         modelfile.write(path, self._parsed_params(), self.history_, self.itemidmap_, arrays)
 
     @classmethod
-    def loadmodel(cls, path):
+    def loadmodel(cls, path: str | os.PathLike) -> 'GRU4Rec':
         """Loads a model written by savemodel. The file is untrusted input: modelfile.read checks all of it
         against the architecture its hyper-parameters declare before anything is built (tests/README.md
         lists the checks), and never executes code from it."""

@@ -117,7 +117,8 @@ def _embedding(value, p):
 
 
 def _adapt(value, p):
-    return None if value in ADAPT_DEFAULTS else f'unknown optimiser; use one of {[k for k in ADAPT_DEFAULTS if k]} or None'
+    known = [k for k in ADAPT_DEFAULTS if k]
+    return None if value in ADAPT_DEFAULTS else f'unknown optimiser; use one of {known} or None'
 
 
 def _adapt_params(value, p):

@@ -323,4 +323,5 @@ def _read_array(archive, info, refuse):
 
 def _finite(value):
     """All values finite, without a temporary array as large as the values."""
-    return value.size == 0 or value.dtype.kind not in 'fc' or bool(np.isfinite(value.min()) and np.isfinite(value.max()))
+    return (value.size == 0 or value.dtype.kind not in 'fc'
+            or bool(np.isfinite(value.min()) and np.isfinite(value.max())))

@@ -15,9 +15,7 @@ Exit status: 0 on success, 2 on bad input (reported in one line), 1 when trainin
 """
 import argparse
 import ast
-import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -219,7 +217,8 @@ def build_parser():
                       help='session id column of all data files (default: SessionId)')
     data.add_argument('-ik', '--item-key', '--item_key', metavar='NAME', default='ItemId',
                       help='item id column (default: ItemId)')
-    data.add_argument('-tk', '--time-key', '--time_key', metavar='NAME', default='Time', help='timestamp column (default: Time)')
+    data.add_argument('-tk', '--time-key', '--time_key', metavar='NAME', default='Time',
+                      help='timestamp column (default: Time)')
     data.add_argument('--allow-pickle', action='store_true',
                       help='read .pickle / .pkl data files (pickled DataFrames). Loading a pickle can run '
                       'arbitrary code: only for files you trust')

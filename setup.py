@@ -8,9 +8,8 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'losses', 'network',
-                'hyperparams', 'gru4rec', 'baselines',
-                'synthetic', 'live', 'serve', 'run', 'paropt'],
+    py_modules=['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'losses',
+                'network', 'hyperparams', 'gru4rec', 'baselines', 'synthetic', 'live', 'serve', 'run', 'paropt'],
     # The C of cbackend.py's kernels: data files that an installed cbackend reads beside itself.
     packages=['cbackend_kernels'],
     package_data={'cbackend_kernels': ['*.c']},
@@ -29,7 +28,8 @@ setup(
         'jax': ['jax>=0.4.30'],
         'paropt': ['optuna>=4.9', 'psycopg2-binary>=2.9'],
         'serve': ['fastapi>=0.110', 'uvicorn[standard]>=0.29'],  # standard: httptools and uvloop
-        'test': ['pytest>=7', 'hypothesis>=6.0', 'scikit-learn>=1.3', 'pyarrow>=12', 'optuna>=4.9', 'psycopg2-binary>=2.9',
+        'test': ['pytest>=7', 'hypothesis>=6.0', 'scikit-learn>=1.3', 'pyarrow>=12', 'optuna>=4.9',
+                 'psycopg2-binary>=2.9',
                  'nbclient>=0.7', 'nbformat>=5.7', 'ipykernel>=6', 'matplotlib>=3.7',
                  'fastapi>=0.110', 'uvicorn[standard]>=0.29', 'httpx>=0.27', 'schemathesis>=4.0'],
     },

@@ -4,7 +4,8 @@ Fits the settings of tests/test_retrain.py on the first half of rsc15_100k_train
 then retrains copies on the second half: with the new rows scaled by the whole grown matrix's fan,
 sigma = sqrt(6 / (n_old + n_new + L)), as the original's extend_weights (commit 4b91663) and this library
 since, and by the new rows' own fan, sigma = sqrt(6 / (n_new + L)), as this library did before (passed as
-the `sigma` hyper-parameter, which only the new rows read when retraining). Prints MRR@20 and Recall@20 on rsc15_100k_test, overall and
+the `sigma` hyper-parameter, which only the new rows read when retraining).
+Prints MRR@20 and Recall@20 on rsc15_100k_test, overall and
 on the test events whose target is an item new in the second half (from recommend's top 20).
 
     python benchmarks/retrain_sigma.py --seeds 1 2

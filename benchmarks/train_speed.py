@@ -49,7 +49,8 @@ def main():
     parser.add_argument('--steps', type=int, help='train only this many mini-batches (default: one epoch)')
     parser.add_argument('--sample-store', type=int, default=10000000)
     parser.add_argument('--profile', action='store_true', help='print a per-op profile of the training step')
-    parser.add_argument('--wall-clock', action='store_true', help='profile in wall-clock time (default: thread CPU time)')
+    parser.add_argument('--wall-clock', action='store_true',
+                        help='profile in wall-clock time (default: thread CPU time)')
     args = parser.parse_args()
 
     t0 = time.perf_counter()

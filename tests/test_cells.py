@@ -79,7 +79,8 @@ def test_reset_after_adds_one_hidden_side_candidate_bias_per_layer(cells, name):
     assert {n: w.shape for n, w in reset_after.weights.items() if n in default.weights} == \
         {n: w.shape for n, w in default.weights.items()}
     for l in range(len(default.layers)):  # initialised to zero like the other biases, then trained
-        assert reset_after.weights[f'Bhc{l}'].dtype == np.float32 and np.abs(reset_after.weights[f'Bhc{l}']).max() > 1e-4
+        bhc = reset_after.weights[f'Bhc{l}']
+        assert bhc.dtype == np.float32 and np.abs(bhc).max() > 1e-4
 
 
 @pytest.mark.parametrize('name', sorted(CELL_MODELS))

@@ -7,7 +7,6 @@ import pytensor.tensor as pt
 import pytest
 
 from conftest import INPUT_MODES, MODELS, SMALL, forward_reference, gru_reference, weights64
-from gru4rec import GRU4Rec
 from hyperparams import parse_hyperparameters
 from losses import parse_activation
 from network import gru_step, init_weights

@@ -133,7 +133,8 @@ def test_graphs_are_float32_under_float64_floatx(adapt):
                       momentum=0.5, grad_cap=1.0, lmbd=0.01, dropout_p_hidden=0.2, dropout_p_embed=0.1,
                       **INPUT_MODES['embedding'])
     optimizer = model.training_step_.optimizer
-    shared = (list(model.params_.values()) + model.H_ + [v for state in optimizer.state.values() for v in state.values()]
+    shared = (list(model.params_.values()) + model.H_
+              + [v for state in optimizer.state.values() for v in state.values()]
               + [optimizer.t, model.P_target_, model.P_sample_])
     assert {v.name: v.get_value().dtype for v in shared} == {v.name: np.float32 for v in shared}
     cost = model.training_step_(np.array([1, 2], np.int32), np.array([3, 4], np.int32), np.array([0, 1], np.int32),
