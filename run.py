@@ -25,6 +25,7 @@ import pandas as pd
 from baselines import BASELINES, make_baseline
 from evaluation import TIE_MODES, evaluate_gpu
 from gru4rec import BACKENDS, GRU4Rec, validate_log
+from hyperparams import parse_hyperparameters
 
 EVAL_BATCH_SIZE = 512
 
@@ -253,9 +254,10 @@ def make_model(args):
     try:
         if args.baseline:
             return make_baseline(args.baseline, **params)
-        # The column names come from -sk / -ik / -tk, which name the columns of every data file.
-        return GRU4Rec().set_params(**dict(params, session_key=args.session_key, item_key=args.item_key,
-                                           time_key=args.time_key))
+        # The column names come from -sk / -ik / -tk, which name the columns of every data file. The
+        # model holds the parsed values (e.g. layers=[16, 8] for '16/8'), as a program would give them.
+        return GRU4Rec(**parse_hyperparameters(**dict(params, session_key=args.session_key, item_key=args.item_key,
+                                                      time_key=args.time_key)))
     except ValueError as e:
         raise InputError(e) from None
 

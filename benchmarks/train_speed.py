@@ -3,15 +3,23 @@
     python benchmarks/train_speed.py --data yoochoose1_64_train_full -ps rsc15_xe_shared_100_best
     python benchmarks/train_speed.py --data synthetic:10000000:300000 -ps rsc15_xe_shared_100_best --steps 20000
     python benchmarks/train_speed.py -ps rsc15_xe_shared_100_best --steps 2000 --profile
+    python benchmarks/train_speed.py -ps rsc15_xe_shared_100_best --kernels both
 
 Trains one epoch, or the first --steps mini-batches of it (on the whole data set and item set; the
 seconds per epoch are then extrapolated and labelled so). The speed excludes the first step, which on
 the JAX backend also compiles the graph; that step is reported on its own. --profile prints
 the per-op profile of the training step: PyTensor's own for the C backend (in thread CPU time unless
 --wall-clock), node_profile.py's for JAX, which compiles the whole graph into one function.
+--kernels off trains on the C backend without GRU4Rec's C kernels (GRU4REC_C_KERNELS=0: PyTensor's own
+C mode on the plain graphs); --kernels both runs the benchmark twice in one go, with the kernels and
+without, each in a fresh process, and prints their seconds per epoch side by side.
 """
 import argparse
 import itertools
+import os
+import re
+import subprocess
+import sys
 import time
 
 from common import add_common_arguments, describe_blas, load_log, peak_rss_mb, read_params, threads
@@ -51,7 +59,14 @@ def main():
     parser.add_argument('--profile', action='store_true', help='print a per-op profile of the training step')
     parser.add_argument('--wall-clock', action='store_true',
                         help='profile in wall-clock time (default: thread CPU time)')
+    parser.add_argument('--kernels', choices=['on', 'off', 'both'],
+                        help="the C backend's kernels (GRU4REC_C_KERNELS); both: one run each, side by side")
     args = parser.parse_args()
+    if args.kernels == 'both':
+        compare_kernels()
+        return
+    if args.kernels:
+        os.environ['GRU4REC_C_KERNELS'] = '1' if args.kernels == 'on' else '0'
 
     t0 = time.perf_counter()
     data = load_log(args.data)
@@ -118,6 +133,21 @@ def main():
     elif args.profile:
         from node_profile import print_node_profile
         print_node_profile(model.training_step_.function, timings['inputs'])
+
+
+def compare_kernels():
+    """This benchmark with the kernels on, then off, each in its own process (nothing compiled or cached
+    in memory carries over), and the two seconds per epoch."""
+    argv = [a for a in sys.argv[1:] if a not in ('--kernels', 'both') and not a.startswith('--kernels=')]
+    epochs = {}
+    for kernels in ('on', 'off'):
+        print(f'== kernels {kernels}', flush=True)
+        done = subprocess.run([sys.executable, __file__, *argv, '--kernels', kernels], capture_output=True, text=True)
+        print(done.stdout + done.stderr[-2000:] * (done.returncode != 0), flush=True)
+        found = re.search(r'^seconds per epoch[^:]*: ([0-9.]+)', done.stdout, re.M)
+        epochs[kernels] = float(found.group(1)) if found else float('nan')
+    print(f"seconds per epoch: kernels on {epochs['on']:.1f}, off {epochs['off']:.1f} "
+          f"({epochs['off'] / epochs['on']:.2f}x the time without them)")
 
 
 if __name__ == '__main__':
