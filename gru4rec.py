@@ -45,7 +45,8 @@ from hyperparams import ARCHITECTURE, HYPERPARAMETERS, SIGNATURE, parse_hyperpar
 from hyperparams import docstring as hyperparams_docstring
 from losses import LOSSES
 from network import GRUNetwork, embedding_size, init_weights, parameter_shapes
-from sessions import FLOAT, pad, session_arrays, session_parallel_batches, sort_log, validate_log
+from recommend import top_k
+from sessions import FLOAT, session_arrays, session_parallel_batches, validate_log
 from training import (OPT_STATE_KINDS, Optimizer, SampleStore, TrainingStep, row_loss_op, sample_cdf,
                       static_shared, train_epochs)
 from training import distinct_rows, inverse_cdf  # noqa: F401  (public names of gru4rec before issue 13)
@@ -414,17 +415,9 @@ class GRU4Rec:
             H_new, scores = self.symbolic_step(X, [h * keep[:, None] for h in H], items if with_items else None)
         return self.compile_function([X, keep, items], scores, OrderedDict(zip(H, H_new)))
 
-    def _compile_session_reader(self, batch):
-        """Two stateless functions: (X, *H) -> new states, and (X, *H) -> scores of all items."""
-        X = pt.tensor('X', dtype='int32', shape=(batch,))
-        H = [pt.tensor(f'H{l}', dtype=FLOAT, shape=(batch, L)) for l, L in enumerate(self.layers_)]
-        with pytensor.config.change_flags(floatX=FLOAT):
-            H_new, scores = self.symbolic_step(X, H)
-        return self.compile_function([X] + H, H_new), self.compile_function([X] + H, scores)
-
     def recommend(self, sessions: pd.DataFrame | dict[Any, Sequence[Any]], k: int = 20, exclude_seen: bool = False,
                   batch_size: int = 512) -> pd.DataFrame:
-        """Top-k next items for each session, given its events so far.
+        """Top-k next items for each session, given its events so far (recommend.top_k).
 
         sessions: a DataFrame in the training format (session, item, time columns) or a dict
         {session id: [item ids in order]}. Items the model does not know are skipped; sessions with no
@@ -435,49 +428,7 @@ class GRU4Rec:
         """
         self._require_trained()
         p = self._parsed_params()
-        if int(k) < 1:
-            raise ValueError(f'k must be a positive number of items, got {k!r}')
-        if int(batch_size) < 1:
-            raise ValueError(f'batch_size must be a positive number of sessions, got {batch_size!r}')
-        k = min(int(k), self.n_items)
-        if isinstance(sessions, dict):
-            rows = [(sid, pos, item) for sid, its in sessions.items() for pos, item in enumerate(its)]
-            sessions = pd.DataFrame(rows, columns=[p['session_key'], p['time_key'], p['item_key']])
-        items, offsets, _ = session_arrays(sessions, self.itemidmap_, p['session_key'], p['item_key'],
-                                           p['time_key'], what='sessions')
-        ordered = sort_log(sessions, p['session_key'], p['time_key'])  # positions, not labels: the index may repeat
-        known = ordered[p['item_key']].isin(self.itemidmap_).to_numpy()
-        session_ids = pd.unique(ordered[p['session_key']].to_numpy()[known])
-        step, score = self.compiled(('recommend', batch_size), lambda: self._compile_session_reader(batch_size))
-        lengths = np.diff(offsets)
-        results = []
-        for first in range(0, len(lengths), batch_size):
-            batch = np.arange(first, min(first + batch_size, len(lengths)))
-            batch = batch[np.argsort(-lengths[batch], kind='stable')]  # longest first: the active ones are a prefix
-            H = [np.zeros((batch_size, L), dtype=FLOAT) for L in self.layers_]
-            scores = np.empty((len(batch), self.n_items), dtype=FLOAT)
-            for t in range(lengths[batch[0]]):
-                n_active = int((lengths[batch] > t).sum())
-                n_going_on = int((lengths[batch] > t + 1).sum())
-                X = pad(items[offsets[batch[:n_active]] + t], batch_size, 0)  # padding rows are ignored
-                ending = slice(n_going_on, n_active)
-                if n_active > n_going_on:
-                    scores[ending] = score(X, *H)[ending]
-                H = step(X, *H)
-            back = np.argsort(batch)  # the sessions in the order of the log again
-            batch, scores = batch[back], scores[back]
-            if exclude_seen:
-                for row, s in enumerate(batch):
-                    scores[row, items[offsets[s]:offsets[s + 1]]] = -np.inf
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
-            results.append(pd.DataFrame({
-                p['session_key']: np.repeat(session_ids[batch], k), 'rank': np.tile(np.arange(1, k + 1), len(batch)),
-                p['item_key']: self.itemidmap_[top.ravel()], 'score': np.take_along_axis(scores, top, 1).ravel()}))
-        result = pd.concat(results, ignore_index=True)
-        if exclude_seen:  # when k exceeds the unseen items, the seen ones (score -inf) filled the top k
-            result = result[result['score'] > -np.inf].reset_index(drop=True)
-        return result
+        return top_k(self, sessions, k, exclude_seen, batch_size, p['session_key'], p['item_key'], p['time_key'])
 
     def _item_indices(self, item_ids, what):
         idx = self.itemidmap_.get_indexer(np.asarray(item_ids))

@@ -9,7 +9,8 @@ setup(
     license='MIT',
     python_requires='>=3.10',
     py_modules=['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'losses',
-                'network', 'hyperparams', 'gru4rec', 'baselines', 'synthetic', 'live', 'serve', 'run', 'paropt'],
+                'network', 'hyperparams', 'recommend', 'gru4rec', 'baselines', 'synthetic', 'live', 'serve', 'run',
+                'paropt'],
     # The C of cbackend.py's kernels: data files that an installed cbackend reads beside itself.
     packages=['cbackend_kernels'],
     package_data={'cbackend_kernels': ['*.c']},
