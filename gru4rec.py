@@ -15,11 +15,12 @@ builds the same symbolic graphs with PyTensor, Theano's maintained continuation.
 papers: X are the input items of a mini-batch, Y = [targets | samples] the scored items,
 M the number of active sessions in the mini-batch and N = M + n_sample the number of scored items.
 
-This module holds the model: activations, losses, the GRU network and the GRU4Rec estimator. Behind it,
-imported one way (tests/test_layers.py checks the order): training.py (the padded sparse training step,
-the optimisers, the sample store), evaluation.py, sessions.py (session logs and session-parallel
-mini-batches), backends.py (the only place that knows about backends) with cbackend.py, and
-modelfile.py (the file format).
+This module holds the GRU4Rec estimator. Behind it, imported one way (tests/test_layers.py checks the
+order): hyperparams.py (the table of hyper-parameters, their parsing and checks), network.py (the
+weights and the GRU network), losses.py (activations and losses), recommend.py (top-k for sessions),
+training.py (the padded sparse training step, the optimisers, the sample store), evaluation.py,
+sessions.py (session logs and session-parallel mini-batches), backends.py (the only place that knows
+about backends; cbackend.py's optional C kernels) and modelfile.py (the file format).
 """
 import copy
 import functools
