@@ -167,6 +167,15 @@ def missing_internals():
         need(callable(getattr(CLinker, method, None)), f'CLinker.{method}')
     need(callable(getattr(VMLinker, 'make_all', None)), 'VMLinker.make_all')
     try:
+        need('use_cloop' in inspect.signature(VMLinker).parameters, 'VMLinker(use_cloop=...)')
+    except (TypeError, ValueError):
+        missing.append('VMLinker(use_cloop=...)')
+    need(callable(getattr(pytensor.config, 'fetch_val_for_key', None)), 'pytensor.config.fetch_val_for_key')
+    try:
+        from pytensor.tensor.blas_headers import blas_header_text  # noqa: F401  (blas_ldflags imports it)
+    except ImportError:
+        missing.append('pytensor.tensor.blas_headers.blas_header_text')
+    try:
         cache = get_module_cache()
     except Exception as error:  # noqa: BLE001  (a probe: any failure means the cache is not as expected)
         cache, _ = None, missing.append(f'get_module_cache() ({type(error).__name__}: {error})')
