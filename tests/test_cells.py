@@ -21,7 +21,7 @@ from conftest import (ACTIVATIONS, INPUT_MODES, fit_small, forward_reference, gr
 from evaluation import evaluate_gpu
 from backends import compile_function
 from gru4rec import GRU4Rec
-from hyperparams import HYPERPARAMETERS
+from hyperparams import HYPERPARAMETERS, parse_hyperparameters
 
 REPO = Path(__file__).resolve().parents[1]
 # Trained with reset_after=True: every input mode, and two layers of different widths (conftest's MODELS,
@@ -287,8 +287,9 @@ def test_files_without_reset_after_load_as_the_original_cell(models, tmp_path):
 
 def test_reset_after_is_read_from_strings_and_checked():
     assert GRU4Rec().reset_after is False
-    assert GRU4Rec().set_params(reset_after='True').reset_after is True
-    assert GRU4Rec().set_params(**run.parse_param_string('reset_after=1')).reset_after is True
+    # set_params stores the value as given, as the constructor; fit and the model file read it parsed.
+    assert parse_hyperparameters(**GRU4Rec().set_params(reset_after='True').get_params())['reset_after'] is True
+    assert parse_hyperparameters(**run.parse_param_string('reset_after=1'))['reset_after'] is True
     with pytest.raises(ValueError, match='reset_after'):
         GRU4Rec().set_params(reset_after='later')
 
@@ -310,7 +311,7 @@ def test_the_search_spaces_try_both_cells(space):
     assert entry['dtype'] == 'categorical' and sorted(entry['values']) == [False, True]
     for value in entry['values']:  # as a trial passes it to run.py
         text = run.format_param_string({'reset_after': value})
-        assert GRU4Rec().set_params(**run.parse_param_string(text)).reset_after is value
+        assert parse_hyperparameters(**run.parse_param_string(text))['reset_after'] is value
 
 
 # -- backends ---------------------------------------------------------------------------------------
