@@ -71,9 +71,11 @@ import ctypes
 import functools
 import glob
 import hashlib
+import inspect
 import os
 import re
 import shutil
+import string
 import subprocess
 import sysconfig
 import tempfile
@@ -83,13 +85,14 @@ import warnings
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
-from pytensor.compile.mode import Mode
+from pytensor.compile.mode import Mode, optdb
 import pytensor.link.c as c_package
 from pytensor.compile.builders import OpFromGraph
 from pytensor.graph.basic import Apply
 from pytensor.graph.fg import FunctionGraph
 from pytensor.graph.features import ReplaceValidate
 from pytensor.graph.rewriting.basic import GraphRewriter, in2out, node_rewriter
+from pytensor.graph.rewriting.db import RewriteDatabase
 from pytensor.graph.utils import MethodNotDefined
 from pytensor.link.c.basic import CLinker, get_module_cache
 from pytensor.link.c.cmodule import GCC_compiler, dlimport, get_lib_extension, get_module_hash, std_include_dirs
@@ -104,6 +107,101 @@ from pytensor.tensor.exceptions import NotScalarConstantError
 from pytensor.tensor.rewriting.ofg import inline_ofg_node
 from pytensor.tensor.subtensor import (AdvancedIncSubtensor, AdvancedIncSubtensor1, AdvancedSubtensor,
                                       AdvancedSubtensor1, Subtensor)
+
+# The kernels' C source: one file per kernel, C with ${name} placeholders (see kernel()).
+KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cbackend_kernels')
+
+
+@functools.cache
+def _kernel_template(name):
+    with open(os.path.join(KERNEL_DIR, name), encoding='utf-8') as f:
+        return string.Template(f.read())
+
+
+def kernel(name, **values):
+    """The C of cbackend_kernels/<name> with its ${...} placeholders filled in by `values`: PyTensor's names
+    of a node's variables, dtypes, constants, and 0 or 1 for the preprocessor's #if of a variant."""
+    return _kernel_template(name).substitute({k: int(v) if isinstance(v, bool) else v for k, v in values.items()})
+
+
+# The rewrites of PyTensor's fast_run that c_mode() leaves out by name.
+EXCLUDED_REWRITES = ('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
+
+
+def _rewrite_names(db, seen=None):
+    """Every name and tag registered in PyTensor's rewrite database `db` and the databases inside it."""
+    seen = set() if seen is None else seen
+    if id(db) in seen:
+        return set()
+    seen.add(id(db))
+    table = getattr(db, '__db__', None) or {}
+    names = set(table)
+    for rewriters in table.values():
+        for rewriter in rewriters:
+            if isinstance(rewriter, RewriteDatabase):
+                names |= _rewrite_names(rewriter, seen)
+    return names
+
+
+def missing_internals():
+    """What of PyTensor's compile and link machinery this module relies on is missing or different, in
+    words ([] when everything is there). It probes the attributes, signatures and names that the module
+    uses rather than trusting a version number: backends.py uses the kernels only when this is empty."""
+    missing = []
+
+    def need(ok, what):
+        if not ok:
+            missing.append(what)
+
+    compile_str = getattr(GCC_compiler, 'compile_str', None)
+    try:
+        parameters = set(inspect.signature(compile_str).parameters) if callable(compile_str) else set()
+    except (TypeError, ValueError):
+        parameters = set()
+    need({'module_name', 'src_code', 'location', 'include_dirs', 'lib_dirs', 'libs', 'preargs', 'py_module',
+          'hide_symbols'} <= parameters,
+         'GCC_compiler.compile_str(module_name, src_code, location, include_dirs, lib_dirs, libs, preargs, '
+         'py_module, hide_symbols)')
+    for method in ('accept', 'compile_args', 'cmodule_key', 'get_dynamic_module', 'header_dirs', 'lib_dirs',
+                   'libraries'):
+        need(callable(getattr(CLinker, method, None)), f'CLinker.{method}')
+    need(callable(getattr(VMLinker, 'make_all', None)), 'VMLinker.make_all')
+    try:
+        need('use_cloop' in inspect.signature(VMLinker).parameters, 'VMLinker(use_cloop=...)')
+    except (TypeError, ValueError):
+        missing.append('VMLinker(use_cloop=...)')
+    need(callable(getattr(pytensor.config, 'fetch_val_for_key', None)), 'pytensor.config.fetch_val_for_key')
+    try:
+        from pytensor.tensor.blas_headers import blas_header_text  # noqa: F401  (blas_ldflags imports it)
+    except ImportError:
+        missing.append('pytensor.tensor.blas_headers.blas_header_text')
+    try:
+        cache = get_module_cache()
+    except Exception as error:  # noqa: BLE001  (a probe: any failure means the cache is not as expected)
+        cache, _ = None, missing.append(f'get_module_cache() ({type(error).__name__}: {error})')
+    if cache is not None:
+        for table in ('entry_from_key', 'module_hash_to_key_data'):
+            need(isinstance(getattr(cache, table, None), dict), f'the module cache\'s dict {table}')
+    for op, methods in ((Dot22, ('c_code', 'c_support_code', 'c_code_cache_version')),
+                        (Gemm, ('c_code', 'c_support_code', 'c_code_cache_version'))):
+        for method in methods:
+            need(callable(getattr(op, method, None)), f'{op.__name__}.{method}')
+    need('inplace' in getattr(Gemm, '__props__', ()), "Gemm's property inplace")
+    for op, props in ((AdvancedIncSubtensor1, ('inplace', 'set_instead_of_inc')), (Softmax, ('axis',)),
+                      (DimShuffle, ('new_order',))):
+        instance_props = set(getattr(op, '__props__', ()))
+        for prop in props:
+            need(prop in instance_props, f'{op.__name__}\'s property {prop}')
+    need(callable(getattr(Mode, 'register', None)) and callable(getattr(Mode, 'excluding', None)),
+         'Mode.register and Mode.excluding')
+    names = _rewrite_names(optdb)
+    for name in EXCLUDED_REWRITES:
+        need(name in names, f'the rewrite {name!r}')
+    need(os.path.isdir(os.path.join(os.path.dirname(c_package.__file__), 'c_code')), 'pytensor/link/c/c_code')
+    if not os.path.isdir(KERNEL_DIR):  # not PyTensor's: an installation without the kernels' C files
+        missing.append(f'(not in PyTensor) the kernels\' C source in {KERNEL_DIR}')
+    return missing
+
 
 @functools.cache
 def blas_ldflags():
@@ -165,24 +263,16 @@ class ThreadedProduct:
         super().__init__(*args, **kwargs)
 
     def c_support_code(self, **kwargs):
-        return super().c_support_code(**kwargs) + """
-        extern "C" void scipy_openblas_set_num_threads(int);
-        extern "C" int scipy_openblas_get_num_threads(void);
-        """
+        return super().c_support_code(**kwargs) + kernel('threaded_product_support.c')
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, y = inputs[self.operands]
-        return f"""
-        {{
-            const double macs = (double)PyArray_DIM({x}, 0) * PyArray_DIM({x}, 1) * PyArray_DIM({y}, 1);
-            const int threads = macs >= {THREADED_PRODUCT_MACS}.0 ? {self.threads} : 1;
-            if (scipy_openblas_get_num_threads() != threads) scipy_openblas_set_num_threads(threads);
-        }}
-        """ + super().c_code(node, name, inputs, outputs, sub)
+        return (kernel('threaded_product.c', x=x, y=y, threads=self.threads, threshold=THREADED_PRODUCT_MACS)
+                + super().c_code(node, name, inputs, outputs, sub))
 
     def c_code_cache_version(self):
         version = super().c_code_cache_version()
-        return version and (1, THREADED_PRODUCT_MACS, *version)
+        return version and (2, THREADED_PRODUCT_MACS, *version)
 
 
 class ThreadedDot22(ThreadedProduct, Dot22):
@@ -359,15 +449,7 @@ class ParallelBuildVMLinker(VMLinker):
 def c_output(out, shape, typenum, fail):
     """C code that makes `out` a C-contiguous array of `shape` (C expressions, one per dimension),
     keeping the previous call's array when it already is one."""
-    fits = ' && '.join([f'PyArray_NDIM({out}) == {len(shape)}', f'PyArray_IS_C_CONTIGUOUS({out})']
-                       + [f'PyArray_DIM({out}, {i}) == ({d})' for i, d in enumerate(shape)])
-    return f"""
-            if (!{out} || !({fits})) {{
-                npy_intp out_dims[{max(len(shape), 1)}] = {{{', '.join(shape) or '0'}}};
-                Py_XDECREF({out});
-                {out} = (PyArrayObject*)PyArray_EMPTY({len(shape)}, out_dims, {typenum}, 0);
-                if (!{out}) {{ {fail} }}
-            }}"""
+    return kernel('output.c', out=out, ndim=len(shape), dims=', '.join(shape), typenum=typenum, fail=fail)
 
 
 class RowGather(COp):
@@ -386,42 +468,13 @@ class RowGather(COp):
         output_storage[0][0] = x[idx]
 
     def c_code_cache_version(self):
-        return (1,)
+        return (2,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, idx = inputs
         (out,) = outputs
-        fail = sub['fail']
-        return f"""
-        {{
-            const npy_intp n = PyArray_DIM({x}, 0), L = PyArray_DIM({x}, 1), k = PyArray_DIM({idx}, 0);
-            const npy_intp s0 = PyArray_STRIDE({x}, 0), s1 = PyArray_STRIDE({x}, 1), AHEAD = 8;
-            const npy_intp is0 = PyArray_STRIDE({idx}, 0) / sizeof(dtype_{idx});
-            const dtype_{idx}* index = (const dtype_{idx}*)PyArray_DATA({idx});
-            {c_output(out, ['k', 'L'], f'PyArray_TYPE({x})', fail)}
-            const char* base = (const char*)PyArray_DATA({x});
-            dtype_{out}* o = (dtype_{out}*)PyArray_DATA({out});
-            for (npy_intp i = 0; i < k; i++) {{
-                if (i + AHEAD < k) {{
-                    npy_intp p = index[(i + AHEAD) * is0];
-                    if (p >= 0 && p < n)
-                        for (npy_intp b = 0; b < L * s1; b += 64) __builtin_prefetch(base + p * s0 + b, 0);
-                }}
-                npy_intp r = index[i * is0];
-                if (r < 0) r += n;
-                if (r < 0 || r >= n) {{
-                    PyErr_Format(PyExc_IndexError, "index %ld is out of bounds for axis 0 with size %ld",
-                                 (long)index[i * is0], (long)n);
-                    {fail}
-                }}
-                const char* row = base + r * s0;
-                if (s1 == (npy_intp)sizeof(dtype_{x}))
-                    memcpy(o + i * L, row, L * sizeof(dtype_{x}));
-                else
-                    for (npy_intp j = 0; j < L; j++) o[i * L + j] = *(const dtype_{x}*)(row + j * s1);
-            }}
-        }}
-        """
+        return kernel('row_gather.c', x=x, idx=idx, out=out, fail=sub['fail'],
+                      allocate=c_output(out, ['k', 'L'], f'PyArray_TYPE({x})', sub['fail']))
 
     def c_headers(self, **kwargs):
         return ['<cstring>']
@@ -456,44 +509,13 @@ class RowScatter(COp):
         output_storage[0][0] = x
 
     def c_code_cache_version(self):
-        return (1,)
+        return (2,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, y, idx = inputs
         (out,) = outputs
-        op = '=' if self.set_instead_of_inc else '+='
-        fail = sub['fail']
-        return f"""
-        {{
-            npy_intp n = PyArray_DIM({x}, 0), L = PyArray_DIM({x}, 1), k = PyArray_DIM({idx}, 0);
-            if (PyArray_DIM({y}, 0) != k || PyArray_DIM({y}, 1) != L) {{
-                PyErr_SetString(PyExc_ValueError, "RowScatter: y must have one row of x's width per index");
-                {fail}
-            }}
-            npy_intp xs0 = PyArray_STRIDE({x}, 0) / sizeof(dtype_{x}), xs1 = PyArray_STRIDE({x}, 1) / sizeof(dtype_{x});
-            npy_intp ys0 = PyArray_STRIDE({y}, 0) / sizeof(dtype_{y}), ys1 = PyArray_STRIDE({y}, 1) / sizeof(dtype_{y});
-            npy_intp is0 = PyArray_STRIDE({idx}, 0) / sizeof(dtype_{idx});
-            const dtype_{idx}* index = (const dtype_{idx}*)PyArray_DATA({idx});
-            for (npy_intp i = 0; i < k; i++) {{
-                npy_intp r = index[i * is0];
-                if (r < 0) r += n;
-                if (r < 0 || r >= n) {{
-                    PyErr_Format(PyExc_IndexError, "RowScatter: index %ld out of bounds for %ld rows", (long)index[i * is0], (long)n);
-                    {fail}
-                }}
-                dtype_{x}* __restrict__ xr = (dtype_{x}*)PyArray_DATA({x}) + r * xs0;
-                const dtype_{y}* __restrict__ yr = (const dtype_{y}*)PyArray_DATA({y}) + i * ys0;
-                if (xs1 == 1 && ys1 == 1) {{
-                    for (npy_intp j = 0; j < L; j++) xr[j] {op} yr[j];
-                }} else {{
-                    for (npy_intp j = 0; j < L; j++) xr[j * xs1] {op} yr[j * ys1];
-                }}
-            }}
-            Py_XDECREF({out});
-            {out} = {x};
-            Py_INCREF({out});
-        }}
-        """
+        return kernel('row_scatter.c', x=x, y=y, idx=idx, out=out, fail=sub['fail'],
+                      op='=' if self.set_instead_of_inc else '+=')
 
 
 @node_rewriter([AdvancedIncSubtensor1])
@@ -505,7 +527,8 @@ def local_row_scatter(fgraph, node):
 
 
 class RowAdagrad(COp):
-    """Adagrad with heavy-ball momentum on the rows `rows` of a matrix (or entries of a vector), in place. For each row r with
+    """Adagrad with heavy-ball momentum on the rows `rows` of a matrix (or entries of a vector), in place.
+    For each row r with
     gradient g: acc[r] += g^2; step = learning_rate * g / sqrt(acc[r] + epsilon);
     vel[r] = momentum * vel[r] - step; w[r] += vel[r] (without momentum, no vel: w[r] -= step).
     The rows must be distinct, except repeats of a row whose gradient is zero and whose velocity is
@@ -541,80 +564,14 @@ class RowAdagrad(COp):
             storage[0] = value
 
     def c_code_cache_version(self):
-        return (5,)
+        return (6,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         *state, rows, grad = inputs
-        w, acc = outputs[:2]  # the inputs themselves in place, else copies of them
-        vel = outputs[2] if self.momentum else None
-        fail = sub['fail']
-        if self.inplace:
-            outs = ''.join(f'Py_XDECREF({o}); {o} = {i}; Py_INCREF({o});\n' for o, i in zip(outputs, state))
-        else:
-            outs = ''.join(f'Py_XDECREF({o}); {o} = (PyArrayObject*)PyArray_NewCopy({i}, NPY_CORDER); if (!{o}) {{ {fail} }}\n'
-                           for o, i in zip(outputs, state))
-        width = lambda v: f'(PyArray_NDIM({v}) == 2 ? PyArray_DIM({v}, 1) : 1)'  # a vector is a column
-        check = ' || '.join(f'!PyArray_IS_C_CONTIGUOUS({v}) || {width(v)} != L || PyArray_DIM({v}, 0) != n'
-                            for v in outputs)
-        update = (f"""dtype_{vel}* __restrict__ vr = (dtype_{vel}*)PyArray_DATA({vel}) + r * L;
-                    for (npy_intp j = 0; j < L; j++) {{
-                        dtype_{w} a = ar[j] + gr[j] * gr[j];
-                        ar[j] = a;
-                        vr[j] = momentum * vr[j] - lr * gr[j] / sqrt(a + eps);
-                        wr[j] += vr[j];
-                    }}""" if vel else
-                  f"""for (npy_intp j = 0; j < L; j++) {{
-                        dtype_{w} a = ar[j] + gr[j] * gr[j];
-                        ar[j] = a;
-                        wr[j] -= lr * gr[j] / sqrt(a + eps);
-                    }}""")
-        prefetch = ''.join(f'__builtin_prefetch((char*)PyArray_DATA({v}) + p * row_bytes + b, 1);'
-                           for v in outputs)
-        return f"""
-        {{
-            {outs}
-            const npy_intp AHEAD = 8;
-            const npy_intp n = PyArray_DIM({w}, 0), L = {width(w)}, k = PyArray_DIM({rows}, 0);
-            const dtype_{w} lr = {self.learning_rate}, momentum = {self.momentum}, eps = {self.epsilon};
-            if ({check}) {{
-                PyErr_SetString(PyExc_ValueError, "RowAdagrad: the weights and their state must be C-contiguous matrices of one shape");
-                {fail}
-            }}
-            if (PyArray_DIM({grad}, 0) != k || {width(grad)} != L) {{
-                PyErr_SetString(PyExc_ValueError, "RowAdagrad: the gradient must have one row of the weights' width per index");
-                {fail}
-            }}
-            PyArrayObject* g = PyArray_GETCONTIGUOUS({grad});  // a new reference (a copy if strided)
-            if (!g) {{ {fail} }}
-            const npy_intp is0 = PyArray_STRIDE({rows}, 0) / sizeof(dtype_{rows});
-            const dtype_{rows}* index = (const dtype_{rows}*)PyArray_DATA({rows});
-            const npy_intp row_bytes = L * sizeof(dtype_{w});
-            for (npy_intp i = 0; i < k; i++) {{  // every index checked before any row changes
-                const npy_intp r = index[i * is0];
-                if (r < -n || r >= n) {{
-                    Py_DECREF(g);
-                    PyErr_Format(PyExc_IndexError, "RowAdagrad: index %ld out of bounds for %ld rows", (long)r, (long)n);
-                    {fail}
-                }}
-            }}
-            for (npy_intp i = 0; i < k; i++) {{
-                if (i + AHEAD < k) {{  // the rows are scattered over memory: ask for later ones early
-                    npy_intp p = index[(i + AHEAD) * is0];
-                    if (p < 0) p += n;
-                    for (npy_intp b = 0; b < row_bytes; b += 64) {{
-                        {prefetch}
-                    }}
-                }}
-                npy_intp r = index[i * is0];
-                if (r < 0) r += n;
-                const dtype_{grad}* __restrict__ gr = (const dtype_{grad}*)PyArray_DATA(g) + i * L;
-                dtype_{w}* __restrict__ wr = (dtype_{w}*)PyArray_DATA({w}) + r * L;
-                dtype_{acc}* __restrict__ ar = (dtype_{acc}*)PyArray_DATA({acc}) + r * L;
-                {update}
-            }}
-            Py_DECREF(g);
-        }}
-        """
+        return kernel('row_adagrad.c', state_in=', '.join(state), state_out=', '.join(f'&{o}' for o in outputs),
+                      n_state=len(outputs), inplace=self.inplace, momentum_on=bool(self.momentum), rows=rows,
+                      grad=grad, w=outputs[0], learning_rate=repr(self.learning_rate), momentum=repr(self.momentum),
+                      epsilon=repr(self.epsilon), fail=sub['fail'])
 
 
 @node_rewriter([RowAdagrad])
@@ -756,90 +713,21 @@ class MatrixReduce(COp):
         output_storage[0][0] = np.asarray(reduced, dtype=self.dtype)
 
     def c_code_cache_version(self):
-        return (2,)
+        return (3,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         (x,) = inputs
         (out,) = outputs
-        fail = sub['fail']
         is_sum = self.ufunc == 'add'
-        acc = 'double' if is_sum else f'dtype_{x}'
-        init = '0' if is_sum else ('-INFINITY' if self.ufunc == 'maximum' else 'INFINITY')
-        update = self.C_UPDATE[self.ufunc]
-        # x seen as an M x N matrix (a vector is one row) with strides s0, s1 in elements.
         ndim = node.inputs[0].ndim
-        if ndim == 1:
-            view = f'npy_intp M = 1, N = PyArray_DIM({x}, 0), s0 = 0, s1 = PyArray_STRIDE({x}, 0) / (npy_intp)sizeof(dtype_{x});'
-        else:
-            view = (f'npy_intp M = PyArray_DIM({x}, 0), N = PyArray_DIM({x}, 1), '
-                    f's0 = PyArray_STRIDE({x}, 0) / (npy_intp)sizeof(dtype_{x}), '
-                    f's1 = PyArray_STRIDE({x}, 1) / (npy_intp)sizeof(dtype_{x});')
-        by_row = ndim == 2 and self.axis == (1,)
-        by_column = ndim == 2 and self.axis == (0,)
-        out_dims = 'M' if by_row else 'N' if by_column else ''
-        out_ndim = 1 if out_dims else 0
-        n_reduced = 'N' if by_row else 'M' if by_column else 'M * N'
-        # One reduction of n entries starting at p, step `step`, into `result`; NaN makes max/min NaN.
-        def reduce_loop(result, p, n, step):
-            if is_sum:
-                return f"""{{ double a = 0;
-                    if ({step} == 1) {{
-                        #pragma omp simd reduction(+:a)
-                        for (npy_intp j = 0; j < {n}; j++) a += {p}[j];
-                    }} else {{ for (npy_intp j = 0; j < {n}; j++) a += {p}[j * {step}]; }}
-                    {result} = a; }}"""
-            return f"""{{ {acc} a = {init}; int nan = 0;
-                    for (npy_intp j = 0; j < {n}; j++) {{ {acc} v = {p}[j * {step}]; a = {update}; nan |= (v != v); }}
-                    {result} = nan ? NAN : a; }}"""
-        if by_column:
-            body = f"""
-            {acc}* a_col = ({acc}*)malloc(sizeof({acc}) * (N ? N : 1));
-            if (!a_col) {{ PyErr_NoMemory(); {fail} }}
-            int* nan = (int*)calloc(N ? N : 1, sizeof(int));
-            if (!nan) {{ free(a_col); PyErr_NoMemory(); {fail} }}
-            for (npy_intp j = 0; j < N; j++) a_col[j] = {init};
-            for (npy_intp i = 0; i < M; i++) {{
-                const dtype_{x}* __restrict__ xr = data + i * s0;
-                if (s1 == 1) {{
-                    #pragma omp simd
-                    for (npy_intp j = 0; j < N; j++) {{ {acc} a = a_col[j], v = xr[j]; a_col[j] = {update}; nan[j] |= (v != v); }}
-                }} else {{
-                    for (npy_intp j = 0; j < N; j++) {{ {acc} a = a_col[j], v = xr[j * s1]; a_col[j] = {update}; nan[j] |= (v != v); }}
-                }}
-            }}
-            for (npy_intp j = 0; j < N; j++) o[j * os] = {'a_col[j]' if is_sum else 'nan[j] ? NAN : a_col[j]'};
-            free(a_col);
-            free(nan);"""
-        elif by_row:
-            body = f"""
-            for (npy_intp i = 0; i < M; i++) {{
-                const dtype_{x}* __restrict__ xr = data + i * s0;
-                {reduce_loop('o[i * os]', 'xr', 'N', 's1')}
-            }}"""
-        else:  # everything: rows, then the row results
-            body = f"""
-            {acc} total = {init}; int nan_all = 0;
-            for (npy_intp i = 0; i < M; i++) {{
-                const dtype_{x}* __restrict__ xr = data + i * s0;
-                {acc} row;
-                {reduce_loop('row', 'xr', 'N', 's1')}
-                {{ {acc} a = total, v = row; total = {update}; nan_all |= (v != v); }}
-            }}
-            o[0] = {'total' if is_sum else 'nan_all ? NAN : total'};"""
-        empty_check = '' if is_sum else f"""
-            if ({n_reduced} == 0) {{
-                PyErr_SetString(PyExc_ValueError, "zero-size array to reduction operation {self.ufunc} which has no identity");
-                {fail}
-            }}"""
-        return f"""
-        {{
-            {view}{empty_check}{c_output(out, [out_dims] if out_dims else [], node.outputs[0].type.dtype_specs()[2], fail)}
-            const dtype_{x}* data = (const dtype_{x}*)PyArray_DATA({x});
-            dtype_{out}* o = (dtype_{out}*)PyArray_DATA({out});
-            npy_intp os = {out_ndim} ? PyArray_STRIDE({out}, 0) / (npy_intp)sizeof(dtype_{out}) : 0;
-            {body}
-        }}
-        """
+        by_row, by_column = ndim == 2 and self.axis == (1,), ndim == 2 and self.axis == (0,)
+        out_dims = ['M'] if by_row else ['N'] if by_column else []
+        return kernel('matrix_reduce.c', x=x, out=out, ufunc=self.ufunc, fail=sub['fail'],
+                      acc='double' if is_sum else f'dtype_{x}', is_vector=ndim == 1, is_sum=is_sum, by_row=by_row,
+                      by_column=by_column, n_reduced='N' if by_row else 'M' if by_column else 'M * N',
+                      init='0' if is_sum else ('-INFINITY' if self.ufunc == 'maximum' else 'INFINITY'),
+                      update=self.C_UPDATE[self.ufunc], out_ndim=len(out_dims),
+                      allocate=c_output(out, out_dims, node.outputs[0].type.dtype_specs()[2], sub['fail']))
 
 
 class RowSoftmax(COp):
@@ -857,37 +745,14 @@ class RowSoftmax(COp):
         output_storage[0][0] = e / e.sum(axis=1, keepdims=True, dtype=np.float64).astype(x.dtype)
 
     def c_code_cache_version(self):
-        return (6,)
+        return (7,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         (x,) = inputs
         (out,) = outputs
         fail = sub['fail']
-        return f"""
-        {{
-            npy_intp M = PyArray_DIM({x}, 0), N = PyArray_DIM({x}, 1);
-            PyArrayObject* contiguous = PyArray_GETCONTIGUOUS({x});  // a new reference (a copy if strided)
-            if (!contiguous) {{ {fail} }}{c_output(out, ['M', 'N'], f'PyArray_TYPE({x})', f'Py_DECREF(contiguous); {fail}')}
-            for (npy_intp i = 0; i < M; i++) {{
-                const dtype_{x}* __restrict__ xr = (const dtype_{x}*)PyArray_DATA(contiguous) + i * N;
-                dtype_{out}* __restrict__ o = (dtype_{out}*)PyArray_DATA({out}) + i * N;
-                // Vectorised max and sum (a NaN in the row makes the whole row NaN, as before).
-                dtype_{x} m = xr[0];
-                #pragma omp simd reduction(max:m)
-                for (npy_intp j = 0; j < N; j++) m = xr[j] > m ? xr[j] : m;
-                double sum = 0;
-                #pragma omp simd reduction(+:sum)
-                for (npy_intp j = 0; j < N; j++) {{
-                    dtype_{out} e = exp(xr[j] - m);
-                    o[j] = e;
-                    sum += e;
-                }}
-                dtype_{out} s = (dtype_{out})sum;
-                for (npy_intp j = 0; j < N; j++) o[j] = o[j] / s;
-            }}
-            Py_DECREF(contiguous);
-        }}
-        """
+        return kernel('row_softmax.c', x=x, out=out, fail=fail,
+                      allocate=c_output(out, ['M', 'N'], f'PyArray_TYPE({x})', f'Py_DECREF(contiguous); {fail}'))
 
 
 @node_rewriter([Softmax])
@@ -947,85 +812,16 @@ class RowBPRMax(COp):
         output_storage[0][0] = (g[:, None] * dY).astype(Y.dtype)
 
     def c_code_cache_version(self):
-        return (3,)
+        return (4,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         Y, cols, bpreg = inputs[:3]
         (out,) = outputs
         fail = sub['fail']
-        T = f'dtype_{Y}'
-        if self.grad:
-            g = inputs[3]
-            allocate = c_output(out, ['M', 'N'], f'PyArray_TYPE({Y})', f'Py_DECREF(y); Py_DECREF(c); {fail}')
-            # s_j is kept in the output row until the last pass overwrites it with the gradient.
-            finish = f"""
-                const {T} gi = *(dtype_{g}*)PyArray_GETPTR1({g}, i);
-                const {T} inv = ({T})(1.0 / (A + 1e-24)), a = ({T})A, b = ({T})B, l = ({T})lambda;
-                double target = 0;
-                #pragma omp simd reduction(+:target)
-                for (npy_intp j = 0; j < N; j++) {{
-                    const {T} sj = o[j], yj = yr[j];
-                    const {T} sig = 1 / (1 + std::exp(yj - d));
-                    target += sj * sig * (1 - sig);
-                    o[j] = gi * (-(sj * (sig - a) - sj * sig * (1 - sig)) * inv + l * sj * (yj * yj - b + 2 * yj));
-                }}
-                if (i < N) o[i] = ({T})(gi * -target * inv);"""
-        else:
-            allocate = c_output(out, ['M'], f'PyArray_TYPE({Y})', f'Py_DECREF(y); Py_DECREF(c); {fail}')
-            finish = f"""
-                *(({T}*)PyArray_DATA({out}) + i) = ({T})(-log(A + 1e-24) + lambda * B);"""
-        return f"""
-        {{
-            const npy_intp M = PyArray_DIM({Y}, 0), N = PyArray_DIM({Y}, 1);
-            if (PyArray_DIM({cols}, 0) != N) {{
-                PyErr_SetString(PyExc_ValueError, "RowBPRMax: cols must have one entry per column of the scores");
-                {fail}
-            }}
-            PyArrayObject* y = PyArray_GETCONTIGUOUS({Y});  // new references (copies if strided)
-            if (!y) {{ {fail} }}
-            PyArrayObject* c = PyArray_GETCONTIGUOUS({cols});
-            if (!c) {{ Py_DECREF(y); {fail} }}
-            {allocate}
-            const double lambda = (double)*(dtype_{bpreg}*)PyArray_DATA({bpreg});
-            const dtype_{cols}* __restrict__ cr = (const dtype_{cols}*)PyArray_DATA(c);
-            std::vector<{T}> scratch(N);
-            {T}* __restrict__ e = scratch.data();
-            for (npy_intp i = 0; i < M; i++) {{
-                const {T}* __restrict__ yr = (const {T}*)PyArray_DATA(y) + i * N;
-                {T}* __restrict__ o = {'(' + T + '*)PyArray_DATA(' + out + ') + i * N' if self.grad else 'e'};
-                const {T} d = i < N ? yr[i] : 0;
-                // The largest score among the negatives (the target and the padded columns left out).
-                {T} m = -std::numeric_limits<{T}>::max();
-                #pragma omp simd reduction(max:m)
-                for (npy_intp j = 0; j < N; j++)
-                    m = (cr[j] != 0 && j != i && yr[j] > m) ? yr[j] : m;
-                // exp of at most 0: the negatives are at most m, and the target, which may be far above
-                // them, must not overflow before its weight 0 applies (taken out after the loop).
-                double Z = 0;
-                #pragma omp simd reduction(+:Z)
-                for (npy_intp j = 0; j < N; j++) {{
-                    const {T} x = std::exp(std::min(yr[j] - m, ({T})0)) * cr[j];
-                    o[j] = x;
-                    Z += x;
-                }}
-                if (i < N) {{
-                    Z -= o[i];
-                    o[i] = 0;
-                }}
-                const {T} z = ({T})Z;
-                double A = 0, B = 0;
-                #pragma omp simd reduction(+:A, B)
-                for (npy_intp j = 0; j < N; j++) {{
-                    const {T} sj = o[j] / z;
-                    o[j] = sj;
-                    A += sj / (1 + std::exp(yr[j] - d));
-                    B += sj * yr[j] * yr[j];
-                }}{finish}
-            }}
-            Py_DECREF(y);
-            Py_DECREF(c);
-        }}
-        """
+        shape = ['M', 'N'] if self.grad else ['M']
+        return kernel('row_bpr_max.c', Y=Y, cols=cols, bpreg=bpreg, g=inputs[3] if self.grad else '', out=out,
+                      grad=self.grad, fail=fail,
+                      allocate=c_output(out, shape, f'PyArray_TYPE({Y})', f'Py_DECREF(y); Py_DECREF(c); {fail}'))
 
     def c_headers(self, **kwargs):
         return ['<algorithm>', '<cmath>', '<limits>', '<vector>']
@@ -1071,33 +867,15 @@ class RowCount(COp):
         output_storage[0][0] = getattr(np, self.relation)(x, t[:, None]).sum(axis=1).astype(self.dtype)
 
     def c_code_cache_version(self):
-        return (2,)
+        return (3,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, t = inputs
         (out,) = outputs
         fail = sub['fail']
-        op = self.RELATIONS_C[self.relation]
-        return f"""
-        {{
-            npy_intp M = PyArray_DIM({x}, 0), N = PyArray_DIM({x}, 1);
-            if (PyArray_DIM({t}, 0) != M) {{
-                PyErr_SetString(PyExc_ValueError, "RowCount: one threshold per row");
-                {fail}
-            }}
-            PyArrayObject* contiguous = PyArray_GETCONTIGUOUS({x});  // a new reference (a copy if strided)
-            if (!contiguous) {{ {fail} }}{c_output(out, ['M'], node.outputs[0].type.dtype_specs()[2], f'Py_DECREF(contiguous); {fail}')}
-            npy_intp ts = PyArray_STRIDE({t}, 0) / sizeof(dtype_{t}), os = PyArray_STRIDE({out}, 0) / sizeof(dtype_{out});
-            for (npy_intp i = 0; i < M; i++) {{
-                const dtype_{x}* __restrict__ xr = (const dtype_{x}*)PyArray_DATA(contiguous) + i * N;
-                const dtype_{x} threshold = ((const dtype_{t}*)PyArray_DATA({t}))[i * ts];
-                npy_int32 count = 0;
-                for (npy_intp j = 0; j < N; j++) count += xr[j] {op} threshold;
-                ((dtype_{out}*)PyArray_DATA({out}))[i * os] = count;
-            }}
-            Py_DECREF(contiguous);
-        }}
-        """
+        return kernel('row_count.c', x=x, t=t, out=out, op=self.RELATIONS_C[self.relation], fail=fail,
+                      allocate=c_output(out, ['M'], node.outputs[0].type.dtype_specs()[2],
+                                        f'Py_DECREF(contiguous); {fail}'))
 
 
 @node_rewriter([CAReduce])
@@ -1186,9 +964,10 @@ def local_matrix_reduce(fgraph, node):
 def c_mode():
     """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
     op, nor element-wise work into (slow, scalar) C reductions."""
-    return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding('symbolic_op_recognition', 'local_careduce_fusion', 'local_dot22_to_dot22scalar')
+    return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding(*EXCLUDED_REWRITES)
             .register((in2out(local_row_loss), 0.01),
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
-                      (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99), (in2out(local_matrix_reduce), 99),
+                      (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
+                      (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
                       (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_threaded_product), 99)))

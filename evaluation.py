@@ -10,6 +10,8 @@ evaluate_sessions_batch and evaluate_sessions keep the original's other entry po
 written against it; both are computed by evaluate_gpu.
 """
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -80,8 +82,10 @@ def _compile_eval_step(model, H, cutoffs, mode, with_candidates, seed):
         return model.compile_function([X, T, prev_rows, keep, active, candidates], outputs, updates)
 
 
-def evaluate_gpu(gru, test_data, items=None, session_key='SessionId', item_key='ItemId', time_key='Time',
-                 cut_off=[20], batch_size=512, mode='standard', seed=42):
+def evaluate_gpu(gru: Any, test_data: pd.DataFrame, items: Sequence[Any] | None = None, session_key: str = 'SessionId',
+                 item_key: str = 'ItemId', time_key: str = 'Time', cut_off: int | Sequence[int] = (20,),
+                 batch_size: int = 512, mode: str = 'standard',
+                 seed: int = 42) -> tuple[OrderedDict[int, float], OrderedDict[int, float]]:
     """Recall@k and MRR@k of a trained GRU4Rec (or of a baseline) on test sessions.
 
     The model provides `itemidmap` (item ids in index order), `state_sizes` (widths of the states it

@@ -15,487 +15,102 @@ builds the same symbolic graphs with PyTensor, Theano's maintained continuation.
 papers: X are the input items of a mini-batch, Y = [targets | samples] the scored items,
 M the number of active sessions in the mini-batch and N = M + n_sample the number of scored items.
 
-This module holds the model: activations, losses, the GRU network and the GRU4Rec estimator. Behind it,
-imported one way (tests/test_layers.py checks the order): training.py (the padded sparse training step,
-the optimisers, the sample store), evaluation.py, sessions.py (session logs and session-parallel
-mini-batches), backends.py (the only place that knows about backends) with cbackend.py, and
-modelfile.py (the file format).
+This module holds the GRU4Rec estimator. Behind it, imported one way (tests/test_layers.py checks the
+order): hyperparams.py (the table of hyper-parameters, their parsing and checks), network.py (the
+weights and the GRU network), losses.py (activations and losses), recommend.py (top-k for sessions),
+training.py (the padded sparse training step, the optimisers, the sample store), evaluation.py,
+sessions.py (session logs and session-parallel mini-batches), backends.py (the only place that knows
+about backends; cbackend.py's optional C kernels) and modelfile.py (the file format).
 """
 import copy
 import functools
 import inspect
 import math
+import os
 import uuid
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytensor
 import pytensor.tensor as pt
-from pytensor.gradient import disconnected_grad
+from numpy.typing import ArrayLike
+from pytensor.tensor.variable import TensorVariable
 
 import modelfile
-from backends import BACKENDS, call, compile_function, set_shared, to_host
+from backends import BACKENDS, call, compile_function, set_shared, to_host  # noqa: F401  (BACKENDS: public)
 from evaluation import evaluate_gpu
-from sessions import FLOAT, pad, session_arrays, session_parallel_batches, sort_log, validate_log
-from training import (ADAPT_DEFAULTS, OPT_STATE_KINDS, Optimizer, SampleStore, TrainingStep, row_loss_op, sample_cdf,
+from hyperparams import ARCHITECTURE, HYPERPARAMETERS, SIGNATURE, parse_hyperparameters
+from hyperparams import docstring as hyperparams_docstring
+from losses import LOSSES
+from network import GRUNetwork, embedding_size, init_weights, parameter_shapes
+from recommend import top_k
+from sessions import FLOAT, session_arrays, session_parallel_batches, validate_log
+from training import (OPT_STATE_KINDS, Optimizer, SampleStore, TrainingStep, row_loss_op, sample_cdf,
                       static_shared, train_epochs)
 from training import distinct_rows, inverse_cdf  # noqa: F401  (public names of gru4rec before issue 13)
+from losses import parse_activation  # noqa: F401  (public names of gru4rec before issue 27)
+from network import gru_step  # noqa: F401
 
-
-# ---------------------------------------------------------------------------------------------------
-# Activations: name -> function of a symbolic tensor. 'elu-0.5' means elu with alpha 0.5.
-
-def _linear(x):
-    return x
-
-
-def _relu(x):
-    return pt.maximum(x, 0)
-
-
-def _leaky(alpha):
-    return lambda x: pt.switch(x >= 0, x, alpha * x)
-
-
-def _elu(alpha):
-    return lambda x: _positive_part(x) + np.float32(alpha) * pt.expm1(_negative_part(x))
-
-
-def _selu(scale, alpha):
-    return lambda x: np.float32(scale) * _elu(alpha)(x)
-
-
-def _positive_part(x):
-    """max(x, 0), and _negative_part min(x, 0), written with |x|: their gradients, (1 ± sign(x)) / 2, need
-    no boolean mask. A boolean array passed between the fused loops of an ELU and its gradient kept the
-    C backend from vectorising the loops around exp."""
-    return (x + abs(x)) * np.float32(0.5)
-
-
-def _negative_part(x):
-    return (x - abs(x)) * np.float32(0.5)
-
-
-def _row_max(x):
-    """Row maxima to subtract before exp so that it cannot overflow. The results do not depend on the
-    shift, so no gradient flows through it (autodiff would spend a pass and a reduction on a zero)."""
-    return disconnected_grad(x.max(axis=1, keepdims=True))
-
-
-def _softmax(x):
-    return pt.special.softmax(x, axis=1)  # one op, whose gradient reuses its output
-
-
-ACTIVATIONS = {'linear': _linear, 'relu': _relu, 'tanh': pt.tanh, 'sigmoid': pt.sigmoid}
-PARAMETRIC_ACTIVATIONS = {'leaky': (1, _leaky), 'elu': (1, _elu), 'selu': (2, _selu)}
-FINAL_ONLY_ACTIVATIONS = {'softmax': _softmax, 'softmax_logit': _linear}
-
-
-def parse_activation(name, final=False):
-    """Returns the activation function for a name like 'tanh', 'elu-0.5' or 'selu-1.05-1.67'."""
-    if not isinstance(name, str):
-        raise ValueError(f'activation must be a string, got {name!r}')
-    table = dict(ACTIVATIONS, **FINAL_ONLY_ACTIVATIONS) if final else ACTIVATIONS
-    if name in table:
-        return table[name]
-    head, *args = name.split('-')
-    if head in PARAMETRIC_ACTIVATIONS:
-        n_args, make = PARAMETRIC_ACTIVATIONS[head]
-        try:
-            values = [float(a) for a in args]
-        except ValueError:
-            values = []
-        if len(values) == n_args:
-            return make(*values)
-    allowed = sorted(table) + ['leaky-X', 'elu-X', 'selu-X-Y']
-    raise ValueError(f'unknown activation {name!r}; use one of {allowed}')
-
-
-def is_strictly_increasing(name):
-    """Whether the activation (a valid name) keeps the order of the scores, row by row for softmax."""
-    head, *args = name.split('-')
-    if head in PARAMETRIC_ACTIVATIONS:
-        return all(float(a) > 0 for a in args)
-    return head != 'relu'  # relu ties every negative score at zero
-
-
-# ---------------------------------------------------------------------------------------------------
-# Losses over the score matrix Yhat (M x N, after the final activation). Row i's target is column i;
-# the other columns are the other rows' targets and the shared samples. Each returns the per-row loss
-# (a vector of M); the caller sums it and divides by the configured batch size. `cols` (N, 1 or 0)
-# marks the scored columns when the batch is padded to a fixed size (see training.TrainingStep);
-# None means all columns count.
-
-def _diag(Yhat):
-    """Yhat[i, i] for every row i, read from the flattened matrix: the gradient of that gather is a
-    scatter into a vector, which has C code, where a two-index gather's ran in Python."""
-    M, N = Yhat.shape
-    return Yhat.reshape((-1,))[pt.arange(M) * (N + 1)]  # M
-
-
-def _row_sum(A, cols):
-    return (A if cols is None else A * cols).sum(axis=1)
-
-
-def _n_cols(Yhat, cols):
-    return Yhat.shape[1].astype(FLOAT) if cols is None else cols.sum()
-
-
-def _softmax_negatives(Yhat, cols):
-    """Softmax over each row's negatives only (the target column gets weight 0), as in BPR-max.
-
-    The shift before exp is the maximum over the negatives alone, as in the original: with the target
-    included, a target scored far above every negative made all of exp underflow to 0 (0 / 0 = NaN).
-    The target's own exp is taken of 0 instead, so that it cannot overflow before its weight 0 applies."""
-    negatives = pt.neq(pt.arange(Yhat.shape[0])[:, None], pt.arange(Yhat.shape[1])[None, :])  # M x N
-    if cols is not None:
-        negatives = negatives * cols
-    lowest = np.finfo(FLOAT).min
-    shift = disconnected_grad(pt.switch(negatives, Yhat, lowest).max(axis=1, keepdims=True))  # M x 1
-    e = pt.exp(pt.switch(negatives, Yhat - shift, 0)) * negatives  # M x N
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _smoothed(nll, nll_sum, N, smoothing):
-    """Label smoothing: weight 1 - smoothing on the target, smoothing / (N - 1) on every other column."""
-    if smoothing == 0:
-        return nll
-    return (1 - smoothing * N / (N - 1)) * nll + smoothing / (N - 1) * nll_sum
-
-
-def loss_cross_entropy(Yhat, smoothing=0.0, cols=None, **_):
-    """-log softmax probability of the target (Yhat holds probabilities), with label smoothing."""
-    nll = -pt.log(_diag(Yhat) + 1e-24)
-    if smoothing == 0:
-        return nll
-    return _smoothed(nll, _row_sum(-pt.log(Yhat + 1e-24), cols), _n_cols(Yhat, cols), smoothing)
-
-
-def loss_xe_logit(Yhat, smoothing=0.0, cols=None, **_):
-    """Cross-entropy computed stably from logits (use with final_act='softmax_logit')."""
-    m = _row_max(Yhat)
-    logsumexp = m[:, 0] + pt.log(_row_sum(pt.exp(Yhat - m), cols))
-    nll = logsumexp - _diag(Yhat)
-    if smoothing == 0:
-        return nll
-    N = _n_cols(Yhat, cols)
-    return _smoothed(nll, N * logsumexp - _row_sum(Yhat, cols), N, smoothing)
-
-
-def loss_bpr(Yhat, cols=None, **_):
-    """BPR (ICLR 2016): -sum_j log sigmoid(d - yhat_j) over all N columns."""
-    return _row_sum(-pt.log(pt.sigmoid(_diag(Yhat)[:, None] - Yhat)), cols)
-
-
-def loss_top1(Yhat, cols=None, **_):
-    """TOP1 (ICLR 2016): mean_j(sigmoid(yhat_j - d) + sigmoid(yhat_j^2)) - sigmoid(d^2)/N."""
-    d = _diag(Yhat)
-    N = _n_cols(Yhat, cols)
-    return (_row_sum(pt.sigmoid(Yhat - d[:, None]) + pt.sigmoid(Yhat ** 2), cols) - pt.sigmoid(d ** 2)) / N
-
-
-def loss_bpr_max(Yhat, bpreg=1.0, cols=None, **_):
-    """BPR-max (CIKM 2018): -log sum_j s_j sigmoid(d - yhat_j) + bpreg sum_j s_j yhat_j^2."""
-    s = _softmax_negatives(Yhat, cols)  # M x N
-    d = _diag(Yhat)
-    return -pt.log((s * pt.sigmoid(d[:, None] - Yhat)).sum(axis=1) + 1e-24) + bpreg * (s * Yhat ** 2).sum(axis=1)
-
-
-def loss_top1_max(Yhat, cols=None, **_):
-    """TOP1-max (CIKM 2018): sum_j s_j (sigmoid(yhat_j - d) + sigmoid(yhat_j^2))."""
-    s = _softmax_negatives(Yhat, cols)  # M x N
-    d = _diag(Yhat)
-    return (s * (pt.sigmoid(Yhat - d[:, None]) + pt.sigmoid(Yhat ** 2))).sum(axis=1)
-
-
-LOSSES = {'cross-entropy': loss_cross_entropy, 'xe_logit': loss_xe_logit, 'bpr': loss_bpr,
-          'top1': loss_top1, 'bpr-max': loss_bpr_max, 'top1-max': loss_top1_max}
-REQUIRED_FINAL_ACT = {'cross-entropy': 'softmax', 'xe_logit': 'softmax_logit'}
-
-
-# ---------------------------------------------------------------------------------------------------
-# The GRU network (ICLR 2016, section 3): its parameters, their initialisation and one step of a layer.
-# Wx{l} (n_in x 3L), Wrz{l} (L x 2L), Wh{l} (L x L) and Bh{l} (3L) hold the r, z and candidate blocks of
-# layer l; Wy (n_items x L_last) and By (n_items) score the items. The first layer reads one-hot items
-# through Wx0 (n_items x 3L0), an item embedding E (n_items x K), or Wy (constrained embedding).
-
-def embedding_size(params):
-    """K of the separate item embedding E (0: none) for the parsed hyper-parameters."""
-    if params['constrained_embedding']:
-        return 0
-    return params['layers'][0] if params['embedding'] == 'layersize' else params['embedding']
-
-
-def item_parameters(params):
-    """The parameters with one row per item, in the order of parameter_shapes."""
-    return ['Wy', 'By'] + (['E'] if embedding_size(params) else [] if params['constrained_embedding'] else ['Wx0'])
-
-
-def parameter_shapes(params, n_items):
-    """{name: shape} of the weights that the (parsed) hyper-parameters declare for n_items items, as
-    init_weights makes them."""
-    layers, constrained, K = params['layers'], params['constrained_embedding'], embedding_size(params)
-    shapes = OrderedDict([('Wy', (n_items, layers[-1])), ('By', (n_items,))])
-    if K:
-        shapes['E'] = (n_items, K)
-    elif not constrained:
-        shapes['Wx0'] = (n_items, 3 * layers[0])
-    for l, L in enumerate(layers):
-        if l > 0 or 'Wx0' not in shapes:
-            shapes[f'Wx{l}'] = (layers[l - 1] if l > 0 else K or layers[-1], 3 * L)
-        shapes[f'Wrz{l}'] = (L, 2 * L)
-        shapes[f'Wh{l}'] = (L, L)
-        shapes[f'Bh{l}'] = (3 * L,)
-        if params['reset_after']:
-            shapes[f'Bhc{l}'] = (L,)
-    return shapes
-
-
-def init_matrix(rng, rows, cols, n_blocks=1, fan_rows=None, sigma=0.0, normal=False):
-    """Uniform in [-s, s] with s = sqrt(6 / (fan_rows + cols)) per block (or N(0, s)); `sigma` overrides
-    s. fan_rows defaults to rows; more when the rows extend a matrix (new items on retraining)."""
-    blocks = []
-    for _ in range(n_blocks):
-        s = sigma if sigma else np.sqrt(6.0 / ((fan_rows or rows) + cols))
-        blocks.append(rng.normal(0, s, size=(rows, cols)) if normal else rng.uniform(-s, s, size=(rows, cols)))
-    return np.hstack(blocks).astype(FLOAT)
-
-
-def init_weights(params, n_items, rng, n_rows=None):
-    """Initial weights {name: array} for n_items items: biases zero, each matrix block (r, z, c) drawn by
-    init_matrix. With n_rows, only n_rows fresh rows of the item-indexed parameters, scaled for
-    matrices of n_items rows: new items on retraining get the scale of the grown matrix, as the
-    original's extend_weights (on the retraining benchmark, better for the new items than the scale
-    of their rows alone)."""
-    items = item_parameters(params)
-    weights = OrderedDict()
-    for name, shape in parameter_shapes(params, n_items).items():
-        if n_rows is not None:
-            if name not in items:
-                continue
-            shape = (n_rows,) + shape[1:]
-        if name.startswith('B'):
-            weights[name] = np.zeros(shape, dtype=FLOAT)
-            continue
-        n_blocks = 3 if name.startswith('Wx') else 2 if name.startswith('Wrz') else 1
-        weights[name] = init_matrix(rng, shape[0], shape[1] // n_blocks, n_blocks, n_items if name in items else None,
-                                    params['sigma'], params['init_as_normal'])
-    return weights
-
-
-def gru_step(x_proj, h, Wrz, Wh, act, Bhc=None):
-    """One GRU step of a layer of width L. x_proj = x·Wx + Bh (M x 3L: the r, z, c blocks), h the
-    previous state (M x L), Wrz = [Ur | Uz] (L x 2L), Wh = Uh (L x L).
-    r = σ(x·Wr + h·Ur), z = σ(x·Wz + h·Uz), h' = (1-z)*h + z*c, and the candidate
-    c = act(x·Wc + (r*h)·Uh)          reset before the recurrent product (the original's cell), or
-    c = act(x·Wc + r*(h·Uh + bhc))    reset after it (reset_after=True; Bhc holds bhc).
-    The second is the cell of cuDNN (CUDNN_GRU in cudnnRNNMode_t) and of torch.nn.GRUCell, whose
-    n = tanh(W_in x + b_in + r*(W_hn h + b_hn)) it is with W_in x + b_in = x·Wc + bc and
-    b_hn = bhc. Its hidden-side bias is a parameter of its own: r scales it, so unlike the
-    hidden-side biases of r and z it cannot be folded into Bh."""
-    L = Wh.type.shape[0] if Wh.type.shape[0] is not None else Wh.shape[0]
-    rz = pt.sigmoid(x_proj[:, :2 * L] + pt.dot(h, Wrz))  # M x 2L
-    r, z = rz[:, :L], rz[:, L:]
-    if Bhc is not None:
-        recurrent = r * (pt.dot(h, Wh) + Bhc)  # M x L
-    else:
-        recurrent = pt.dot(r * h, Wh)  # M x L
-    c = act(x_proj[:, 2 * L:] + recurrent)  # M x L
-    return (1 - z) * h + z * c
-
-
-# ---------------------------------------------------------------------------------------------------
-
-def _as_bool(value):
-    if isinstance(value, str):
-        if value.strip().lower() in ('true', '1', 'yes'):
-            return True
-        if value.strip().lower() in ('false', '0', 'no'):
-            return False
-        raise ValueError(f'cannot read {value!r} as a boolean; use True/False or 1/0')
-    return bool(value)
-
-
-def _as_int_list(value):
-    if isinstance(value, str):
-        return [int(v) for v in value.split('/') if v.strip()]
-    if isinstance(value, (int, np.integer)):
-        return [int(value)]
-    return [int(v) for v in value]
-
-
-def _as_float_list(value):
-    if isinstance(value, str):
-        return [float(v) for v in value.split('/') if v.strip()]
-    if isinstance(value, (int, float, np.number)):
-        return [float(value)]
-    return [float(v) for v in value]
-
-
-def _as_embedding(value):
-    if isinstance(value, str) and value.strip() == 'layersize':
-        return 'layersize'
-    return int(value)
-
-
-def _as_adapt(value):
-    if value is None or (isinstance(value, str) and value.strip().lower() in ('none', '', 'false', 'sgd')):
-        return None
-    return str(value)
-
-
-def _as_str(value):
-    return str(value)
-
-
-# name -> (default, parser, description): the one list of the hyper-parameters. The names and defaults are
-# the original implementation's; GRU4Rec's signature, its docstring and parse_hyperparameters derive from it.
-HYPERPARAMETERS = OrderedDict([
-    ('loss', ('bpr-max', _as_str, "'cross-entropy' (with final_act='softmax'), 'xe_logit' (with "
-                                  "'softmax_logit'), 'bpr', 'top1', 'bpr-max', 'top1-max'")),
-    ('final_act', ('linear', _as_str, "activation of the scores: 'linear', 'relu', 'tanh', 'leaky-X', 'elu-X', "
-                                      "'selu-X-Y', 'softmax', 'softmax_logit'")),
-    ('hidden_act', ('tanh', _as_str, "activation of the GRU candidate state (as final_act, without the softmaxes)")),
-    ('layers', ([100], _as_int_list, "GRU layer sizes, e.g. [100] or '200/200'")),
-    ('n_epochs', (10, int, 'epochs that fit trains')),
-    ('batch_size', (32, int, 'sessions trained in parallel (ICLR 2016, section 3.1.1)')),
-    ('dropout_p_hidden', (0.0, float, 'dropout on the GRU layers\' outputs')),
-    ('dropout_p_embed', (0.0, float, 'dropout on the item embedding')),
-    ('learning_rate', (0.1, float, 'step size (Adadelta takes steps of its own size)')),
-    ('momentum', (0.0, float, 'heavy-ball momentum')),
-    ('lmbd', (0.0, float, 'L2 regularisation, as decoupled weight decay')),
-    ('embedding', (0, _as_embedding, "0 (the first layer reads one-hot items through an n_items x 3L matrix), K "
-                                     "or 'layersize' (a separate K-dimensional item embedding)")),
-    ('n_sample', (2048, int, 'extra negatives per step, shared by the mini-batch (CIKM 2018)')),
-    ('sample_alpha', (0.75, float, 'negatives drawn by support ** sample_alpha')),
-    ('smoothing', (0.0, float, 'label smoothing of the cross-entropy losses')),
-    ('constrained_embedding', (False, _as_bool, 'True uses the output weights Wy as the input embedding')),
-    ('adapt', ('adagrad', _as_adapt, "'adagrad', 'rmsprop', 'adadelta', 'adam' or None (SGD)")),
-    ('adapt_params', ([], _as_float_list, 'the decay of rmsprop and adadelta, or the betas of adam')),
-    ('grad_cap', (0.0, float, 'clips the gradients to this global norm (0: no clipping)')),
-    ('bpreg', (1.0, float, 'weight of the score regularisation of BPR-max')),
-    ('logq', (0.0, float, 'weight of the logQ correction of sampled softmax (with cross-entropy)')),
-    ('sigma', (0.0, float, 'the scale of the initial weights (0: sqrt(6 / (rows + columns)) per block)')),
-    ('init_as_normal', (False, _as_bool, 'normal instead of uniform initial weights')),
-    ('train_random_order', (False, _as_bool, 'shuffles the sessions in every epoch')),
-    ('time_sort', (True, _as_bool, 'sessions enter training by the time of their first event (else by id)')),
-    ('session_key', ('SessionId', _as_str, 'the session column of the data')),
-    ('item_key', ('ItemId', _as_str, 'the item column of the data')),
-    ('time_key', ('Time', _as_str, 'the time column of the data')),
-    ('seed', (42, int, 'seeds initialisation, sampling, dropout and session order: same seed and data, same model')),
-    ('backend', ('c', _as_str, "how PyTensor compiles the graphs: 'c' (C virtual machine) or 'jax'")),
-    ('verbose', (True, _as_bool, 'prints the loss of each epoch and shows progress')),
-    ('reset_after', (False, _as_bool, "(not in the original) False is the original's GRU cell, the reset gate "
-                                      'applied to the previous state before the recurrent product; True applies '
-                                      'it after, with a hidden-side candidate bias, as cuDNN and torch.nn.GRUCell '
-                                      'do (see gru_step)')),
-])
-SIGNATURE = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
-                               for name, (default, _, _) in HYPERPARAMETERS.items()])
-# Changing these changes the model's parameters or what they mean: they are fixed once a model is trained.
-ARCHITECTURE = ('layers', 'embedding', 'constrained_embedding', 'reset_after')
 # What a retrain keeps besides the weights. 'carried': the optimiser state and the item supports (sampling,
 # logq) of all data trained on so far. 'fresh': neither, as the original's retrain (hidasib/GRU4Rec 4b91663),
 # which built new zero accumulators and velocities at every fit and drew samples by the new data's
-# popularity. The default is the one that scored better on rsc15_100k halves (benchmarks/retrain_state.py).
+# popularity. The default is the one that scored better on rsc15_100k and yoochoose1_64 halves
+# (benchmarks/retrain_state.py).
 RETRAIN_STATES = ('carried', 'fresh')
 RETRAIN_STATE = 'carried'
 
-
-def _check_hyperparameters(p):
-    def fail(name, what):
-        raise ValueError(f'{name}={p[name]!r}: {what}')
-    if p['loss'] not in LOSSES:
-        fail('loss', f'unknown loss; use one of {sorted(LOSSES)}')
-    parse_activation(p['final_act'], final=True)
-    parse_activation(p['hidden_act'])
-    required = REQUIRED_FINAL_ACT.get(p['loss'])
-    if required and p['final_act'] != required:
-        fail('final_act', f"loss {p['loss']!r} needs final_act={required!r}")
-    if p['final_act'] in REQUIRED_FINAL_ACT.values() and p['loss'] not in REQUIRED_FINAL_ACT:
-        fail('final_act', "softmax final activations go with loss='cross-entropy' or 'xe_logit'")
-    if not p['layers'] or min(p['layers']) <= 0:
-        fail('layers', 'give one positive size per GRU layer, e.g. [100] or "200/200"')
-    for name in ('n_epochs', 'batch_size'):
-        if p[name] <= 0:
-            fail(name, 'must be positive')
-    if p['n_sample'] < 0:
-        fail('n_sample', 'must not be negative')
-    if p['n_sample'] == 0 and p['batch_size'] < 2:
-        fail('batch_size', 'with n_sample=0 the other sessions of the mini-batch are the only negatives: use >= 2')
-    for name in ('learning_rate', 'momentum', 'lmbd', 'grad_cap', 'bpreg', 'logq', 'sigma', 'sample_alpha'):
-        if p[name] < 0 or not np.isfinite(p[name]):
-            fail(name, 'must be a finite number >= 0')
-    for name in ('dropout_p_hidden', 'dropout_p_embed', 'smoothing'):
-        if not 0 <= p[name] < 1:
-            fail(name, 'must be in [0, 1)')
-    if p['embedding'] != 'layersize' and p['embedding'] < 0:
-        fail('embedding', "must be 0 (none), a positive size or 'layersize'")
-    if p['adapt'] not in ADAPT_DEFAULTS:
-        fail('adapt', f"unknown optimiser; use one of {[k for k in ADAPT_DEFAULTS if k]} or None")
-    if p['adapt_params'] and len(p['adapt_params']) != len(ADAPT_DEFAULTS[p['adapt']]):
-        fail('adapt_params', f"{p['adapt']} takes {len(ADAPT_DEFAULTS[p['adapt']])} values")
-    if p['backend'] not in BACKENDS:
-        fail('backend', f'use one of {sorted(BACKENDS)}')
-
-
-def parse_hyperparameters(**values):
-    """All hyper-parameters parsed and validated, the defaults for those not given (strings from a
-    command line are accepted)."""
-    unknown = sorted(set(values) - set(HYPERPARAMETERS))
-    if unknown:
-        raise ValueError(f'unknown hyper-parameter(s) {unknown}; known ones: {list(HYPERPARAMETERS)}')
-    parsed = {}
-    for name, (default, parse, _) in HYPERPARAMETERS.items():
-        raw = values.get(name, default)
-        try:
-            parsed[name] = parse(raw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f'hyper-parameter {name}={raw!r} cannot be read: {e}') from None
-    _check_hyperparameters(parsed)
-    return parsed
-
-
 class GRU4Rec:
-    """GRU4Rec model (see the module docstring). Construct with hyper-parameters, then `fit`.
+    """GRU4Rec model (see the module docstring), a scikit-learn style estimator: the constructor and
+    set_params only store the hyper-parameters, as given; fit learns. sklearn.base.clone works on it.
 
     Learned state (set by fit, retrain and loadmodel; the original's names without the '_' are
     aliases): itemidmap_ (item ids in index order), weights_, opt_values_ (optimiser state), support_
-    (training events per item; after a retrain with retrain_state='fresh', the new data's), history_ (per-epoch records), hyperparameters_ (the parsed
-    hyper-parameters trained with), training_step_.
+    (training events per item; after a retrain with retrain_state='fresh', the new data's), history_
+    (per-epoch records), lineage_ (an id drawn when a model is fitted from scratch and kept by every
+    retrain: a live service keeps its sessions' states only within one lineage), hyperparameters_ (the parsed
+    hyper-parameters trained with), layers_, and the compiled graph's parts: params_ (the weights' shared
+    variables), H_ (the training step's hidden states), P_target_ and P_sample_ (logQ of the targets
+    and the samples), network_ (network.GRUNetwork) and training_step_ (training.TrainingStep).
 
-    Hyper-parameters (names and defaults of the original implementation; see HYPERPARAMETERS):
+    Hyper-parameters (names and defaults of the original implementation; see hyperparams.py):
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The signature is SIGNATURE's (inspect.signature(GRU4Rec) shows it); binding raises Python's
         # TypeError for an unknown or repeated name, as a written-out signature would.
         given = SIGNATURE.bind(*args, **kwargs).arguments
-        for name, (default, _, _) in HYPERPARAMETERS.items():
-            setattr(self, name, given[name] if name in given else copy.deepcopy(default))
+        for name, h in HYPERPARAMETERS.items():
+            setattr(self, name, given[name] if name in given else copy.deepcopy(h.default))
 
     __init__.__signature__ = SIGNATURE.replace(
         parameters=[inspect.Parameter('self', inspect.Parameter.POSITIONAL_OR_KEYWORD), *SIGNATURE.parameters.values()])
 
     # -- hyper-parameters ----------------------------------------------------------------------------
 
-    def get_params(self):
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The hyper-parameters as stored by the constructor and set_params ({name: value as given}).
+        deep is scikit-learn's: no hyper-parameter is an estimator, so it changes nothing."""
         return {name: getattr(self, name) for name in HYPERPARAMETERS}
 
     def _parsed_params(self, **overrides):
         return parse_hyperparameters(**dict(self.get_params(), **overrides))
 
-    def set_params(self, **kwargs):
-        """Sets hyper-parameters, given as values or as command-line strings ('200/200', 'True', '0.1')."""
-        parsed = self._parsed_params(**kwargs)
-        if getattr(self, 'itemidmap', None) is not None:
-            changed = [n for n in ARCHITECTURE if n in kwargs and parsed[n] != getattr(self, n)]
+    def set_params(self, **params: Any) -> 'GRU4Rec':
+        """Sets hyper-parameters as the constructor does: stored as given (values or command-line strings
+        such as '200/200', 'True', '0.1'), after checking them all together. Those that shape the weights
+        (hyperparams.ARCHITECTURE) cannot change on a trained model."""
+        parsed = self._parsed_params(**params)
+        if self.itemidmap_ is not None:
+            current = self._parsed_params()
+            changed = [n for n in ARCHITECTURE if n in params and parsed[n] != current[n]]
             if changed:
                 raise ValueError(f'{changed} change the shape of a trained model; build a new GRU4Rec instead')
-        for name in kwargs:
-            setattr(self, name, parsed[name])
+        for name, value in params.items():
+            setattr(self, name, value)
         if self._compiled_for is not None and self._compiled_for != self._graph_key():
             self._compiled_for = None
         self._pred_sessions = None  # the sessions of predict_next_batch start again
@@ -511,7 +126,11 @@ class GRU4Rec:
     itemidmap = _alias('itemidmap_')  # item ids in index order (a pandas Index)
     weights = _alias('weights_')  # {parameter name: float32 array}, the trained weights
     opt_values = _alias('opt_values_')  # {optimiser state name: array}
-    support = _alias('support_')  # number of training events of each item (see retrain_state)
+    support = _alias('support_')  # number of training events of each item
+    params = _alias('params_')  # {parameter name: shared variable} of the compiled graphs
+    H = _alias('H_')  # the training step's hidden states (shared variables)
+    P_target = _alias('P_target_')
+    P_sample = _alias('P_sample_')
     del _alias
 
     def _graph_key(self):
@@ -520,82 +139,28 @@ class GRU4Rec:
         return tuple((k, str(p[k])) for k in HYPERPARAMETERS if k not in ('n_epochs', 'verbose')) + shape
 
     @property
-    def n_items(self):
+    def n_items(self) -> int:
         return len(self.itemidmap_)
 
     @property
-    def embedding_size(self):
+    def embedding_size(self) -> int:
         return embedding_size(self._parsed_params())
-
-    # -- parameters ----------------------------------------------------------------------------------
-
-    # -- the network ---------------------------------------------------------------------------------
-
-    def _dropout(self, x, p):
-        """Inverted dropout: x times a mask of 0 (probability p) and 1 / (1 - p). The masks are inputs of
-        the training step, drawn by numpy from the model's seed (see training.TrainingStep): as fast as a random op
-        in the graph on the C backend, reproducible on every backend, and a plain product keeps the
-        fused element-wise loop around it vectorised (a comparison inside it did not)."""
-        if p == 0:
-            return x
-        mask = pt.tensor(f'dropout_mask{len(self._dropout_masks)}', dtype=FLOAT, shape=x.type.shape)
-        self._dropout_masks.append((mask, p))
-        return x * mask
-
-    def _forward(self, X, H_prev, training, input_rows=None):
-        """Hidden states after reading items X (M) from states H_prev (list of M x L).
-        input_rows, when given, holds the input table's rows already gathered for X (the sparse
-        training path)."""
-        p_embed = self.hyperparameters_['dropout_p_embed'] if training else 0.0
-        p_hidden = self.hyperparameters_['dropout_p_hidden'] if training else 0.0
-        table = 'Wx0' if self._onehot_input else 'E' if 'E' in self.params else 'Wy'
-        rows = self.params[table][X] if input_rows is None else input_rows  # M x 3L (one-hot) or M x K
-        if self._onehot_input:
-            x_proj = rows + self.params['Bh0']  # M x 3L
-        else:
-            x = self._dropout(rows, p_embed)  # M x K
-            x_proj = pt.dot(x, self.params['Wx0']) + self.params['Bh0']  # M x 3L
-        H = []
-        for l in range(len(self.layers_)):
-            if l > 0:
-                x_proj = pt.dot(H[-1], self.params[f'Wx{l}']) + self.params[f'Bh{l}']
-            h = gru_step(x_proj, H_prev[l], self.params[f'Wrz{l}'], self.params[f'Wh{l}'], self._hidden_act,
-                         self.params.get(f'Bhc{l}'))  # M x L
-            H.append(self._dropout(h, p_hidden))
-        return H  # list of M x L
-
-    @staticmethod
-    def _output(h, Wy, By):
-        """Scores of the items whose output rows are Wy, By: o = h·Wyᵀ + By (M x number of rows)."""
-        return pt.dot(h, Wy.T) + By
 
     # The interface that evaluation.py scores a model through (the baselines implement it too).
 
     @property
-    def state_sizes(self):
+    def state_sizes(self) -> list[int]:
         """Widths of the per-session states carried between steps (one per GRU layer)."""
         self._require_trained()
         return list(self.layers_)
 
-    def symbolic_step(self, X, H_prev, candidates=None, ranking=False):
-        """One step of the trained network: the new states and the final scores of all items (or of
-        the item indices `candidates`) for sessions reading items X (M). Scores: M x C.
-        ranking=True: scores in the same order are enough, so a strictly increasing final activation
-        (all but relu) is skipped; this also avoids ties that only float32 rounding of the activation
-        makes (e.g. softmax probabilities that underflow to 0). Otherwise final_act='softmax_logit'
-        gives the softmax of the scores, as the original's prediction did (it trains on the logits)."""
+    def symbolic_step(self, X: TensorVariable, H_prev: Sequence[TensorVariable],
+                      candidates: TensorVariable | None = None,
+                      ranking: bool = False) -> tuple[list[TensorVariable], TensorVariable]:
+        """One step of the trained network (network.GRUNetwork.step): the new states and the scores of all
+        items, or of the item indices `candidates`, for sessions reading items X."""
         self._require_trained()
-        H = self._forward(X, H_prev, training=False)
-        Wy, By = self.params['Wy'][:self.n_items], self.params['By'][:self.n_items]
-        if candidates is not None:
-            Wy, By = Wy[candidates], By[candidates]
-        scores = self._output(H[-1], Wy, By)
-        final_act = self.hyperparameters_['final_act']
-        if ranking and is_strictly_increasing(final_act):
-            return H, scores
-        if final_act == 'softmax_logit':
-            return H, _softmax(scores)
-        return H, self._final_act(scores)
+        return self.network_.step(X, H_prev, candidates, ranking)
 
     # -- the training graph --------------------------------------------------------------------------
 
@@ -608,21 +173,20 @@ class GRU4Rec:
         that padded rows read and write."""
         hp = self.hyperparameters_ = self._parsed_params()
         self.layers_ = hp['layers']
-        self._onehot_input = not hp['constrained_embedding'] and not self.embedding_size
-        self._hidden_act = parse_activation(hp['hidden_act'])
-        self._final_act = parse_activation(hp['final_act'], final=True)
-        item_params = [n for n in ('E', 'Wx0', 'Wy', 'By') if n in self.weights_ and (n != 'Wx0' or self._onehot_input)]
+        onehot_input = not hp['constrained_embedding'] and not self.embedding_size
+        item_params = [n for n in ('E', 'Wx0', 'Wy', 'By') if n in self.weights_ and (n != 'Wx0' or onehot_input)]
         with_pad_row = lambda n, w: np.concatenate([w, np.zeros((1,) + w.shape[1:], FLOAT)]) if n in item_params else w
         with pytensor.config.change_flags(floatX=FLOAT):
-            self.params = OrderedDict((n, static_shared(with_pad_row(n, w), n)) for n, w in self.weights_.items())
-            self.H = self._state_buffers(hp['batch_size'])
-            self.P_target = static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_target')
-            self.P_sample = static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_sample')
+            self.params_ = OrderedDict((n, static_shared(with_pad_row(n, w), n)) for n, w in self.weights_.items())
+            self.network_ = GRUNetwork(self.params_, hp, self.n_items)
+            self.H_ = self._state_buffers(hp['batch_size'])
+            self.P_target_ = static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_target')
+            self.P_sample_ = static_shared(np.zeros(self.n_items + 1, dtype=FLOAT), 'logq_sample')
             optimizer = Optimizer(hp['adapt'], hp['adapt_params'], hp['learning_rate'], hp['momentum'], hp['lmbd'],
                                   hp['grad_cap'])
-            input_table = 'Wy' if hp['constrained_embedding'] else 'E' if 'E' in self.params else 'Wx0'
+            input_table = 'Wy' if hp['constrained_embedding'] else 'E' if 'E' in self.params_ else 'Wx0'
             self.training_step_ = TrainingStep(
-                self.params, item_params, self.H, input_table, self._training_network, self._output,
+                self.params_, item_params, self.H_, input_table, self.network_.training_network, self.network_.output,
                 self._training_loss, optimizer, hp['batch_size'], hp['n_sample'], self.n_items,
                 hp['constrained_embedding'], self.compile_function, hp['backend'])
         self._compiled_for = self._graph_key()
@@ -632,31 +196,26 @@ class GRU4Rec:
     def _log_support(self, alpha):
         return np.append(alpha * np.log(np.maximum(self.support_, 1)), 0).astype(FLOAT)
 
-    def _training_network(self, X, H_prev, input_rows):
-        """The network of the training step (dropout on), reading the gathered input rows; returns the new
-        states and the dropout masks it takes as inputs, with their p."""
-        self._dropout_masks = []
-        H = self._forward(X, H_prev, training=True, input_rows=input_rows)
-        return H, self._dropout_masks
-
     def _training_loss(self, logits, T, samples, cols):
         """The loss of each row of the training scores (B x N), with the logQ correction of sampled softmax."""
         hp = self.hyperparameters_
         if hp['logq']:
-            log_q = pt.concatenate([self.P_target[T], self.P_sample[samples]])  # N
+            log_q = pt.concatenate([self.P_target_[T], self.P_sample_[samples]])  # N
             logits = logits - np.float32(hp['logq']) * log_q
-        Yhat = self._final_act(logits)  # B x N
+        Yhat = self.network_.final_act(logits)  # B x N
         loss = functools.partial(LOSSES[hp['loss']], smoothing=np.float32(hp['smoothing']))
         return row_loss_op(hp['loss'], loss, Yhat, cols, hp['bpreg'])
 
-    def compile_function(self, inputs, outputs, updates=None):
+    def compile_function(self, inputs, outputs, updates=None) -> Callable[..., Any]:
         return compile_function(inputs, outputs, updates, self._parsed_params()['backend'])
 
     # -- training ------------------------------------------------------------------------------------
 
-    def fit(self, data, sample_store=10000000, store_type='gpu', *, retrain=False, retrain_state=RETRAIN_STATE,
-            n_epochs=None, valid_data=None, valid_cutoff=20, valid_metric='mrr', keep_best=False, patience=None,
-            callback=None):
+    def fit(self, data: pd.DataFrame, sample_store: int = 10000000, store_type: str = 'gpu', *, retrain: bool = False,
+            retrain_state: str = RETRAIN_STATE, n_epochs: int | None = None, valid_data: pd.DataFrame | None = None,
+            valid_cutoff: int = 20,
+            valid_metric: str = 'mrr', keep_best: bool = False, patience: int | None = None,
+            callback: Callable[[dict], Any] | None = None) -> 'GRU4Rec':
         """Trains on a session log (DataFrame with session, item and time columns); returns self.
 
         sample_store: how many negative sample ids to draw ahead in one go. store_type ('gpu' or 'cpu')
@@ -761,7 +320,8 @@ class GRU4Rec:
                     self._push_state()
         return self
 
-    def retrain(self, data, sample_store=10000000, n_epochs=None, retrain_state=RETRAIN_STATE, **fit_options):
+    def retrain(self, data: pd.DataFrame, sample_store: int = 10000000, n_epochs: int | None = None,
+                retrain_state: str = RETRAIN_STATE, **fit_options: Any) -> 'GRU4Rec':
         """Continues training on new data: fit(data, retrain=True, ...). retrain_state: 'carried' keeps
         the optimiser state and accumulates the item supports; 'fresh' restarts both, as the original did
         (see fit and RETRAIN_STATES)."""
@@ -817,8 +377,8 @@ class GRU4Rec:
         """Loads self.weights_ and self.opt_values_ into the compiled graph's shared variables."""
         self.training_step_.set_state(self.weights_, self.opt_values_)
         backend = self.hyperparameters_['backend']
-        set_shared(self.P_target, self._log_support(1.0), backend)
-        set_shared(self.P_sample, self._log_support(self.hyperparameters_['sample_alpha']), backend)
+        set_shared(self.P_target_, self._log_support(1.0), backend)
+        set_shared(self.P_sample_, self._log_support(self.hyperparameters_['sample_alpha']), backend)
 
     def _grow(self, added):
         """Appends items never seen before: fresh parameter rows, zero optimiser state and support."""
@@ -842,7 +402,8 @@ class GRU4Rec:
             self._fns[key] = make()
         return self._fns[key]
 
-    def predict_next_batch(self, session_ids, input_item_ids, predict_for_item_ids=None, batch=100):
+    def predict_next_batch(self, session_ids: ArrayLike, input_item_ids: ArrayLike,
+                           predict_for_item_ids: ArrayLike | None = None, batch: int = 100) -> pd.DataFrame:
         """One step for a batch of sessions: scores (items x batch) as a DataFrame indexed by item id.
 
         Slot i keeps its session's hidden state between calls, whether or not predict_for_item_ids is
@@ -885,16 +446,9 @@ class GRU4Rec:
             H_new, scores = self.symbolic_step(X, [h * keep[:, None] for h in H], items if with_items else None)
         return self.compile_function([X, keep, items], scores, OrderedDict(zip(H, H_new)))
 
-    def _compile_session_reader(self, batch):
-        """Two stateless functions: (X, *H) -> new states, and (X, *H) -> scores of all items."""
-        X = pt.tensor('X', dtype='int32', shape=(batch,))
-        H = [pt.tensor(f'H{l}', dtype=FLOAT, shape=(batch, L)) for l, L in enumerate(self.layers_)]
-        with pytensor.config.change_flags(floatX=FLOAT):
-            H_new, scores = self.symbolic_step(X, H)
-        return self.compile_function([X] + H, H_new), self.compile_function([X] + H, scores)
-
-    def recommend(self, sessions, k=20, exclude_seen=False, batch_size=512):
-        """Top-k next items for each session, given its events so far.
+    def recommend(self, sessions: pd.DataFrame | dict[Any, Sequence[Any]], k: int = 20, exclude_seen: bool = False,
+                  batch_size: int = 512) -> pd.DataFrame:
+        """Top-k next items for each session, given its events so far (recommend.top_k).
 
         sessions: a DataFrame in the training format (session, item, time columns) or a dict
         {session id: [item ids in order]}. Items the model does not know are skipped; sessions with no
@@ -905,49 +459,7 @@ class GRU4Rec:
         """
         self._require_trained()
         p = self._parsed_params()
-        if int(k) < 1:
-            raise ValueError(f'k must be a positive number of items, got {k!r}')
-        if int(batch_size) < 1:
-            raise ValueError(f'batch_size must be a positive number of sessions, got {batch_size!r}')
-        k = min(int(k), self.n_items)
-        if isinstance(sessions, dict):
-            rows = [(sid, pos, item) for sid, its in sessions.items() for pos, item in enumerate(its)]
-            sessions = pd.DataFrame(rows, columns=[p['session_key'], p['time_key'], p['item_key']])
-        items, offsets, _ = session_arrays(sessions, self.itemidmap_, p['session_key'], p['item_key'],
-                                           p['time_key'], what='sessions')
-        ordered = sort_log(sessions, p['session_key'], p['time_key'])  # positions, not labels: the index may repeat
-        known = ordered[p['item_key']].isin(self.itemidmap_).to_numpy()
-        session_ids = pd.unique(ordered[p['session_key']].to_numpy()[known])
-        step, score = self.compiled(('recommend', batch_size), lambda: self._compile_session_reader(batch_size))
-        lengths = np.diff(offsets)
-        results = []
-        for first in range(0, len(lengths), batch_size):
-            batch = np.arange(first, min(first + batch_size, len(lengths)))
-            batch = batch[np.argsort(-lengths[batch], kind='stable')]  # longest first: the active ones are a prefix
-            H = [np.zeros((batch_size, L), dtype=FLOAT) for L in self.layers_]
-            scores = np.empty((len(batch), self.n_items), dtype=FLOAT)
-            for t in range(lengths[batch[0]]):
-                n_active = int((lengths[batch] > t).sum())
-                n_going_on = int((lengths[batch] > t + 1).sum())
-                X = pad(items[offsets[batch[:n_active]] + t], batch_size, 0)  # padding rows are ignored
-                ending = slice(n_going_on, n_active)
-                if n_active > n_going_on:
-                    scores[ending] = to_host([call(score, X, *H)])[0][ending]
-                H = call(step, X, *H)
-            back = np.argsort(batch)  # the sessions in the order of the log again
-            batch, scores = batch[back], scores[back]
-            if exclude_seen:
-                for row, s in enumerate(batch):
-                    scores[row, items[offsets[s]:offsets[s + 1]]] = -np.inf
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
-            results.append(pd.DataFrame({
-                p['session_key']: np.repeat(session_ids[batch], k), 'rank': np.tile(np.arange(1, k + 1), len(batch)),
-                p['item_key']: self.itemidmap_[top.ravel()], 'score': np.take_along_axis(scores, top, 1).ravel()}))
-        result = pd.concat(results, ignore_index=True)
-        if exclude_seen:  # when k exceeds the unseen items, the seen ones (score -inf) filled the top k
-            result = result[result['score'] > -np.inf].reset_index(drop=True)
-        return result
+        return top_k(self, sessions, k, exclude_seen, batch_size, p['session_key'], p['item_key'], p['time_key'])
 
     def _item_indices(self, item_ids, what):
         idx = self.itemidmap_.get_indexer(np.asarray(item_ids))
@@ -964,7 +476,7 @@ class GRU4Rec:
 
     # -- saving and loading --------------------------------------------------------------------------
 
-    def savemodel(self, path):
+    def savemodel(self, path: str | os.PathLike) -> None:
         """Saves hyper-parameters, item map, weights, optimiser state and item supports to `path`, atomically
         (see modelfile.py: JSON and a numpy archive, no pickled objects). Item ids must be integers,
         floats or strings (a ValueError says so before anything is written)."""
@@ -973,10 +485,10 @@ class GRU4Rec:
         arrays = {f'param/{n}': w for n, w in self.weights_.items()}
         arrays.update({f'opt/{n}': np.asarray(v) for n, v in self.opt_values_.items()})
         arrays['support'] = self.support_
-        modelfile.write(path, self.get_params(), self.history_, self.itemidmap_, arrays, self.lineage_)
+        modelfile.write(path, self._parsed_params(), self.history_, self.itemidmap_, arrays, self.lineage_)
 
     @classmethod
-    def loadmodel(cls, path):
+    def loadmodel(cls, path: str | os.PathLike) -> 'GRU4Rec':
         """Loads a model written by savemodel. The file is untrusted input: modelfile.read checks all of it
         against the architecture its hyper-parameters declare before anything is built (tests/README.md
         lists the checks), and never executes code from it."""
@@ -996,8 +508,7 @@ class GRU4Rec:
         return model
 
 
-GRU4Rec.__doc__ = GRU4Rec.__doc__.rstrip() + '\n' + ''.join(f'    {name}={default!r}: {text}.\n'
-                                                               for name, (default, _, text) in HYPERPARAMETERS.items())
+GRU4Rec.__doc__ = GRU4Rec.__doc__.rstrip() + '\n' + hyperparams_docstring()
 
 
 def model_file_layout(params, n_items):

@@ -51,6 +51,7 @@ import numba
 
 import numpy as np
 
+from hyperparams import parse_hyperparameters
 from sessionstore import InProcessStore, RedisStore
 
 FLOAT = np.float32
@@ -113,7 +114,8 @@ class _Network:
         if getattr(model, 'itemidmap', None) is None:
             raise ValueError('SessionRecommender needs a trained GRU4Rec: call fit(data) or GRU4Rec.loadmodel(path)')
         weights = model.weights  # the trained weights (float32 numpy arrays), kept in step with training
-        params = model.get_params()
+        # The hyper-parameters as trained with (set_params stores values as given, e.g. 'False')
+        params = getattr(model, 'hyperparameters_', None) or parse_hyperparameters(**model.get_params())
         self.lineage = getattr(model, 'lineage_', None)
         self.item_ids = np.asarray(model.itemidmap)  # n_items, in index order
         self.itemidmap = model.itemidmap

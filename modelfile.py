@@ -8,7 +8,8 @@ Layout (format 'gru4rec-npz'):
     MAGIC | header length (8 bytes, little-endian) | JSON header | .npz archive | SHA-256 of all before it
 The header holds the format, its version, the hyper-parameters, the training history, (version 2)
 the item ids' dtype and (version 3) the model's lineage: an id drawn when a model is fitted from scratch
-and kept by every retraining, so that a live service knows whether two files are one model's steps. The archive is numpy's uncompressed .npz: one .npy entry per array, no pickles.
+and kept by every retraining, so that a live service knows whether two files are one model's steps.
+The archive is numpy's uncompressed .npz: one .npy entry per array, no pickles.
 
 This module knows the file, not the model: the caller passes the hyper-parameter validation and the
 layout (which arrays, of which shapes) that the hyper-parameters declare.
@@ -331,4 +332,5 @@ def _read_array(archive, info, refuse):
 
 def _finite(value):
     """All values finite, without a temporary array as large as the values."""
-    return value.size == 0 or value.dtype.kind not in 'fc' or bool(np.isfinite(value.min()) and np.isfinite(value.max()))
+    return (value.size == 0 or value.dtype.kind not in 'fc'
+            or bool(np.isfinite(value.min()) and np.isfinite(value.max())))

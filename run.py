@@ -16,9 +16,7 @@ Exit status: 0 on success, 2 on bad input (reported in one line), 1 when trainin
 import argparse
 import ast
 import importlib
-import os
 import sys
-import tempfile
 import textwrap
 import time
 from collections import OrderedDict
@@ -29,6 +27,7 @@ import pandas as pd
 from baselines import BASELINES, make_baseline
 from evaluation import TIE_MODES, evaluate_gpu
 from gru4rec import BACKENDS, GRU4Rec, validate_log
+from hyperparams import parse_hyperparameters
 
 EVAL_BATCH_SIZE = 512
 
@@ -248,7 +247,8 @@ def build_parser():
                       help='session id column of all data files (default: SessionId)')
     data.add_argument('-ik', '--item-key', '--item_key', metavar='NAME', default='ItemId',
                       help='item id column (default: ItemId)')
-    data.add_argument('-tk', '--time-key', '--time_key', metavar='NAME', default='Time', help='timestamp column (default: Time)')
+    data.add_argument('-tk', '--time-key', '--time_key', metavar='NAME', default='Time',
+                      help='timestamp column (default: Time)')
     data.add_argument('--allow-pickle', action='store_true',
                       help='read .pickle / .pkl data files (pickled DataFrames). Loading a pickle can run '
                       'arbitrary code: only for files you trust')
@@ -283,9 +283,10 @@ def make_model(args):
     try:
         if args.baseline:
             return make_baseline(args.baseline, **params)
-        # The column names come from -sk / -ik / -tk, which name the columns of every data file.
-        return GRU4Rec().set_params(**dict(params, session_key=args.session_key, item_key=args.item_key,
-                                           time_key=args.time_key))
+        # The column names come from -sk / -ik / -tk, which name the columns of every data file. The
+        # model holds the parsed values (e.g. layers=[16, 8] for '16/8'), as a program would give them.
+        return GRU4Rec(**parse_hyperparameters(**dict(params, session_key=args.session_key, item_key=args.item_key,
+                                                      time_key=args.time_key)))
     except ValueError as e:
         raise InputError(e) from None
 

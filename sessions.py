@@ -30,7 +30,8 @@ def validate_log(data, session_key, item_key, time_key, what='data'):
     types = {type(v) for v in data[item_key].to_numpy()[:100000]}
     if len({t for t in types if not issubclass(t, (int, np.integer))}) and \
             len({t for t in types if issubclass(t, (int, np.integer))}):
-        raise ValueError(f'{what}: column {item_key!r} mixes integer and non-integer ids ({sorted(t.__name__ for t in types)}); '
+        names = sorted(t.__name__ for t in types)
+        raise ValueError(f'{what}: column {item_key!r} mixes integer and non-integer ids ({names}); '
                          'convert them to one type')
     times = data[time_key]
     if pd.api.types.is_complex_dtype(times) or not (pd.api.types.is_numeric_dtype(times)

@@ -8,11 +8,17 @@ setup(
     long_description_content_type='text/markdown',
     license='MIT',
     python_requires='>=3.10',
-    py_modules=['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'gru4rec', 'baselines',
-                'synthetic', 'sessionstore', 'itemindex', 'live', 'serve', 'run', 'paropt'],
+    py_modules=['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'losses',
+                'network', 'hyperparams', 'recommend', 'gru4rec', 'baselines', 'synthetic', 'sessionstore',
+                'itemindex', 'live', 'serve', 'run', 'paropt'],
+    # The C of cbackend.py's kernels: data files that an installed cbackend reads beside itself.
+    packages=['cbackend_kernels'],
+    package_data={'cbackend_kernels': ['*.c']},
     entry_points={'console_scripts': ['gru4rec=run:main', 'gru4rec-paropt=paropt:main']},
     install_requires=[
-        'pytensor>=3.0.7,<3.1',  # cbackend.py uses PyTensor's internals; tested with 3.0.7
+        # What CI tests. cbackend.py's C kernels rest on PyTensor internals that it probes (missing_internals);
+        # where they differ, as in PyTensor 3.3, GRU4Rec warns once and trains the plain graphs.
+        'pytensor>=3.0.7,<3.1',
         # compiled host loops: the training step's distinct rows, live top-k. At most PyTensor 3.0's own bound: with
         # only a lower bound pip first takes the newest numba and then backtracks through numpy and pandas for
         # many minutes in a fresh virtual environment.
@@ -32,8 +38,11 @@ setup(
         'redis': ['redis>=5.0', 'hiredis>=2.0'],
         # the approximate top k of live sessions on large catalogues (itemindex.py, serve --index)
         'index': ['faiss-cpu>=1.8'],
-        'test': ['pytest>=7', 'hypothesis>=6.0', 'pyarrow>=12', 'optuna>=4.9', 'psycopg2-binary>=2.9',
+        'lint': ['ruff>=0.6'],
+        'test': ['pytest>=7', 'hypothesis>=6.0', 'scikit-learn>=1.3', 'pyarrow>=12', 'optuna>=4.9',
+                 'psycopg2-binary>=2.9',
                  'nbclient>=0.7', 'nbformat>=5.7', 'ipykernel>=6', 'matplotlib>=3.7',
-                 'fastapi>=0.110', 'uvicorn[standard]>=0.29', 'httpx>=0.27', 'schemathesis>=4.0', 'redis>=5.0', 'hiredis>=2.0', 'faiss-cpu>=1.8'],
+                 'fastapi>=0.110', 'uvicorn[standard]>=0.29', 'httpx>=0.27', 'schemathesis>=4.0', 'redis>=5.0',
+                 'hiredis>=2.0', 'faiss-cpu>=1.8'],
     },
 )

@@ -72,12 +72,13 @@ def peak_rss_mb():
 def describe_blas(backend):
     if backend != 'c':
         return "the backend's own"
+    import pytensor
     try:
-        import cbackend
-        flags = cbackend.blas_ldflags()
-    except ImportError:  # a version of GRU4Rec without it
-        import pytensor
-        flags = pytensor.config.blas__ldflags
+        from backends import c_kernels  # the C kernels link their own BLAS; PyTensor's plain C mode does not
+        kernels = c_kernels()
+    except ImportError:  # a version of GRU4Rec before the kernels became optional
+        import cbackend as kernels
+    flags = kernels.blas_ldflags() if kernels is not None else pytensor.config.blas__ldflags
     return ' '.join(f for f in flags.split() if not f.startswith('-D')) if flags else 'none'
 
 

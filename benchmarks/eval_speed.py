@@ -1,6 +1,7 @@
 """Evaluation speed of GRU4Rec: next-item events ranked against all items per second.
 
-    python benchmarks/eval_speed.py --data yoochoose1_64_train_full --test yoochoose1_64_test -ps rsc15_xe_shared_100_best
+    python benchmarks/eval_speed.py --data yoochoose1_64_train_full --test yoochoose1_64_test \
+        -ps rsc15_xe_shared_100_best
 
 Trains a model briefly (--train-steps mini-batches; evaluation speed does not depend on how well it is
 trained) or loads one (--model), then runs evaluate_gpu twice: the first run includes compiling the

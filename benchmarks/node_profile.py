@@ -37,7 +37,8 @@ def profile_nodes(fn, input_values, repeat=50):
     for const in (v for n in fgraph.toposort() for v in n.inputs if v.owner is None and v not in values):
         values[const] = const.data
     x = pytensor.tensor.scalar('x')
-    empty = pytensor.function([x], x * 1, mode=Mode(type(fn.maker.linker)(), RewriteDatabaseQuery(include=['minimum_compile'])))
+    empty = pytensor.function([x], x * 1,
+                              mode=Mode(type(fn.maker.linker)(), RewriteDatabaseQuery(include=['minimum_compile'])))
     empty(np.float64(1))
     t = time.process_time()
     for _ in range(repeat * 10):

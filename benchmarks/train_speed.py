@@ -4,6 +4,7 @@
     python benchmarks/train_speed.py --data synthetic:10000000:300000 -ps rsc15_xe_shared_100_best --steps 20000
     python benchmarks/train_speed.py -ps rsc15_xe_shared_100_best --steps 2000 --profile
     python benchmarks/train_speed.py -pf paramfiles/rsc15_xe_shared_100_best.py --backend jax --steps 500 --no-donate
+    python benchmarks/train_speed.py -ps rsc15_xe_shared_100_best --kernels both
 
 Trains one epoch, or the first --steps mini-batches of it (on the whole data set and item set; the
 seconds per epoch are then extrapolated and labelled so). The speed excludes the first step, which on
@@ -11,10 +12,17 @@ the JAX backend also compiles the graph; that step is reported on its own. --pro
 the per-op profile of the training step: PyTensor's own for the C backend (in thread CPU time unless
 --wall-clock), node_profile.py's for JAX, which compiles the whole graph into one function. On JAX it
 also prints XLA's memory plan of the step (the device memory it needs); --no-donate compiles the step
-without buffer donation, as before issue 31, to compare.
+without buffer donation, to compare.
+--kernels off trains on the C backend without GRU4Rec's C kernels (GRU4REC_C_KERNELS=0: PyTensor's own
+C mode on the plain graphs); --kernels both runs the benchmark twice in one go, with the kernels and
+without, each in a fresh process, and prints their seconds per epoch side by side.
 """
 import argparse
 import itertools
+import os
+import re
+import subprocess
+import sys
 import time
 
 from common import add_common_arguments, describe_blas, load_log, peak_rss_mb, read_params, threads
@@ -65,10 +73,19 @@ def main():
     parser.add_argument('--steps', type=int, help='train only this many mini-batches (default: one epoch)')
     parser.add_argument('--sample-store', type=int, default=10000000)
     parser.add_argument('--profile', action='store_true', help='print a per-op profile of the training step')
-    parser.add_argument('--wall-clock', action='store_true', help='profile in wall-clock time (default: thread CPU time)')
+    parser.add_argument('--wall-clock', action='store_true',
+                        help='profile in wall-clock time (default: thread CPU time)')
     parser.add_argument('--no-donate', action='store_true',
-                        help="JAX: compile with PyTensor's own JAX linker, which donates no buffer (to measure donation)")
+                        help="JAX: compile with PyTensor's own JAX linker, which donates no buffer "
+                             '(to measure donation)')
+    parser.add_argument('--kernels', choices=['on', 'off', 'both'],
+                        help="the C backend's kernels (GRU4REC_C_KERNELS); both: one run each, side by side")
     args = parser.parse_args()
+    if args.kernels == 'both':
+        compare_kernels()
+        return
+    if args.kernels:
+        os.environ['GRU4REC_C_KERNELS'] = '1' if args.kernels == 'on' else '0'
     if args.no_donate:
         from pytensor.compile.mode import get_mode
 
@@ -142,6 +159,21 @@ def main():
     elif args.profile:
         from node_profile import print_node_profile
         print_node_profile(model.training_step_.function, timings['inputs'])
+
+
+def compare_kernels():
+    """This benchmark with the kernels on, then off, each in its own process (nothing compiled or cached
+    in memory carries over), and the two seconds per epoch."""
+    argv = [a for a in sys.argv[1:] if a not in ('--kernels', 'both') and not a.startswith('--kernels=')]
+    epochs = {}
+    for kernels in ('on', 'off'):
+        print(f'== kernels {kernels}', flush=True)
+        done = subprocess.run([sys.executable, __file__, *argv, '--kernels', kernels], capture_output=True, text=True)
+        print(done.stdout + done.stderr[-2000:] * (done.returncode != 0), flush=True)
+        found = re.search(r'^seconds per epoch[^:]*: ([0-9.]+)', done.stdout, re.M)
+        epochs[kernels] = float(found.group(1)) if found else float('nan')
+    print(f"seconds per epoch: kernels on {epochs['on']:.1f}, off {epochs['off']:.1f} "
+          f"({epochs['off'] / epochs['on']:.2f}x the time without them)")
 
 
 if __name__ == '__main__':

@@ -1,7 +1,9 @@
 """Shared fixtures and helpers: hand-made session logs, small fitted models, the real-data folder.
 
 Tests import the plain helpers with `from conftest import ...` (pytest puts tests/ on sys.path).
+The markers of pytest.ini are applied here, in one place (pytest_collection_modifyitems).
 """
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +203,39 @@ class RecordingModel:
         fn = self.model.compile_function(inputs, outputs, updates)
         self.functions.append(fn)
         return fn
+
+
+# Modules and tests that take long (seconds each on CI's two cores; see pytest.ini for the fast run).
+SLOW_MODULES = {'test_accuracy', 'test_notebook', 'test_paropt', 'test_paropt_postgres', 'test_serve', 'test_workflow',
+                'test_properties', 'test_model_files', 'test_c_kernels', 'test_backends', 'test_retrain', 'test_cli',
+                'test_cells', 'test_live', 'test_baselines', 'test_original', 'test_bad_input', 'test_preprocess',
+                'test_split_valid', 'test_saveload', 'test_synthetic', 'test_serve_production', 'test_live_store',
+                'test_itemindex', 'test_docs'}
+SLOW_TESTS = {'test_precompiled_headers_are_built_once_and_left_out_where_they_cannot_be',
+              'test_a_cold_compile_builds_every_new_module_once_and_several_at_a_time'}
+
+
+def _source(item):
+    try:
+        return inspect.getsource(item.function)
+    except (AttributeError, OSError, TypeError):
+        return ''
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test by what it needs: realdata (../shared/data: the data_dir fixture or real_log),
+    jax (the JAX backend), postgres (a PostgreSQL server), redis (a Redis server) and slow (SLOW_MODULES,
+    SLOW_TESTS)."""
+    for item in items:
+        module = item.module.__name__ if item.module else ''
+        source = _source(item)
+        if 'data_dir' in item.fixturenames or 'real_log(' in source or module == 'test_accuracy':
+            item.add_marker(pytest.mark.realdata)
+        if module == 'test_backends' or "'jax'" in source:
+            item.add_marker(pytest.mark.jax)
+        if module == 'test_paropt_postgres':
+            item.add_marker(pytest.mark.postgres)
+        if {'redis', 'redis_url'} & set(item.fixturenames) or "'redis'" in source:
+            item.add_marker(pytest.mark.redis)
+        if module in SLOW_MODULES or item.name.split('[')[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

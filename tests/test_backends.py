@@ -91,7 +91,7 @@ def test_jax_predictions_equal_c_predictions():
     c_model = trained('c', **LOSS_SETTINGS['bpr-max'])
     jax_model = trained('jax', **LOSS_SETTINGS['bpr-max'])
     sessions, items = [1, 2, 3], [0, 4, 9]
-    for step in range(2):
+    for _ in range(2):
         c_scores = c_model.predict_next_batch(sessions, items, batch=3)
         jax_scores = jax_model.predict_next_batch(sessions, items, batch=3)
         np.testing.assert_allclose(jax_scores.to_numpy(), c_scores.to_numpy(), rtol=1e-3, atol=1e-5)

@@ -13,7 +13,8 @@ import pytest
 
 import sessions
 from evaluation import evaluate_gpu
-from gru4rec import HYPERPARAMETERS, GRU4Rec, parse_hyperparameters
+from gru4rec import GRU4Rec
+from hyperparams import HYPERPARAMETERS, parse_hyperparameters
 from training import TrainingStep
 
 PARAMS = dict(layers=[8], n_epochs=1, batch_size=4, n_sample=6, learning_rate=0.1, verbose=False, seed=5)
@@ -539,7 +540,7 @@ def test_the_signature_docstring_and_parsing_come_from_one_table():
     never shared between models."""
     signature = inspect.signature(GRU4Rec)
     assert list(signature.parameters) == list(HYPERPARAMETERS)
-    assert {n: p.default for n, p in signature.parameters.items()} == {n: d for n, (d, _, _) in HYPERPARAMETERS.items()}
+    assert {n: p.default for n, p in signature.parameters.items()} == {n: h.default for n, h in HYPERPARAMETERS.items()}
     assert all(f'    {name}=' in GRU4Rec.__doc__ for name in HYPERPARAMETERS)
     assert parse_hyperparameters() == parse_hyperparameters(**GRU4Rec().get_params())
     model = GRU4Rec('top1', 'tanh', layers='8/4')

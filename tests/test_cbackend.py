@@ -14,11 +14,12 @@ import pytest
 
 from backends import compile_function
 import cbackend
-from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowGather, RowScatter, RowSoftmax, ThreadedDot22, ThreadedGemm,
+from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowGather, RowScatter, RowSoftmax, ThreadedDot22,
+                      ThreadedGemm,
                       bpr_max_rows)
 from conftest import RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
-from gru4rec import LOSSES, loss_bpr_max
+from losses import LOSSES, loss_bpr_max
 from training import Optimizer, row_loss_op
 
 REDUCTIONS = {'add': (pt.sum, np.sum), 'maximum': (pt.max, np.max), 'minimum': (pt.min, np.min)}
@@ -152,7 +153,8 @@ def test_the_sparse_adagrad_graph_becomes_row_adagrad_and_computes_the_same(mome
     with RowAdagrad, elsewhere the graph runs as written (here PyTensor's Python linker): same values.
     An index out of bounds is an error before any row changes."""
     rng = np.random.default_rng(4)
-    values = {'w': rng.standard_normal(shape), 'adagrad': rng.uniform(0.1, 1, shape), 'velocity': rng.standard_normal(shape)}
+    values = {'w': rng.standard_normal(shape), 'adagrad': rng.uniform(0.1, 1, shape),
+              'velocity': rng.standard_normal(shape)}
     rows = (np.array([7, 2, 29, 0, 13], dtype=np.int32) if shape[0] == 30
             else rng.choice(shape[0], 1500, replace=False).astype(np.int32))
     grad = rng.standard_normal((len(rows),) + shape[1:]).astype(np.float32)
@@ -228,7 +230,8 @@ def test_bpr_max_reference_gradient_is_the_numeric_one():
     for index in np.ndindex(Y.shape):
         step = np.zeros_like(Y)
         step[index] = 1e-6
-        numeric[index] = (g @ bpr_max_rows(Y + step, cols, bpreg)[0] - g @ bpr_max_rows(Y - step, cols, bpreg)[0]) / 2e-6
+        up, down = bpr_max_rows(Y + step, cols, bpreg)[0], bpr_max_rows(Y - step, cols, bpreg)[0]
+        numeric[index] = (g @ up - g @ down) / 2e-6
     np.testing.assert_allclose(out[0][0], numeric, rtol=1e-5, atol=1e-8)
     assert not out[0][0][:, 7:].any()
 

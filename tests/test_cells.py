@@ -19,7 +19,9 @@ import run
 from conftest import (ACTIVATIONS, INPUT_MODES, fit_small, forward_reference, gru_reference,
                       hidden_reference, make_log, sigmoid, weights64)
 from evaluation import evaluate_gpu
-from gru4rec import HYPERPARAMETERS, GRU4Rec, compile_function
+from backends import compile_function
+from gru4rec import GRU4Rec
+from hyperparams import HYPERPARAMETERS, parse_hyperparameters
 
 REPO = Path(__file__).resolve().parents[1]
 # Trained with reset_after=True: every input mode, and two layers of different widths (conftest's MODELS,
@@ -77,7 +79,8 @@ def test_reset_after_adds_one_hidden_side_candidate_bias_per_layer(cells, name):
     assert {n: w.shape for n, w in reset_after.weights.items() if n in default.weights} == \
         {n: w.shape for n, w in default.weights.items()}
     for l in range(len(default.layers)):  # initialised to zero like the other biases, then trained
-        assert reset_after.weights[f'Bhc{l}'].dtype == np.float32 and np.abs(reset_after.weights[f'Bhc{l}']).max() > 1e-4
+        bhc = reset_after.weights[f'Bhc{l}']
+        assert bhc.dtype == np.float32 and np.abs(bhc).max() > 1e-4
 
 
 @pytest.mark.parametrize('name', sorted(CELL_MODELS))
@@ -113,7 +116,7 @@ def test_gradients_of_the_gru_weights_match_numeric_differences(cells, reset_aft
     G_s = rng.normal(size=(len(X_val), model.n_items))
     X, H_prev, H, scores = symbolic(model)
     loss = (G_H * H[-1]).sum() + (G_s * scores).sum()
-    grads = model.compile_function([X] + H_prev, pytensor.grad(loss, [model.params[n] for n in names]))(X_val, *H_val)
+    grads = model.compile_function([X] + H_prev, pytensor.grad(loss, [model.params_[n] for n in names]))(X_val, *H_val)
 
     W = weights64(model)
 
@@ -284,8 +287,9 @@ def test_files_without_reset_after_load_as_the_original_cell(models, tmp_path):
 
 def test_reset_after_is_read_from_strings_and_checked():
     assert GRU4Rec().reset_after is False
-    assert GRU4Rec().set_params(reset_after='True').reset_after is True
-    assert GRU4Rec().set_params(**run.parse_param_string('reset_after=1')).reset_after is True
+    # set_params stores the value as given, as the constructor; fit and the model file read it parsed.
+    assert parse_hyperparameters(**GRU4Rec().set_params(reset_after='True').get_params())['reset_after'] is True
+    assert parse_hyperparameters(**run.parse_param_string('reset_after=1'))['reset_after'] is True
     with pytest.raises(ValueError, match='reset_after'):
         GRU4Rec().set_params(reset_after='later')
 
@@ -307,7 +311,7 @@ def test_the_search_spaces_try_both_cells(space):  # this library's spaces; the 
     assert entry['dtype'] == 'categorical' and sorted(entry['values']) == [False, True]
     for value in entry['values']:  # as a trial passes it to run.py
         text = run.format_param_string({'reset_after': value})
-        assert GRU4Rec().set_params(**run.parse_param_string(text)).reset_after is value
+        assert parse_hyperparameters(**run.parse_param_string(text))['reset_after'] is value
 
 
 # -- backends ---------------------------------------------------------------------------------------
@@ -320,7 +324,7 @@ def test_the_reset_after_graphs_compile_and_agree_on_every_backend(cells):
     model = cells('two_layers', True)
     names = [n for n in model.weights if n.startswith(('Wx', 'Wrz', 'Wh', 'Bh'))]
     X, H_prev, H, scores = symbolic(model)
-    outputs = H + [scores] + pytensor.grad(scores.sum() + H[-1].sum(), [model.params[n] for n in names])
+    outputs = H + [scores] + pytensor.grad(scores.sum() + H[-1].sum(), [model.params_[n] for n in names])
     X_val, H_val = step_inputs(model)
     expected = compile_function([X] + H_prev, outputs, backend='c')(X_val, *H_val)
     got = compile_function([X] + H_prev, outputs, backend=backend)(X_val, *H_val)

@@ -26,11 +26,11 @@ _runs = itertools.count()
 @pytest.fixture(scope='module')
 def model():
     model = fit_small(final_act='relu', **INPUT_MODES['onehot'])
-    Wy, By = model.params['Wy'].get_value(), model.params['By'].get_value()
+    Wy, By = model.params_['Wy'].get_value(), model.params_['By'].get_value()
     By[ZERO_SCORED] = -100
     Wy[TWINS[1]], By[TWINS[1]] = Wy[TWINS[0]], By[TWINS[0]]
-    model.params['Wy'].set_value(Wy)
-    model.params['By'].set_value(By)
+    model.params_['Wy'].set_value(Wy)
+    model.params_['By'].set_value(By)
     return model
 
 

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Lowest first: a module may import only the modules listed before it.
-LAYERS = ['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'gru4rec', 'baselines',
+LAYERS = ['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'losses', 'network',
+          'hyperparams', 'recommend', 'gru4rec', 'baselines',
           'synthetic', 'live', 'serve', 'run', 'paropt']
 
 

@@ -7,7 +7,7 @@ import pytensor.tensor as pt
 import pytest
 
 from conftest import ACTIVATIONS, loss_reference
-from gru4rec import LOSSES, parse_activation
+from losses import LOSSES, parse_activation
 
 RANKING_ACTS = ['linear', 'relu', 'tanh', 'leaky-0.1', 'elu-0.5', 'selu-1.05-1.67']
 BPREG = 0.7

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import modelfile
-from gru4rec import GRU4Rec, parameter_shapes
+from gru4rec import GRU4Rec
+from network import parameter_shapes
 
 
 def session_log(n_sessions=40, n_items=15, seed=0, item_prefix=None):
@@ -380,7 +381,8 @@ CRAFTED = {
     'history-a-string': (_header(history='none'), r'header field history must be a list of \{name: number\}'),
     'history-with-a-string': (_header(history=[{'loss': 'low'}]), 'header field history must be a list'),
     'extra-header-field': (_header(author='me'), r"its header fields are \['author', "),
-    'header-field-missing': (_header(history=...), r"its header fields are \['format', 'itemids', 'lineage', 'params', 'version'\]"),
+    'header-field-missing': (_header(history=...),
+                             r"its header fields are \['format', 'itemids', 'lineage', 'params', 'version'\]"),
     'unknown-item-id-dtype': (_header(itemids={'dtype': 'complex128'}), 'header field itemids must record'),
     'implausible-batch-size': (_params(batch_size=10 ** 9), r'batch_size=1000000000 with layers=\[8\] needs 8000000000 '
                                                              'hidden state values'),
@@ -629,7 +631,8 @@ def _forge_stored_size(archive, name, size):
     """The archive with entry `name` claiming, in the central directory, `size` bytes it does not hold."""
     position = zipfile.ZipFile(io.BytesIO(archive)).start_dir
     while archive[position + 46:position + 46 + len(name)] != name.encode():
-        n_name, n_extra, n_comment = (int.from_bytes(archive[position + k:position + k + 2], 'little') for k in (28, 30, 32))
+        n_name, n_extra, n_comment = (int.from_bytes(archive[position + k:position + k + 2], 'little')
+                                      for k in (28, 30, 32))
         position += 46 + n_name + n_extra + n_comment
     forged = bytearray(archive)
     for offset in (position + 20, position + 24):  # compressed and uncompressed size
@@ -675,7 +678,8 @@ def test_a_small_crafted_file_cannot_make_loading_allocate_much(model_file, tmp_
     else:  # the item ids declare 10^8 items (800 MB), the file holds 15
         npy = _huge_npy_header((10 ** 8,), '<i8')
         blob = join(meta, None, archive=_forge_stored_size(
-            _archive_bytes(dict(arrays, itemids=npy + arrays['itemids'].tobytes())), 'itemids.npy', len(npy) + 8 * 10 ** 8))
+            _archive_bytes(dict(arrays, itemids=npy + arrays['itemids'].tobytes())), 'itemids.npy',
+            len(npy) + 8 * 10 ** 8))
     assert len(blob) < 2 ** 20
     path = tmp_path / f'{attack}.gru4rec'
     path.write_bytes(blob)
@@ -705,7 +709,8 @@ def _numpy_activation(name):
             'elu': lambda x: np.where(x > 0, x, args[0] * np.expm1(np.minimum(x, 0))) if args else None,
             'leaky': lambda x: np.where(x > 0, x, args[0] * x) if args else None,
             'selu': lambda x: args[0] * np.where(x > 0, x, args[1] * np.expm1(np.minimum(x, 0))) if args else None,
-            'softmax': lambda x: np.exp(x - x.max(1, keepdims=True)) / np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True),
+            'softmax': lambda x: (np.exp(x - x.max(1, keepdims=True))
+                                  / np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)),
             }[kind]
 
 
@@ -754,7 +759,8 @@ def _array_mutation(arrays):
             same = st.permutations(arrays[name]).map(np.array)
             other = st.one_of(other, st.just(np.r_[arrays[name][1:], arrays[name][1]]))
         return st.one_of(same, other)
-    return st.sampled_from(sorted(arrays)).flatmap(lambda name: st.tuples(st.just('array'), st.just(name), values(name)))
+    return st.sampled_from(sorted(arrays)).flatmap(
+        lambda name: st.tuples(st.just('array'), st.just(name), values(name)))
 
 
 def _byte_mutation(size):

@@ -7,7 +7,9 @@ import pytensor.tensor as pt
 import pytest
 
 from conftest import INPUT_MODES, MODELS, SMALL, forward_reference, gru_reference, weights64
-from gru4rec import GRU4Rec, gru_step, init_weights, parse_activation, parse_hyperparameters
+from hyperparams import parse_hyperparameters
+from losses import parse_activation
+from network import gru_step, init_weights
 
 
 def expected_shapes(params, n_items):
@@ -32,7 +34,7 @@ def expected_shapes(params, n_items):
 def test_parameters_have_the_shapes_of_the_input_mode(models, name):
     model = models(name)
     assert {n: w.shape for n, w in model.weights.items()} == expected_shapes(MODELS[name], model.n_items)
-    for n, p in model.params.items():  # the compiled graph holds the same weights (item matrices: plus a padding row)
+    for n, p in model.params_.items():  # the compiled graph holds the same weights (item matrices: plus a padding row)
         np.testing.assert_array_equal(model.weights[n], p.get_value()[:len(model.weights[n])])
 
 
@@ -40,7 +42,7 @@ def test_parameters_have_the_shapes_of_the_input_mode(models, name):
 def test_gru_step_matches_numpy(models, name, layer):
     model = models(name)
     x_proj, h = pt.dmatrix('x_proj'), pt.dmatrix('h')
-    f = pytensor.function([x_proj, h], gru_step(x_proj, h, model.params[f'Wrz{layer}'], model.params[f'Wh{layer}'],
+    f = pytensor.function([x_proj, h], gru_step(x_proj, h, model.params_[f'Wrz{layer}'], model.params_[f'Wh{layer}'],
                                                  parse_activation(model.hidden_act)))
     L = model.layers[layer]
     rng = np.random.default_rng(layer)

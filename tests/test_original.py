@@ -12,7 +12,7 @@ import pytest
 
 import evaluation
 from conftest import ITEM_IDS, fit_small, forward_reference, make_log, sigmoid, softmax
-from gru4rec import LOSSES, parse_activation
+from losses import LOSSES, parse_activation
 from test_cli import cli, files, results  # noqa: F401 (files is a fixture)
 
 SESSIONS = np.array([11, 12, 13])

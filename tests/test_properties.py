@@ -141,7 +141,7 @@ def test_evaluation_equals_brute_force(trained, test, name, batch_size, mode):
     assert (values[:, 1] <= values[:, 0] + 1e-6).all(), 'MRR@k <= Recall@k'
     assert recall[10] == pytest.approx(1.0), 'every one of the 6 items is in the top 10'
     best, worst = brute_force_rank_bounds(model, test)
-    for i, k in enumerate(CUTOFFS):
+    for k in CUTOFFS:
         assert (worst <= k).mean() - 1e-6 <= recall[k] <= (best <= k).mean() + 1e-6
         lowest, highest = np.where(worst <= k, 1 / worst, 0).mean(), np.where(best <= k, 1 / best, 0).mean()
         assert lowest - 1e-6 <= mrr[k] <= highest + 1e-6

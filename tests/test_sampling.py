@@ -36,7 +36,8 @@ def test_support_counts_the_training_events(model):
 def test_samples_follow_support_to_the_power_alpha(model, alpha):
     model.support = SUPPORT.copy()
     model.sample_alpha = alpha
-    with SampleStore(sample_cdf(model.support, model.sample_alpha), model.n_sample, N_DRAWS, np.random.default_rng(0)) as samples:
+    cdf = sample_cdf(model.support, model.sample_alpha)
+    with SampleStore(cdf, model.n_sample, N_DRAWS, np.random.default_rng(0)) as samples:
         store = samples.draw()
     assert store.shape == (N_DRAWS // model.n_sample, model.n_sample) and store.dtype == np.int32
     counts = np.bincount(store.ravel(), minlength=model.n_items)

@@ -24,9 +24,9 @@ def test_loaded_model_predicts_identically(models, name, tmp_path, test_log):
     assert loaded.get_params() == model.get_params()
     assert list(loaded.itemidmap) == list(model.itemidmap)
     np.testing.assert_array_equal(loaded.support, model.support)
-    assert loaded.params.keys() == model.params.keys()
-    for n in model.params:
-        np.testing.assert_array_equal(loaded.params[n].get_value(), model.params[n].get_value())
+    assert loaded.params_.keys() == model.params_.keys()
+    for n in model.params_:
+        np.testing.assert_array_equal(loaded.params_[n].get_value(), model.params_[n].get_value())
     assert loaded.opt_values.keys() == model.opt_values.keys()
     for n in model.opt_values:
         np.testing.assert_array_equal(loaded.opt_values[n], model.opt_values[n])
@@ -52,10 +52,10 @@ def test_same_seed_and_data_give_the_same_model():
     params = dict(embedding=5, dropout_p_hidden=0.3, dropout_p_embed=0.2, train_random_order=True)
     first, second = fit_small(**params), fit_small(**params)
     other_seed = fit_small(seed=8, **params)
-    assert first.params.keys() == second.params.keys()
-    for n in first.params:
-        np.testing.assert_array_equal(first.params[n].get_value(), second.params[n].get_value())
-        assert not np.array_equal(first.params[n].get_value(), other_seed.params[n].get_value()) or n.startswith('B')
+    assert first.params_.keys() == second.params_.keys()
+    for n in first.params_:
+        np.testing.assert_array_equal(first.params_[n].get_value(), second.params_[n].get_value())
+        assert not np.array_equal(first.params_[n].get_value(), other_seed.params_[n].get_value()) or n.startswith('B')
     assert [h['loss'] for h in first.history_] == [h['loss'] for h in second.history_]
 
 

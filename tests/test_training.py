@@ -40,7 +40,7 @@ def test_sgd_step_matches_numpy(case):
     model = fit_small(adapt=None, momentum=0.0, n_epochs=1, **STEP_CASES[case])
     rng = np.random.default_rng(0)
     H_state = [rng.normal(0, 0.5, size=(model.batch_size, L)).astype(np.float32) for L in model.layers]
-    for shared, value in zip(model.H, H_state):
+    for shared, value in zip(model.H_, H_state):
         shared.set_value(value)
     X, T = np.array([3, 0, 7], dtype=np.int32), np.array([5, 3, 0], dtype=np.int32)
     prev_rows, keep = np.array([2, 0, 3], dtype=np.int32), np.array([1, 0, 1], dtype=np.float32)
@@ -53,10 +53,10 @@ def test_sgd_step_matches_numpy(case):
 
     expected_cost, expected_H = step_cost(model, W, X, T, store[1], H_prev)
     np.testing.assert_allclose(cost, expected_cost, rtol=1e-4)
-    for shared, h in zip(model.H, expected_H):  # the padding row after the three active ones is not compared
+    for shared, h in zip(model.H_, expected_H):  # the padding row after the three active ones is not compared
         np.testing.assert_allclose(shared.get_value()[:len(X)], h, rtol=1e-4, atol=1e-6)
     for name, grad in numeric_gradients(model, W, X, T, store[1], H_prev).items():
-        delta = model.params[name].get_value()[:len(W[name])].astype(np.float64) - W[name]
+        delta = model.params_[name].get_value()[:len(W[name])].astype(np.float64) - W[name]
         np.testing.assert_allclose(delta, -model.learning_rate * grad, rtol=2e-3, atol=1e-6, err_msg=name)
 
 
@@ -76,7 +76,7 @@ def test_adagrad_momentum_step_sums_the_gradient_of_a_row_read_several_times(mod
             if kind == 'velocity':
                 state[kind, name] -= 0.5
             shared.set_value(state[kind, name])
-    for shared in model.H:
+    for shared in model.H_:
         shared.set_value(np.zeros_like(shared.get_value()))
     X, T = np.array([3, 3, 7], dtype=np.int32), np.array([5, 3, 0], dtype=np.int32)
     prev_rows, keep = np.array([0, 1, 2], dtype=np.int32), np.zeros(3, dtype=np.float32)
@@ -103,7 +103,7 @@ def test_adagrad_momentum_step_sums_the_gradient_of_a_row_read_several_times(mod
         accumulators = model.training_step_.optimizer.state[name]
         for got, expected, what in [(accumulators['adagrad'], acc_new, 'accumulator'),
                                     (accumulators['velocity'], vel_new, 'velocity'),
-                                    (model.params[name], w_new, 'weights')]:
+                                    (model.params_[name], w_new, 'weights')]:
             np.testing.assert_allclose(got.get_value()[:len(G)], expected, rtol=2e-3, atol=1e-6,
                                        err_msg=f'{name} {what}')
 
@@ -133,8 +133,9 @@ def test_graphs_are_float32_under_float64_floatx(adapt):
                       momentum=0.5, grad_cap=1.0, lmbd=0.01, dropout_p_hidden=0.2, dropout_p_embed=0.1,
                       **INPUT_MODES['embedding'])
     optimizer = model.training_step_.optimizer
-    shared = (list(model.params.values()) + model.H + [v for state in optimizer.state.values() for v in state.values()]
-              + [optimizer.t, model.P_target, model.P_sample])
+    shared = (list(model.params_.values()) + model.H_
+              + [v for state in optimizer.state.values() for v in state.values()]
+              + [optimizer.t, model.P_target_, model.P_sample_])
     assert {v.name: v.get_value().dtype for v in shared} == {v.name: np.float32 for v in shared}
     cost = model.training_step_(np.array([1, 2], np.int32), np.array([3, 4], np.int32), np.array([0, 1], np.int32),
                                 np.ones(2, np.float32), np.arange(model.n_sample, dtype=np.int32))

@@ -144,7 +144,7 @@ def test_recommend_from_a_dict_equals_from_a_dataframe(pretrained, histories):
     pd.testing.assert_frame_equal(from_frame, from_dict)
     assert list(from_frame.columns) == ['SessionId', 'rank', 'ItemId', 'score']
     assert list(from_frame.SessionId.unique()) == list(known.SessionId.unique()), 'not in the order of the input'
-    for sid, recs in from_frame.groupby('SessionId'):
+    for _, recs in from_frame.groupby('SessionId'):
         assert list(recs['rank']) == list(range(1, 21))
         assert recs.ItemId.is_unique and recs.ItemId.isin(pretrained.itemidmap).all()
         assert (np.diff(recs.score.to_numpy()) <= 0).all()
@@ -182,7 +182,7 @@ def test_recommend_k_larger_than_the_number_of_items(pretrained, histories):
     sessions = dict(list(as_dict.items())[:3])
     n = pretrained.n_items
     recs = pretrained.recommend(sessions, k=n + 1000)
-    for sid, group in recs.groupby('SessionId'):
+    for _, group in recs.groupby('SessionId'):
         assert len(group) == n and set(group.ItemId) == set(pretrained.itemidmap)
         assert list(group['rank']) == list(range(1, n + 1))
     unseen = pretrained.recommend(sessions, k=n + 1000, exclude_seen=True)

@@ -13,7 +13,6 @@ take --sessions N instead: the last N sessions by start time; give the test spli
 that validation is as large as the test split, as the one-day rule makes it for RSC15. Either way the
 validation part keeps only items of the training part and sessions still of length 2 or more.
 """
-import argparse
 import sys
 from pathlib import Path
 
