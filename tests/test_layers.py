@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first: a module may import only the modules listed before it.
 LAYERS = ['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'losses', 'network',
           'hyperparams', 'recommend', 'gru4rec', 'baselines',
-          'synthetic', 'live', 'serve', 'run', 'paropt']
+          'synthetic', 'sessionstore', 'itemindex', 'live', 'serve', 'run', 'paropt']
 
 
 def project_imports(module):
