@@ -12,8 +12,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import fit_small
+
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = 'test-admin-token-0123456789'
+ADMIN = {'authorization': f'Bearer {ADMIN_TOKEN}'}  # the header /reload needs
+
+
+def saved_model(tmp_path_factory, params):
+    """(a small model fitted with conftest.fit_small(**params), the path of its saved file)."""
+    model = fit_small(**params)
+    path = tmp_path_factory.mktemp('served') / 'model.gru4rec'
+    model.savemodel(path)
+    return model, path
 
 
 def free_port():

@@ -13,19 +13,14 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from conftest import ITEM_IDS, MODELS, fit_small
+from conftest import ITEM_IDS, MODELS
 from live import SessionRecommender
-from servers import ADMIN_TOKEN, ROOT, Service, free_port
-
-ADMIN = {'authorization': f'Bearer {ADMIN_TOKEN}'}
+from servers import ADMIN, ROOT, Service, free_port, saved_model
 
 
 @pytest.fixture(scope='module')
 def model_file(tmp_path_factory):
-    model = fit_small(**MODELS['embedding'])
-    path = tmp_path_factory.mktemp('serve') / 'model.gru4rec'
-    model.savemodel(path)
-    return model, path
+    return saved_model(tmp_path_factory, MODELS['embedding'])
 
 
 @pytest.fixture(scope='module')

@@ -12,19 +12,14 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ITEM_IDS, MODELS, fit_small
+from conftest import ITEM_IDS, MODELS
 from live import SessionRecommender
-from servers import ADMIN_TOKEN, ROOT, RedisServer, Service, free_port
-
-ADMIN = {'authorization': f'Bearer {ADMIN_TOKEN}'}
+from servers import ADMIN, ADMIN_TOKEN, ROOT, RedisServer, Service, free_port, saved_model
 
 
 @pytest.fixture(scope='module')
 def model_file(tmp_path_factory):
-    model = fit_small(**MODELS['two_layers'])
-    path = tmp_path_factory.mktemp('production') / 'model.gru4rec'
-    model.savemodel(path)
-    return model, path
+    return saved_model(tmp_path_factory, MODELS['two_layers'])
 
 
 @pytest.fixture
@@ -58,6 +53,18 @@ def click(client, session, item):
     answer = client.post('/click', json={'session_id': session, 'item_id': item, 'k': 5, 'exclude_seen': True})
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+def stream_with_a_fault(model, service, clicks, fault):
+    """Streams clicks to the service and checks every answer against an uninterrupted twin; halfway,
+    fault() strikes and returns the service to go on with (the same one, or one started anew)."""
+    twin = Twin(model)
+    for half in (0, 1):
+        if half:
+            service = fault()
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            for session, item in clicks[half * len(clicks) // 2:(half + 1) * len(clicks) // 2]:
+                twin.check(click(client, session, item), session, item)
 
 
 def test_reload_in_a_loop_beside_traffic_never_hangs(model_file):
@@ -152,19 +159,16 @@ def test_sigkill_mid_stream_and_restart_continue_exactly(model_file, redis):
     """Clicks streamed to a service keeping its sessions in Redis; the service is killed with SIGKILL
     in the middle of the stream and started again: every session goes on as in an uninterrupted twin."""
     model, path = model_file
-    clicks, twin = stream(), Twin(model)
-    service = Service(path, '--state-store', redis.url)
+    services = [Service(path, '--state-store', redis.url)]
+
+    def kill_and_restart():
+        services[-1].kill()
+        services.append(Service(path, '--state-store', redis.url))
+        return services[-1]
     try:
-        with httpx.Client(base_url=service.url, timeout=10) as client:
-            for session, item in clicks[:len(clicks) // 2]:
-                twin.check(click(client, session, item), session, item)
-        service.kill()
-        service = Service(path, '--state-store', redis.url)
-        with httpx.Client(base_url=service.url, timeout=10) as client:
-            for session, item in clicks[len(clicks) // 2:]:
-                twin.check(click(client, session, item), session, item)
+        stream_with_a_fault(model, services[0], stream(), kill_and_restart)
     finally:
-        service.stop()
+        services[-1].stop()
 
 
 def test_two_services_on_one_redis_answer_as_one(model_file, redis):
@@ -190,16 +194,14 @@ def test_redis_killed_and_restarted_loses_nothing_acknowledged(model_file, redis
     """Redis with its append-only file synced on every write, killed with SIGKILL mid-stream and
     started again on the same files: the service goes on with every acknowledged click."""
     model, path = model_file
-    clicks, twin = stream(seed=7), Twin(model)
     service = Service(path, '--state-store', redis.url)
+
+    def restart_redis():
+        redis.kill()
+        redis.start()
+        return service
     try:
-        with httpx.Client(base_url=service.url, timeout=30) as client:
-            for session, item in clicks[:len(clicks) // 2]:
-                twin.check(click(client, session, item), session, item)
-            redis.kill()
-            redis.start()
-            for session, item in clicks[len(clicks) // 2:]:
-                twin.check(click(client, session, item), session, item)
+        stream_with_a_fault(model, service, stream(seed=7), restart_redis)
     finally:
         service.stop()
 
