@@ -11,6 +11,7 @@ import pytest
 import paropt
 import run
 from gru4rec import GRU4Rec
+from hyperparams import parse_hyperparameters
 from sessionlogs import synthetic_log
 
 optuna = pytest.importorskip('optuna')
@@ -278,7 +279,8 @@ def test_every_space_suggests_settings_run_py_accepts(path):
     for _ in range(20):
         params = paropt.suggest(study.ask(), space)
         model = GRU4Rec().set_params(**run.parse_param_string(run.format_param_string(params)))
-        assert model.momentum == params['momentum'] <= space_by_name(path)['momentum']['values'][1]
+        parsed = parse_hyperparameters(**model.get_params())  # set_params stores the strings as given
+        assert parsed['momentum'] == params['momentum'] <= space_by_name(path)['momentum']['values'][1]
 
 
 def test_the_originals_flag_names_are_accepted():
