@@ -216,7 +216,8 @@ def test_two_workers_share_one_sqlite_study_and_a_finished_search_resumes(tmp_pa
     command = [sys.executable, str(REPO / 'paropt.py'), 'train.tsv', 'valid.tsv',
                '-opf', str(write_space(tmp_path / 'space.json', SPACE)),
                '-ps', 'n_epochs=1,batch_size=8,n_sample=4,loss=bpr-max', '-nt', '2', '-pm', 'mrr',
-               '--storage', 'search.db', '--study', 'shared']
+               '--storage', 'search.db', '--study', 'shared',
+               '--pruner', 'none', '--prune-below', '0']  # every trial runs to its end: a pruned third one would not
     workers = [subprocess.Popen(command + ['--seed', str(seed)], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
     outputs = [worker.communicate(timeout=300) for worker in workers]
