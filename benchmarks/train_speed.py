@@ -113,16 +113,15 @@ def main():
         return FirstCallTimer(model, fn, timings)
     model.compile_function = timed_compile
 
-    counts = {'steps': 0, 'events': 0, 'epoch_steps': None}
+    counts = {'steps': 0, 'events': 0, 'epoch': None}
     batches = gru4rec.session_parallel_batches
 
     def counted_batches(*a, **kw):
+        counts['epoch'] = a, kw
         for batch in itertools.islice(batches(*a, **kw), args.steps):
             counts['steps'] += 1
             counts['events'] += len(batch[0])
             yield batch
-        if args.steps:  # the length of a whole epoch, for the extrapolation
-            counts['epoch_steps'] = sum(1 for _ in batches(*a, **kw))
     gru4rec.session_parallel_batches = counted_batches
 
     import pytensor
@@ -138,7 +137,10 @@ def main():
     fit_seconds = time.perf_counter() - t0
     seconds = model.history_[-1]['seconds'] - timings['first_step']
     steps, events = counts['steps'] - 1, counts['events']
-    epoch_steps = counts['epoch_steps'] or counts['steps']
+    # The length of a whole epoch, for the extrapolation: counted after the training, outside its clock
+    # (on a 20M-event log, walking an epoch's mini-batches takes seconds).
+    a, kw = counts['epoch']
+    epoch_steps = sum(1 for _ in batches(*a, **kw)) if args.steps else counts['steps']
 
     print(f'data: {args.data} ({len(data):,} events, {model.n_items:,} items, loaded in {load_seconds:.1f}s)')
     print(f'params: {",".join(f"{k}={v}" for k, v in params.items())}')
