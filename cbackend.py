@@ -93,6 +93,7 @@ from pytensor.graph.fg import FunctionGraph
 from pytensor.graph.features import ReplaceValidate
 from pytensor.graph.rewriting.basic import GraphRewriter, in2out, node_rewriter
 from pytensor.graph.rewriting.db import RewriteDatabase
+from pytensor.graph.traversal import ancestors
 from pytensor.graph.utils import MethodNotDefined
 from pytensor.link.c.basic import CLinker, get_module_cache
 from pytensor.link.c.cmodule import GCC_compiler, dlimport, get_lib_extension, get_module_hash, std_include_dirs
@@ -778,75 +779,129 @@ def bpr_max_rows(Y, cols, bpreg):
     return -np.log(A + 1e-24) + bpreg * B, s, sigma, A, B
 
 
+def elu(X, alpha):
+    """ELU of the logits (losses' elu-alpha), and its derivative, in numpy: the reference of RowBPRMax's.
+    At 0 the derivative is the mean of the two sides', as autodiff of losses._elu gives."""
+    Y = np.where(X > 0, X, alpha * np.expm1(np.minimum(X, 0)))
+    return Y, np.where(X > 0, 1, np.where(X < 0, Y + alpha, (1 + alpha) / 2))
+
+
+def kernel_activation(final_act):
+    """(elu, alpha) of a final activation that RowBPRMax computes itself: (False, 0.0) for none ('linear',
+    'softmax_logit'), (True, alpha) for 'elu-alpha'; None for any other (its graph stays outside)."""
+    if final_act in ('linear', 'softmax_logit'):
+        return False, 0.0
+    head, _, alpha = final_act.partition('-')
+    try:
+        return (True, float(alpha)) if head == 'elu' else None
+    except ValueError:
+        return None
+
+
 class RowBPRMax(COp):
-    """BPR-max of each row of the scores (the op 'row_loss:bpr-max' of training.row_loss_op: inputs Y,
-    cols, bpreg), a row at a time while it is in cache, instead of the graph's dozen element-wise passes
-    and reductions over the whole M x N matrix. With grad=True it is the gradient w.r.t. Y of the rows'
-    losses weighted by g (inputs Y, cols, bpreg, g; output M x N): for a negative column j of row i,
+    """BPR-max of each row of the scores (the op 'row_loss:bpr-max:FINAL_ACT' of training.row_loss_op:
+    inputs X, cols, bpreg), a row at a time while it is in cache, instead of the graph's dozen element-wise
+    passes and reductions over the whole M x N matrix. The scores are the logits X, or with elu=True their
+    ELU of the given alpha (the final activation elu-alpha), computed here too. With grad=True it also
+    computes the gradient w.r.t. X of the rows' losses weighted by g (inputs X, cols, bpreg, g; outputs the
+    loss, M, and the gradient, M x N), in the same passes: for a negative column j of row i, w.r.t. its score,
       g_i * (-(s_j (sigma_j - A) - s_j sigma_j (1 - sigma_j)) / (A + 1e-24) + bpreg s_j (y_j^2 - B + 2 y_j))
     and for the target column, whose score d enters every sigma_j = sigma(d - y_j),
       g_i * -sum_j s_j sigma_j (1 - sigma_j) / (A + 1e-24)
-    (s: the softmax over the negatives, A = sum_j s_j sigma_j, B = sum_j s_j y_j^2; bpr_max_rows).
-    Sums in float64, as the graph's."""
+    (s: the softmax over the negatives, A = sum_j s_j sigma_j, B = sum_j s_j y_j^2; bpr_max_rows), times the
+    ELU's derivative (elu) where there is one. Sums in float64, as the graph's."""
 
-    __props__ = ('grad',)
+    __props__ = ('grad', 'elu', 'alpha')
 
-    def __init__(self, grad=False):
-        self.grad = grad
+    def __init__(self, grad=False, elu=False, alpha=0.0):
+        self.grad, self.elu, self.alpha = grad, elu, float(alpha)
 
     def make_node(self, *inputs):
-        Y = inputs[0]
-        return Apply(self, list(inputs), [Y.type() if self.grad else pt.vector(dtype=Y.dtype)])
+        X = inputs[0]
+        loss = pt.vector(dtype=X.dtype)
+        return Apply(self, list(inputs), [loss, X.type()] if self.grad else [loss])
 
     def perform(self, node, inputs, output_storage):
-        Y, cols, bpreg, *g = inputs
-        loss, s, sigma, A, B = bpr_max_rows(Y.astype(np.float64), cols, float(bpreg))
+        X, cols, bpreg, *g = inputs
+        X64 = X.astype(np.float64)
+        Y, slope = elu(X64, self.alpha) if self.elu else (X64, 1.0)
+        loss, s, sigma, A, B = bpr_max_rows(Y, cols, float(bpreg))
+        output_storage[0][0] = loss.astype(X.dtype)
         if not self.grad:
-            output_storage[0][0] = loss.astype(Y.dtype)
             return
         (g,) = g
         dY = -(s * (sigma - A[:, None]) - s * sigma * (1 - sigma)) / (A[:, None] + 1e-24) \
             + float(bpreg) * s * (Y * Y - B[:, None] + 2 * Y)
         M = len(Y)
         dY[np.arange(M), np.arange(M)] = -(s * sigma * (1 - sigma)).sum(axis=1) / (A + 1e-24)
-        output_storage[0][0] = (g[:, None] * dY).astype(Y.dtype)
+        output_storage[1][0] = (g[:, None] * dY * slope).astype(X.dtype)
+
+    def infer_shape(self, fgraph, node, shapes):
+        return [shapes[0][:1], shapes[0]] if self.grad else [shapes[0][:1]]
 
     def c_code_cache_version(self):
-        return (4,)
+        return (5,)
 
     def c_code(self, node, name, inputs, outputs, sub):
-        Y, cols, bpreg = inputs[:3]
-        (out,) = outputs
+        X, cols, bpreg = inputs[:3]
         fail = sub['fail']
-        shape = ['M', 'N'] if self.grad else ['M']
-        return kernel('row_bpr_max.c', Y=Y, cols=cols, bpreg=bpreg, g=inputs[3] if self.grad else '', out=out,
-                      grad=self.grad, fail=fail,
-                      allocate=c_output(out, shape, f'PyArray_TYPE({Y})', f'Py_DECREF(y); Py_DECREF(c); {fail}'))
+        release = f'Py_DECREF(x); Py_DECREF(c); {fail}'
+        allocate = c_output(outputs[0], ['M'], f'PyArray_TYPE({X})', release)
+        if self.grad:
+            allocate += c_output(outputs[1], ['M', 'N'], f'PyArray_TYPE({X})', release)
+        return kernel('row_bpr_max.c', X=X, cols=cols, bpreg=bpreg, g=inputs[3] if self.grad else '',
+                      loss=outputs[0], dX=outputs[1] if self.grad else '', grad=self.grad, elu=self.elu,
+                      alpha=repr(self.alpha), fail=fail, allocate=allocate)
 
     def c_headers(self, **kwargs):
         return ['<algorithm>', '<cmath>', '<limits>', '<vector>']
 
 
+def _row_bpr_max_loss(loss):
+    """The RowBPRMax node that computes `loss` without the gradient, or None."""
+    node = loss.owner
+    return node if node is not None and isinstance(node.op, RowBPRMax) and not node.op.grad else None
+
+
 @node_rewriter([OpFromGraph])
 def local_row_loss(fgraph, node):
-    """The training losses of training.row_loss_op: BPR-max's and its gradient by RowBPRMax, any other
-    loss's graph inlined (an OpFromGraph left in the graph would run in Python)."""
+    """The training losses of training.row_loss_op: BPR-max's and its gradient by RowBPRMax (with the final
+    activation inside where it is an ELU or none), any other loss's graph inlined (an OpFromGraph left in
+    the graph would run in Python)."""
     name = node.op.name or ''
     if not name.startswith('row_loss:'):
         return None
-    Y = node.inputs[0]
-    if Y.ndim != 2 or Y.dtype not in ('float32', 'float64'):
-        return inline_ofg_node(node)
+    X = node.inputs[0]
+    loss_name, _, final_act = name.removeprefix('row_loss:').removesuffix('_LOp').partition(':')
+    activation = kernel_activation(final_act)
     # RowBPRMax computes in the scores' precision. A graph that computes BPR-max in another (float32 scores
     # built under floatX=float64 give a float64 loss) is declined here, and inlined as written, rather
     # than replaced by a kernel whose output type the graph cannot take (the rewrite would fail, leaving
     # the op to run in Python). The gradient op's inputs carry the loss (its dtype): both decide alike.
-    if name == 'row_loss:bpr-max' and node.outputs[0].dtype == Y.dtype:
-        return [RowBPRMax()(*node.inputs)]
-    if name == 'row_loss:bpr-max_LOp' and node.inputs[3].dtype == Y.dtype:
-        Y, cols, bpreg, _, g = node.inputs  # the loss itself (_) is not needed
-        return [RowBPRMax(grad=True)(Y, cols, bpreg, g)]
-    return inline_ofg_node(node)
+    if loss_name != 'bpr-max' or activation is None or X.ndim != 2 or X.dtype not in ('float32', 'float64'):
+        return inline_ofg_node(node)
+    if not name.endswith('_LOp'):
+        return [RowBPRMax(False, *activation)(*node.inputs)] if node.outputs[0].dtype == X.dtype else inline_ofg_node(node)
+    X, cols, bpreg, loss, g = node.inputs
+    if loss.dtype != X.dtype:
+        return inline_ofg_node(node)
+    return [RowBPRMax(True, *activation)(X, cols, bpreg, g)[1]]
+
+
+@node_rewriter([RowBPRMax])
+def local_row_bpr_max_once(fgraph, node):
+    """RowBPRMax(grad=True) computes the loss in the same passes as its gradient: a RowBPRMax of the loss
+    alone on the same inputs goes, where the weights g of the rows' losses do not depend on the loss (after
+    canonicalisation, when g no longer reads the loss's shape)."""
+    if not node.op.grad:
+        return None
+    X, cols, bpreg, g = node.inputs
+    for client, _ in fgraph.clients[X]:
+        if (isinstance(client.op, RowBPRMax) and not client.op.grad and client.inputs == [X, cols, bpreg]
+                and (client.op.elu, client.op.alpha) == (node.op.elu, node.op.alpha)
+                and client.outputs[0] not in ancestors([g])):
+            return {client.outputs[0]: node.outputs[0]}
+    return None
 
 
 class RowCount(COp):
@@ -967,7 +1022,7 @@ def c_mode():
     return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding(*EXCLUDED_REWRITES)
             .register((in2out(local_row_loss), 0.01),
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
-                      (in2out(local_row_count), 48), (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
+                      (in2out(local_row_count), 48), (in2out(local_row_bpr_max_once), 48), (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
                       (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
                       (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_threaded_product), 99)))

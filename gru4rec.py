@@ -202,9 +202,8 @@ class GRU4Rec:
         if hp['logq']:
             log_q = pt.concatenate([self.P_target_[T], self.P_sample_[samples]])  # N
             logits = logits - np.float32(hp['logq']) * log_q
-        Yhat = self.network_.final_act(logits)  # B x N
         loss = functools.partial(LOSSES[hp['loss']], smoothing=np.float32(hp['smoothing']))
-        return row_loss_op(hp['loss'], loss, Yhat, cols, hp['bpreg'])
+        return row_loss_op(hp['loss'], loss, logits, cols, hp['bpreg'], hp['final_act'])  # the final activation inside
 
     def compile_function(self, inputs, outputs, updates=None) -> Callable[..., Any]:
         return compile_function(inputs, outputs, updates, self._parsed_params()['backend'])

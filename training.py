@@ -22,6 +22,7 @@ from pytensor.graph.traversal import graph_inputs
 from tqdm import tqdm
 
 from backends import call, set_shared, to_host
+from losses import parse_activation
 from sessions import FLOAT, pad
 
 # adapt -> its adapt_params' defaults (decay, or the betas of Adam); None is SGD.
@@ -135,28 +136,30 @@ class Optimizer:
         return updates
 
 
-def row_loss_op(name, loss, Yhat, cols, bpreg):
-    """loss(Yhat, bpreg=bpreg, cols=cols) (the loss of each row of the scores, see gru4rec's losses) as one
-    op, named f'row_loss:{name}', of inputs (Yhat, cols, bpreg), with the loss's graph inside. A backend
-    with a kernel for the loss computes it and its gradient in a few passes over each row while the row
-    is in cache (the C backend's RowBPRMax for 'row_loss:bpr-max'); any other runs the graph inside.
-    The gradient is the op f'row_loss:{name}_LOp' of inputs (Yhat, cols, bpreg, loss, upstream gradient);
-    it is the gradient of the graph inside, w.r.t. Yhat only (cols and bpreg are not trained). Of cols and
-    bpreg, the op takes those the loss reads (bpreg: BPR-max's only): an unused input of the graph inside
-    is an error where PyTensor runs it as written (the Python linker, e.g. mode FAST_COMPILE)."""
-    inner = [Yhat.type(), cols.type(), pt.scalar('bpreg', dtype=FLOAT)]
-    output = loss(inner[0], bpreg=inner[2], cols=inner[1])
+def row_loss_op(name, loss, logits, cols, bpreg, final_act='linear'):
+    """loss(final_act(logits), bpreg=bpreg, cols=cols) (the loss of each row of the scores, see gru4rec's
+    losses) as one op, named f'row_loss:{name}:{final_act}', of inputs (logits, cols, bpreg), with the
+    activation's and the loss's graph inside. A backend with a kernel for the loss computes the activation,
+    the loss and its gradient in a few passes over each row while the row is in cache (the C backend's
+    RowBPRMax for BPR-max, with an ELU or no final activation inside); any other runs the graph inside.
+    The gradient is the op f'row_loss:{name}:{final_act}_LOp' of inputs (logits, cols, bpreg, loss, upstream
+    gradient); it is the gradient of the graph inside, w.r.t. logits only (cols and bpreg are not trained).
+    Of cols and bpreg, the op takes those the loss reads (bpreg: BPR-max's only): an unused input of the
+    graph inside is an error where PyTensor runs it as written (the Python linker, e.g. mode FAST_COMPILE)."""
+    activation = parse_activation(final_act, final=True)
+    inner = [logits.type(), cols.type(), pt.scalar('bpreg', dtype=FLOAT)]
+    output = loss(activation(inner[0]), bpreg=inner[2], cols=inner[1])
     read = set(graph_inputs([output]))
     kept = [i for i, var in enumerate(inner) if i == 0 or var in read]
     inner = [inner[i] for i in kept]
-    outer = [[Yhat, cols, pt.constant(np.float32(bpreg), dtype=FLOAT)][i] for i in kept]
+    outer = [[logits, cols, pt.constant(np.float32(bpreg), dtype=FLOAT)][i] for i in kept]
 
     def gradient(inputs, outputs, output_grads):
         return ([pytensor.grad(None, inputs[0], known_grads={outputs[0]: output_grads[0]})]
                 + [DisconnectedType()() for _ in inputs[1:]])
 
     op = OpFromGraph(inner, [output], pullback=gradient, connection_pattern=[[True]] + [[False]] * (len(inner) - 1),
-                     name=f'row_loss:{name}')
+                     name=f'row_loss:{name}:{final_act}')
     return op(*outer)
 
 

@@ -217,46 +217,57 @@ def test_the_training_step_runs_no_python_ops():
         assert python_ops == [], loss
 
 
-def test_bpr_max_reference_gradient_is_the_numeric_one():
+@pytest.mark.parametrize('elu_alpha', [None, 0.5])
+def test_bpr_max_reference_gradient_is_the_numeric_one(elu_alpha):
     """The gradient RowBPRMax computes (its numpy perform, float64) against central differences of
-    bpr_max_rows, the target column included; padded columns get none."""
+    bpr_max_rows (of the ELU of the logits, where the op computes one), the target column included;
+    padded columns get none. Its loss output is bpr_max_rows' loss."""
     rng = np.random.default_rng(3)
-    Y = rng.standard_normal((4, 9)) * 2
+    X = rng.standard_normal((4, 9)) * 2
     cols, bpreg, g = np.array([1.0] * 7 + [0.0] * 2), 0.7, rng.uniform(0.5, 1.5, 4)
-    node = RowBPRMax(grad=True).make_node(pt.dmatrix(), pt.dvector(), pt.dscalar(), pt.dvector())
-    out = [[None]]
-    RowBPRMax(grad=True).perform(node, [Y, cols, np.float64(bpreg), g], out)
-    numeric = np.zeros_like(Y)
-    for index in np.ndindex(Y.shape):
-        step = np.zeros_like(Y)
+    op = RowBPRMax(grad=True, elu=elu_alpha is not None, alpha=elu_alpha or 0.0)
+
+    def scores(X):
+        return X if elu_alpha is None else np.where(X > 0, X, elu_alpha * np.expm1(np.minimum(X, 0)))
+    node = op.make_node(pt.dmatrix(), pt.dvector(), pt.dscalar(), pt.dvector())
+    out = [[None], [None]]
+    op.perform(node, [X, cols, np.float64(bpreg), g], out)
+    numeric = np.zeros_like(X)
+    for index in np.ndindex(X.shape):
+        step = np.zeros_like(X)
         step[index] = 1e-6
-        up, down = bpr_max_rows(Y + step, cols, bpreg)[0], bpr_max_rows(Y - step, cols, bpreg)[0]
+        up, down = bpr_max_rows(scores(X + step), cols, bpreg)[0], bpr_max_rows(scores(X - step), cols, bpreg)[0]
         numeric[index] = (g @ up - g @ down) / 2e-6
-    np.testing.assert_allclose(out[0][0], numeric, rtol=1e-5, atol=1e-8)
-    assert not out[0][0][:, 7:].any()
+    np.testing.assert_allclose(out[0][0], bpr_max_rows(scores(X), cols, bpreg)[0], rtol=1e-12)
+    np.testing.assert_allclose(out[1][0], numeric, rtol=1e-5, atol=1e-8)
+    assert not out[1][0][:, 7:].any()
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'float64'])
-def test_bpr_max_op_equals_the_graph(dtype):
-    """training.row_loss_op wraps BPR-max; on the C backend RowBPRMax computes the loss and its gradient,
-    elsewhere the graph runs as written (PyTensor's Python linker): same values, on scores with padded
-    columns and a target far above its negatives."""
+@pytest.mark.parametrize('final_act', ['linear', 'elu-0.5', 'tanh'])
+def test_bpr_max_op_equals_the_graph(dtype, final_act):
+    """training.row_loss_op wraps BPR-max of the final activation; on the C backend RowBPRMax computes the
+    loss and its gradient in one op (the ELU inside; with tanh, which it does not compute, the graph is
+    inlined), elsewhere the graph runs as
+    written (PyTensor's Python linker): same values, on scores with padded columns and a target far above
+    its negatives."""
     rng = np.random.default_rng(5)
     M, N = 6, 40
     values = (rng.standard_normal((M, N)) * 3).astype(dtype)
     values[2, 2] = 300  # the target far above the negatives of its row
+    values[3, 5] = 0  # the ELU's kink
     cols_value = np.r_[np.ones(N - 5), np.zeros(5)].astype(dtype)
     weights = rng.uniform(0.5, 1.5, M).astype(dtype)
     results = []
     for compile_with in ('c', 'python'):
         with pytensor.config.change_flags(floatX=dtype):  # a graph of that precision throughout
             Y, cols, w = pt.matrix('Y', dtype=dtype), pt.vector('cols', dtype=dtype), pt.vector('w', dtype=dtype)
-            loss = row_loss_op('bpr-max', loss_bpr_max, Y, cols, 0.9)
+            loss = row_loss_op('bpr-max', loss_bpr_max, Y, cols, 0.9, final_act)
             outputs = [loss, pytensor.grad((loss * w).sum(), Y)]
             if compile_with == 'c':
                 fn = compile_function([Y, cols, w], outputs, backend='c')
                 ops = [type(n.op) for n in fn.maker.fgraph.toposort()]
-                assert ops.count(RowBPRMax) == 2, 'the loss and its gradient'
+                assert ops.count(RowBPRMax) == (0 if final_act == 'tanh' else 1), ops
             else:
                 fn = pytensor.function([Y, cols, w], outputs, mode='FAST_COMPILE')
         results.append(fn(values, cols_value, weights))

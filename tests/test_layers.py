@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Lowest first: a module may import only the modules listed before it.
-LAYERS = ['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'training', 'losses', 'network',
+LAYERS = ['atomicfile', 'modelfile', 'sessions', 'cbackend', 'backends', 'evaluation', 'losses', 'training', 'network',
           'hyperparams', 'recommend', 'gru4rec', 'baselines',
           'synthetic', 'sessionstore', 'itemindex', 'live', 'serve', 'run', 'paropt']
 
