@@ -881,7 +881,9 @@ def local_row_loss(fgraph, node):
     if loss_name != 'bpr-max' or activation is None or X.ndim != 2 or X.dtype not in ('float32', 'float64'):
         return inline_ofg_node(node)
     if not name.endswith('_LOp'):
-        return [RowBPRMax(False, *activation)(*node.inputs)] if node.outputs[0].dtype == X.dtype else inline_ofg_node(node)
+        if node.outputs[0].dtype != X.dtype:
+            return inline_ofg_node(node)
+        return [RowBPRMax(False, *activation)(*node.inputs)]
     X, cols, bpreg, loss, g = node.inputs
     if loss.dtype != X.dtype:
         return inline_ofg_node(node)
@@ -1022,7 +1024,9 @@ def c_mode():
     return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding(*EXCLUDED_REWRITES)
             .register((in2out(local_row_loss), 0.01),
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
-                      (in2out(local_row_count), 48), (in2out(local_row_bpr_max_once), 48), (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
+                      (in2out(local_row_count), 48),
+                      (in2out(local_row_bpr_max_once), 48),
+                      (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
                       (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
                       (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_threaded_product), 99)))
