@@ -58,9 +58,11 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    compiles them one after another; ParallelBuildVMLinker runs the compilers on every core first.
 13. The BPR-max loss and its gradient. As a graph they are a dozen element-wise passes and reductions
    over the whole batch x scored-items matrix, with copies of broadcast columns between them.
-   training.row_loss_op hands every training loss over as one op; `RowBPRMax` computes BPR-max's
-   (and its gradient) a row at a time while the row is in cache, and the graphs of the other losses
-   are inlined (`local_row_loss`).
+   training.row_loss_op hands every training loss, with the final activation before it, over as one
+   op; `RowBPRMax` computes BPR-max's (with an ELU or no final activation inside) a row at a time while
+   the row is in cache, the graphs of the other losses are inlined (`local_row_loss`), and the op of the
+   gradient computes the loss in the same passes, standing for the loss's own op (`local_row_bpr_max_once`):
+   three exps per score instead of seven.
 14. Row gathers. PyTensor's gather of a step's item rows (AdvancedSubtensor1) has numpy take them into a
    new array through an intermediate copy on every call; `RowGather` copies each row once, into the
    previous call's array, prefetching the rows ahead (`local_row_gather`).
