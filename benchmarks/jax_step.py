@@ -6,7 +6,7 @@ on the rsc15 and diginetica settings, and the memory of the step with and withou
     python benchmarks/jax_step.py --backend c --steps 3000      # the C backend's step, before and after
 
 Each measurement is one run of benchmarks/train_speed.py (--backend, --steps N) in a subprocess: the
-baseline's own copy from a checkout of --baseline (git archive of its Python files), and this checkout's,
+baseline's own copy from a checkout of --baseline (git archive of its files), and this checkout's,
 in alternating order, --rounds times; the figure is the median. The memory runs use this checkout with and
 without --no-donate on a log with many items, where the item tables dominate: XLA's memory plan of the
 step (its device memory) and the peak RSS of the process (on a CPU the device memory is host memory).
@@ -50,9 +50,8 @@ def train_speed(root, data, paramfile, steps, *extra, backend='jax'):
 
 
 def checkout(revision, folder):
-    """The Python files of the repository at `revision` (the top level and benchmarks/) in `folder`."""
-    archive = subprocess.run(['git', '-C', str(ROOT), 'archive', revision, '--', ':(glob)*.py', 'benchmarks/*.py'],
-                             capture_output=True, check=True).stdout
+    """The files of the repository at `revision` in `folder` (all of them: the C kernels' sources too)."""
+    archive = subprocess.run(['git', '-C', str(ROOT), 'archive', revision], capture_output=True, check=True).stdout
     subprocess.run(['tar', '-x', '-C', folder], input=archive, check=True)
     return folder
 
