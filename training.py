@@ -242,10 +242,16 @@ class TrainingStep:
         self._compile_function = compile_function
 
     def compile(self):
-        """Compiles the step, once; returns the compiled function."""
+        """Compiles the step, once, and loads pack_inputs (numba compiles it, or reads it from its cache, on
+        its first call: a second or so, which would otherwise land in the first epoch); returns the
+        compiled function."""
         if self.function is None:
             with pytensor.config.change_flags(floatX=FLOAT):  # as when the graph was built: a float32 step
                 self.function = self._compile_function(*self._graph)
+            one = np.zeros(1, dtype=np.int32)
+            pack_inputs(one, one, one, np.zeros(1, dtype=FLOAT), np.zeros(self.n_sample, dtype=np.int32),
+                        np.zeros(self.mask_sizes.sum(), dtype=np.float32), self.mask_sizes, self.mask_keep,
+                        self.batch_size, self.constrained_embedding, self.slot, self.pad_item)
         return self.function
 
     def inputs(self, X, T, prev_rows, keep, samples):

@@ -1,13 +1,16 @@
-"""The JAX training step before and after issue 31, side by side in one run: milliseconds per mini-batch
-on the rsc15 and diginetica settings, and the memory of the step with and without buffer donation.
+"""The training step before and after a change (first written for issue 31's JAX step), side by side in one
+run: milliseconds per mini-batch on the tuned settings, and the JAX step's memory with and without buffer
+donation.
 
     python benchmarks/jax_step.py --baseline 0773b7b --steps 300 --rounds 2
     python benchmarks/jax_step.py --memory-only --memory-data synthetic:1000000:500000
     python benchmarks/jax_step.py --backend c --steps 3000      # the C backend's step, before and after
+    python benchmarks/jax_step.py --backend c --baseline fdf2aa5 --only topk retailrocket diginetica --steps 1000
 
 Each measurement is one run of benchmarks/train_speed.py (--backend, --steps N) in a subprocess: the
 baseline's own copy from a checkout of --baseline (git archive of its files), and this checkout's,
-in alternating order, --rounds times; the figure is the median. The memory runs use this checkout with and
+in alternating order, --rounds times, after one untimed run of each (their compile caches filled); the
+figure is the median. The memory runs use this checkout with and
 without --no-donate on a log with many items, where the item tables dominate: XLA's memory plan of the
 step (its device memory) and the peak RSS of the process (on a CPU the device memory is host memory).
 """
@@ -24,6 +27,8 @@ from common import DATA_DIR, ROOT
 SETTINGS = {
     'rsc15 (yoochoose1_64, 100 units, batch 32)': ('yoochoose1_64_train_full', 'rsc15_xe_shared_100_best'),
     'diginetica (512 units, batch 128)': ('diginetica_train_full', 'diginetica_bprmax_shared_best'),
+    'topk (rsc15_100k, Top-k BPR-max, one-hot, 100 units, batch 32)': ('rsc15_100k_train_full', 'rsc15_topk_bprmax'),
+    'retailrocket (224 units, batch 80)': ('retailrocket_train_full', 'retailrocket_bprmax_shared_best'),
 }
 
 
@@ -64,7 +69,8 @@ def main():
     parser.add_argument('--memory-data', default='synthetic:1000000:500000',
                         help='the log of the memory runs (default %(default)s: 500k items)')
     parser.add_argument('--memory-only', action='store_true', help='only the memory with and without donation')
-    parser.add_argument('--only', choices=[name.split()[0] for name in SETTINGS], help='time only this setting')
+    parser.add_argument('--only', nargs='+', choices=[name.split()[0] for name in SETTINGS],
+                        help='time only these settings (default: rsc15 and diginetica)')
     parser.add_argument('--backend', default='jax', help="the backend timed: 'jax' (default) or 'c', to check that "
                         'the changes to the step cost the C backend nothing (no memory runs then)')
     args = parser.parse_args()
@@ -76,9 +82,11 @@ def main():
             print(f'\nms per mini-batch, {args.backend} backend on this CPU, {args.steps} mini-batches a run, '
                   f'median of {args.rounds}')
             for name, (data, paramfile) in SETTINGS.items():
-                if args.only and not name.startswith(args.only):
+                if name.split()[0] not in (args.only or ['rsc15', 'diginetica']):
                     continue
                 runs = {label: [] for label, _ in versions}
+                for _, root in versions:  # untimed: fills each version's PyTensor and numba caches
+                    train_speed(root, data, paramfile, 2, backend=args.backend)
                 for r in range(args.rounds):
                     for label, root in versions if r % 2 == 0 else versions[::-1]:
                         runs[label].append(train_speed(root, data, paramfile, args.steps, backend=args.backend)['ms'])
