@@ -94,6 +94,7 @@ from pytensor.graph.basic import Apply
 from pytensor.graph.fg import FunctionGraph
 from pytensor.graph.features import ReplaceValidate
 from pytensor.graph.rewriting.basic import GraphRewriter, in2out, node_rewriter
+from pytensor.graph.replace import clone_replace
 from pytensor.graph.rewriting.db import RewriteDatabase
 from pytensor.graph.traversal import ancestors
 from pytensor.graph.utils import MethodNotDefined
@@ -868,8 +869,9 @@ def _row_bpr_max_loss(loss):
 @node_rewriter([OpFromGraph])
 def local_row_loss(fgraph, node):
     """The training losses of training.row_loss_op: BPR-max's and its gradient by RowBPRMax (with the final
-    activation inside where it is an ELU or none), any other loss's graph inlined (an OpFromGraph left in
-    the graph would run in Python)."""
+    activation inside where it is an ELU or none; any other activation's graph, the op's variable named
+    'row_loss:scores', runs before it), any other loss's graph inlined (an OpFromGraph left in the graph
+    would run in Python)."""
     name = node.op.name or ''
     if not name.startswith('row_loss:'):
         return None
@@ -880,16 +882,28 @@ def local_row_loss(fgraph, node):
     # built under floatX=float64 give a float64 loss) is declined here, and inlined as written, rather
     # than replaced by a kernel whose output type the graph cannot take (the rewrite would fail, leaving
     # the op to run in Python). The gradient op's inputs carry the loss (its dtype): both decide alike.
-    if loss_name != 'bpr-max' or activation is None or X.ndim != 2 or X.dtype not in ('float32', 'float64'):
+    if loss_name != 'bpr-max' or X.ndim != 2 or X.dtype not in ('float32', 'float64'):
         return inline_ofg_node(node)
     if not name.endswith('_LOp'):
         if node.outputs[0].dtype != X.dtype:
             return inline_ofg_node(node)
-        return [RowBPRMax(False, *activation)(*node.inputs)]
+        if activation is not None:
+            return [RowBPRMax(False, *activation)(*node.inputs)]
+        inner_scores = [v for v in ancestors(node.op.inner_outputs) if v.name == 'row_loss:scores']
+        if len(inner_scores) != 1:
+            return inline_ofg_node(node)
+        scores = clone_replace(inner_scores[0], replace=dict(zip(node.op.inner_inputs, node.inputs)))
+        return [RowBPRMax()(scores, *node.inputs[1:])]
     X, cols, bpreg, loss, g = node.inputs
     if loss.dtype != X.dtype:
         return inline_ofg_node(node)
-    return [RowBPRMax(True, *activation)(X, cols, bpreg, g)[1]]
+    if activation is not None:
+        return [RowBPRMax(True, *activation)(X, cols, bpreg, g)[1]]
+    forward = _row_bpr_max_loss(loss)
+    if forward is None or forward.op.elu or forward.inputs[1:] != [cols, bpreg]:
+        return inline_ofg_node(node)
+    scores = forward.inputs[0]  # the activation's graph, which the loss's rewrite put before RowBPRMax
+    return [pytensor.grad(None, X, known_grads={scores: RowBPRMax(True)(scores, cols, bpreg, g)[1]})]
 
 
 @node_rewriter([RowBPRMax])

@@ -148,7 +148,9 @@ def row_loss_op(name, loss, logits, cols, bpreg, final_act='linear'):
     graph inside is an error where PyTensor runs it as written (the Python linker, e.g. mode FAST_COMPILE)."""
     activation = parse_activation(final_act, final=True)
     inner = [logits.type(), cols.type(), pt.scalar('bpreg', dtype=FLOAT)]
-    output = loss(activation(inner[0]), bpreg=inner[2], cols=inner[1])
+    scores = activation(inner[0])
+    scores.name = 'row_loss:scores'  # where a kernel that computes the loss but not the activation takes over
+    output = loss(scores, bpreg=inner[2], cols=inner[1])
     read = set(graph_inputs([output]))
     kept = [i for i, var in enumerate(inner) if i == 0 or var in read]
     inner = [inner[i] for i in kept]
