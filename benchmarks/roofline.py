@@ -183,16 +183,18 @@ def row_bytes(hp, rows):
     return 4.0 * floats, 4.0 * floats * 2 * arrays
 
 
-def train_speed(name, data, paramfile, steps, workdir, profile):
-    """train_speed.py's output for `steps` mini-batches (with its per-op profile when `profile`), in its own
-    process; its log goes to workdir/logs."""
+def train_speed(name, data, paramfile, steps, workdir, profile=False, one_thread=False):
+    """train_speed.py's output for `steps` mini-batches (with its per-op profile when `profile`; every product
+    on one BLAS thread when `one_thread`), in its own process; its log goes to workdir/logs."""
     command = [sys.executable, str(ROOT / 'benchmarks' / 'train_speed.py'), '--data', str(data), '-pf',
                str(paramfile), '--steps', str(steps)] + ['--profile'] * profile
     env = dict(os.environ)
     if profile:  # every op of the profile, not its first 20
         env['PYTENSOR_FLAGS'] = ','.join(filter(None, [env.get('PYTENSOR_FLAGS'), 'profiling__n_ops=1000']))
+    if one_thread:  # cbackend.product_threads() then gives every product one thread
+        env['OPENBLAS_NUM_THREADS'] = '1'
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    log = workdir / 'logs' / f'roofline_{name}{".profile" * profile}.log'
+    log = workdir / 'logs' / f'roofline_{name}{".profile" * profile}{".one_thread" * one_thread}.log'
     log.write_text(' '.join(command) + '\n\n' + done.stdout)
     if done.returncode or not SPEED.search(done.stdout):
         tail = '\n'.join(done.stdout.splitlines()[-15:])
@@ -218,7 +220,17 @@ def op_profile(output):
     return ops, 1e3 * float(call_seconds) / calls, step_ms
 
 
-def attribution(ops, call_ms, step_ms, bound):
+def first_call_seconds():
+    """Seconds of the first call of training.distinct_rows in a fresh process (numba loads or compiles it):
+    train_speed.py's clock counts it, in the first step's inputs."""
+    code = ('import time, numpy as np; from training import distinct_rows; i = np.arange(4, dtype=np.int32); '
+            't = time.perf_counter(); distinct_rows(i, i, i, True, np.zeros(5, np.int32), 4); '
+            'print(time.perf_counter() - t)')
+    done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(done.stdout)
+
+
+def attribution(ops, call_ms, step_ms, bound, first_call_ms):
     """Rows (what, applies, ms/step, ms in the bound, ms outside it) of a profiled step: products, gathers and
     optimiser steps of the item rows against their parts of the bound, every other op, the function's
     overhead and the host."""
@@ -234,11 +246,13 @@ def attribution(ops, call_ms, step_ms, bound):
     rows += [(k, n, ms, 0.0) for k, n, ms in others]
     thunks = sum(ms for ms, _ in ops.values())
     rows.append(('function overhead (its wall time - the ops\' CPU time)', '', call_ms - thunks, 0.0))
-    rows.append(('host (wall time per step - the function\'s)', '', step_ms - call_ms, 0.0))
+    rows.append(('host: distinct_rows\' first call (numba\'s load, once per process)', '', first_call_ms, 0.0))
+    rows.append(('host: the rest (wall time per step - the function\'s - the above)', '',
+                 step_ms - call_ms - first_call_ms, 0.0))
     return [(label, n, ms, in_bound, ms - in_bound) for label, n, ms, in_bound in rows]
 
 
-def analyse(name, args, sgemm, bandwidth):
+def analyse(name, args, sgemm, bandwidth, first_call):
     """The bound of one setting and, unless --no-train, its measured speed and profile: a dict of results."""
     setting = SETTINGS[name]
     paramfile = ROOT / 'paramfiles' / setting.paramfile
@@ -261,18 +275,22 @@ def analyse(name, args, sgemm, bandwidth):
     if args.train:
         steps = args.steps or DEFAULT_STEPS.get(name, 500)
         result['steps'] = steps
-        result['speed'] = float(SPEED.search(train_speed(name, path, paramfile, steps, args.workdir, False)).group(1))
+        result['speed'] = float(SPEED.search(train_speed(name, path, paramfile, steps, args.workdir)).group(1))
+        if args.one_thread:
+            output = train_speed(name, path, paramfile, steps, args.workdir, one_thread=True)
+            result['speed_one_thread'] = float(SPEED.search(output).group(1))
         if args.profile:
-            output = train_speed(name, path, paramfile, steps, args.workdir, True)
+            output = train_speed(name, path, paramfile, steps, args.workdir, profile=True)
             ops, call_ms, step_ms = op_profile(output)
-            result['profile'] = attribution(ops, call_ms, step_ms, bound), step_ms
+            result['profile'] = attribution(ops, call_ms, step_ms, bound, 1e3 * first_call / (steps - 1)), step_ms
     return result
 
 
 def summary_table(results):
     lines = ['| setting (layers, batch) | data | N | GFLOP/step | item rows/step (distinct; of N + B read) | '
-             'MB/step | bound ms/step (products + rows) | bound mb/s | measured mb/s | measured / bound |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             'MB/step | bound ms/step (products + rows) | bound mb/s | measured mb/s | measured / bound | '
+             'measured, one BLAS thread | / bound |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in results:
         hp, (wy, by, inp) = r['hp'], r['rows']
         N = hp['batch_size'] + hp['n_sample']
@@ -281,7 +299,8 @@ def summary_table(results):
         else:
             rows = f"Wy/By {wy:,.0f} of {N:,}, input {inp:,.0f} of {hp['batch_size']}"
         products_ms = r['bound']['products']
-        measured = (f"{r['speed']:.1f} | {r['speed'] * r['bound_ms'] / 1e3:.0%}" if 'speed' in r else '- | -')
+        measured = ' | '.join(f"{r[k]:.1f} | {r[k] * r['bound_ms'] / 1e3:.0%}" if k in r else '- | -'
+                              for k in ('speed', 'speed_one_thread'))
         lines.append(f"| {r['setting'].label} | {r['data_label']} | {N:,} | "
                      f"{sum(flops(p) for p, *_ in r['products']) / 1e9:.3f} | {rows} | {r['bytes'] / 1e6:.1f} | "
                      f"{r['bound_ms']:.3f} ({products_ms:.3f} + {r['bound_ms'] - products_ms:.3f}) | "
@@ -319,6 +338,8 @@ def main():
     parser.add_argument('--no-train', dest='train', action='store_false', help='only the bound (no training)')
     parser.add_argument('--profile', action=argparse.BooleanOptionalAction, default=True,
                         help="the per-op profile of the step (a second train_speed.py run; default on)")
+    parser.add_argument('--one-thread', action=argparse.BooleanOptionalAction, default=True,
+                        help='also train with every product on one BLAS thread (OPENBLAS_NUM_THREADS=1; default on)')
     parser.add_argument('--workdir', type=Path, default=Path('/tmp/gru4rec_compare_port'),
                         help="compare_port.py's: the data files and the logs (default %(default)s)")
     args = parser.parse_args()
@@ -331,11 +352,12 @@ def main():
     load_before = os.getloadavg()
     sgemm = Sgemm()
     bandwidth = copy_bandwidth()
+    first_call = first_call_seconds() if args.train and args.profile else 0.0
     print(f'BLAS: {sgemm.name}; copy bandwidth {bandwidth:.1f} GB/s (read + write)', flush=True)
     results = []
     for name in args.settings:
         print(f'{name}: ', end='', flush=True)
-        results.append(analyse(name, args, sgemm, bandwidth))
+        results.append(analyse(name, args, sgemm, bandwidth, first_call))
         r = results[-1]
         print(f"bound {1e3 / r['bound_ms']:,.0f} mb/s" + (f", measured {r['speed']:.1f}" if 'speed' in r else ''),
               flush=True)
