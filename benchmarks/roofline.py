@@ -328,6 +328,24 @@ def profile_table(r):
     return '\n'.join(lines) + '\n'
 
 
+def where_the_step_goes(results):
+    """One table of every profiled setting: ms per step of each group of profile_table (before its
+    parentheses), with its part of the bound in brackets where it has one."""
+    profiled = [r for r in results if 'profile' in r]
+    cells = [{label.split(' (')[0]: (ms, in_bound) for label, _, ms, in_bound, _ in r['profile'][0]} for r in profiled]
+    groups = list(cells[0])[:3]
+    tail = [g for g in cells[0] if g.startswith(('function', 'host'))]
+    ops = {g for c in cells for g in c} - set(groups) - set(tail)
+    groups += sorted(ops, key=lambda g: -max(c.get(g, (0, 0))[0] for c in cells)) + tail
+    lines = ['| ms/step [in the bound] | ' + ' | '.join(r['name'] for r in profiled) + ' |',
+             '|---|' + '---|' * len(profiled)]
+    for g in groups:
+        row = [f'{c[g][0]:.3f}' + (f' [{c[g][1]:.3f}]' if c[g][1] else '') if g in c else '-' for c in cells]
+        lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
+    lines.append('| the step (wall time) | ' + ' | '.join(f"{r['profile'][1]:.3f}" for r in profiled) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--settings', nargs='+', choices=SETTINGS, default=list(SETTINGS), help='rows (default: all)')
@@ -368,6 +386,9 @@ def main():
             '200 mini-batches, samples drawn as training draws them. Command: '
             f'`{" ".join(["python", "benchmarks/roofline.py", *sys.argv[1:]])}`')
     text = [note, '', summary_table(results)]
+    if any('profile' in r for r in results):
+        text += ['Where the step goes (train_speed.py --profile: the ops in thread CPU time, the rest wall time):',
+                 '', where_the_step_goes(results)]
     for r in results:
         text += [f"### {r['name']} ({r['data_label']}: {r['events']:,} events, {r['n_items']:,} items)", '',
                  products_table(r)]
