@@ -342,7 +342,8 @@ def where_the_step_goes(results):
     for g in groups:
         row = [f'{c[g][0]:.3f}' + (f' [{c[g][1]:.3f}]' if c[g][1] else '') if g in c else '-' for c in cells]
         lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
-    lines.append('| the step (wall time) | ' + ' | '.join(f"{r['profile'][1]:.3f}" for r in profiled) + ' |')
+    steps = ' | '.join(f"{r['profile'][1]:.3f}" for r in profiled)
+    lines.append(f'| the step (wall time, of the profiled run) | {steps} |')
     return '\n'.join(lines) + '\n'
 
 
