@@ -12,7 +12,9 @@ n_sample scored columns):
   B x H x N; dh = dlogits·Wy and dWy = dlogitsᵀ·h), and per GRU layer the forward products with
   their two backward products each: the input's x·Wx (B x in x 3H) where the input is a product (an
   embedding's or a constrained embedding's rows; a one-hot input is a row gather, no product), and
-  the hidden state's h·Wrz (B x H x 2H) and (r*h)·Wh (B x H x H), together B x H x 3H;
+  the hidden state's h·Wrz (B x H x 2H) and (r*h)·Wh (B x H x H), together B x H x 3H. Those of the
+  step's graph: the previous states are inputs of the step, not trained through, so h·Wrz's backward
+  product towards h (drz·Wrzᵀ) is not computed, while (r*h)·Wh's is (it carries r's gradient);
 - the bytes of the item rows: the step gathers each row of Wy/By it scores (and of the input table
   when that is not Wy) once, and Adagrad reads and writes the row's weights, accumulator and momentum
   velocity: 7 passes over the row (fewer without momentum or accumulator). The rows are the expected
@@ -71,7 +73,8 @@ Product = namedtuple('Product', 'name m k n trans_a trans_b')
 
 
 def step_products(hp):
-    """The matrix products of one training step for the parsed hyper-parameters hp."""
+    """The matrix products of one training step for the parsed hyper-parameters hp, as its graph has them
+    (the previous states are not trained through: no gradient of h_prev through Wrz)."""
     B, layers = hp['batch_size'], hp['layers']
     N, H, K = B + hp['n_sample'], layers[-1], embedding_size(hp)
     onehot = not hp['constrained_embedding'] and not K
@@ -85,7 +88,6 @@ def step_products(hp):
                          Product(f'dx = dxp·Wx{l}ᵀ', B, 3 * L, width, False, True),
                          Product(f'dWx{l} = xᵀ·dxp', width, B, 3 * L, True, False)]
         products += [Product(f'h·Wrz{l}', B, L, 2 * L, False, False),
-                     Product(f'dh += drz·Wrz{l}ᵀ', B, 2 * L, L, False, True),
                      Product(f'dWrz{l} = hᵀ·drz', L, B, 2 * L, True, False),
                      Product(f'(r*h)·Wh{l}', B, L, L, False, False),
                      Product(f'd(r*h) = dc·Wh{l}ᵀ', B, L, L, False, True),
