@@ -1,8 +1,8 @@
 """The roofline of the training step: how fast each tuned setting could train on this machine, and where
 the time outside that bound goes (issue 30).
 
-    python benchmarks/roofline.py --out roofline.md                      # every setting: a few minutes
-    python benchmarks/roofline.py --no-train --out bound.md              # only the bound: under a minute
+    python benchmarks/roofline.py --out roofline.md                      # every setting: 5-6 minutes here
+    python benchmarks/roofline.py --no-train --out bound.md              # only the bound: about 20 s
     python benchmarks/roofline.py --settings retailrocket_bprmax_shared_best --steps 500 --out rr.md
 
 For each tuned setting of compare_port.py (its data files, cut to the same first sessions, written by
@@ -22,14 +22,18 @@ n_sample scored columns):
   as training draws them (the graph reads N + B rows, padded, but repeats of a row stay in cache);
 - this machine's sgemm rate at each product's exact shape and transposition, through the BLAS the
   training links (scipy-openblas32's cblas_sgemm, called by ctypes), on one thread and on every core,
-  the best of several repeats; and the copy bandwidth (a 128 MiB np.copyto, read + write counted).
+  each call timed alone and the fastest of 0.15 s of calls kept (on a shared machine most calls on two
+  threads wait for a core); and the copy bandwidth (a 128 MiB np.copyto, read + write counted).
 The bound is time = sum over products of FLOPs / (the better of the two rates at its shape) + bytes /
 bandwidth, in mini-batches/s. Beside it: train_speed.py's measured speed for --steps mini-batches of
-the same data (its own process), the fraction measured / bound, and (unless --no-profile) a second
-train_speed.py --profile run whose per-op profile (PyTensor's, thread CPU time) is grouped by op: the
-products against their share of the bound, the item-row ops (RowGather, RowAdagrad) against the
-bytes' share, every other op whole, the compiled function's overhead (its wall time minus the ops'
-CPU time) and the host's time per step (wall time per step minus the function's).
+the same data (its own process), the fraction measured / bound, the same with every product on one
+BLAS thread (unless --no-one-thread), and (unless --no-profile) a train_speed.py --profile run whose
+per-op profile (PyTensor's, thread CPU time) is grouped by op: the products against their share of the
+bound, the row gathers (RowGather) and the rows' optimiser (RowAdagrad) against the bytes' shares,
+every other op whole, the compiled function's overhead (its wall time minus the ops' CPU time) and
+the host's time per step (wall time per step minus the function's), of which the first call of
+training.distinct_rows (numba loading it, once per process, inside train_speed.py's clock) is shown
+apart. The per-setting tables and one table of where each step goes are printed and written to --out.
 """
 import argparse
 import ctypes
