@@ -1,7 +1,7 @@
 """The roofline of the training step: how fast each tuned setting could train on this machine, and where
 the time outside that bound goes (issue 30).
 
-    python benchmarks/roofline.py --out roofline.md                      # every setting: 5-6 minutes here
+    python benchmarks/roofline.py --out roofline.md                      # every setting: 2 minutes idle, 5-6 shared
     python benchmarks/roofline.py --no-train --out bound.md              # only the bound: about 20 s
     python benchmarks/roofline.py --settings retailrocket_bprmax_shared_best --steps 500 --out rr.md
 
