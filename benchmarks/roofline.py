@@ -19,7 +19,9 @@ n_sample scored columns):
   when that is not Wy) once, and Adagrad reads and writes the row's weights, accumulator and momentum
   velocity: 7 passes over the row (fewer without momentum or accumulator). The rows are the expected
   number of DISTINCT rows of a step, measured on the setting's first mini-batches with samples drawn
-  as training draws them (the graph reads N + B rows, padded, but repeats of a row stay in cache);
+  as training draws them (the graph reads N + B rows, padded, but repeats of a row stay in cache); and
+  the same read and write of the dense weights (the GRU's) and their optimiser state, which every step
+  updates whole (issue 30's count left these out: 0.7-19 MB a step here);
 - this machine's sgemm rate at each product's exact shape and transposition, through the BLAS the
   training links (scipy-openblas32's cblas_sgemm, called by ctypes), on one thread and on every core,
   each call timed alone and the fastest of 0.15 s of calls kept (on a shared machine most calls on two
@@ -28,12 +30,13 @@ The bound is time = sum over products of FLOPs / (the better of the two rates at
 bandwidth, in mini-batches/s. Beside it: train_speed.py's measured speed for --steps mini-batches of
 the same data (its own process), the fraction measured / bound, the same with every product on one
 BLAS thread (unless --no-one-thread), and (unless --no-profile) a train_speed.py --profile run whose
-per-op profile (PyTensor's, thread CPU time) is grouped by op: the products against their share of the
-bound, the row gathers (RowGather) and the rows' optimiser (RowAdagrad) against the bytes' shares,
-every other op whole, the compiled function's overhead (its wall time minus the ops' CPU time) and
-the host's time per step (wall time per step minus the function's), of which the first call of
-training.distinct_rows (numba loading it, once per process, inside train_speed.py's clock) is shown
-apart. The per-setting tables and one table of where each step goes are printed and written to --out.
+per-op profile (PyTensor's, thread CPU time, every apply) is grouped by op: the products against their
+share of the bound, the row gathers (RowGather), the rows' optimiser (RowAdagrad) and the dense weights'
+(the fused loops that read an optimiser state) against the bytes' shares, every other op whole, the
+compiled function's overhead (its wall time minus the ops' CPU time) and the host's time per step (wall
+time per step minus the function's), of which the first call of training.distinct_rows (numba loading
+it, once per process, inside train_speed.py's clock) is shown apart. The per-setting tables and one table
+of where each step goes are printed and written to --out.
 """
 import argparse
 import ctypes
@@ -54,7 +57,7 @@ from compare_port import SETTINGS, data_file
 
 from atomicfile import write_atomically  # noqa: E402
 from hyperparams import parse_hyperparameters  # noqa: E402
-from network import embedding_size  # noqa: E402
+from network import embedding_size, item_parameters, parameter_shapes  # noqa: E402
 from run import read_paramfile  # noqa: E402
 from sessions import pad, session_arrays, session_parallel_batches  # noqa: E402
 from training import distinct_rows, inverse_cdf, sample_cdf  # noqa: E402
@@ -70,7 +73,11 @@ GATHER_OPS = {'RowGather', 'AdvancedSubtensor1'}  # row gathers (item rows, stat
 OPTIMISER_OPS = {'RowAdagrad', 'AdvancedIncSubtensor1'}  # the rows' optimiser step: its read + write passes
 SPEED = re.compile(r'^speed: ([0-9.]+) mini-batches/s', re.M)
 CALLS = re.compile(r'Time in (\d+) calls to Function\.__call__: ([0-9.e+-]+)s')
-OP_LINE = re.compile(r'^\s+[0-9.]+%\s+[0-9.]+%\s+([0-9.]+)s\s+[0-9.e+-]+s\s+\S+\s+(\d+)\s+(\d+)\s+(.+)$')
+# A line of the profile's Apply section: apply time, calls, id, the apply (op and inputs).
+APPLY_LINE = re.compile(r'^\s+[0-9.]+%\s+[0-9.]+%\s+([0-9.]+)s\s+[0-9.e+-]+s\s+(\d+)\s+(\d+)\s+(.+)$')
+# The fused element-wise loops that update a dense weight with its optimiser state (inputs adagrad_W, ...).
+DENSE_OPTIMISER = 'Composite: dense weights\' optimiser'
+DENSE_STATE = re.compile(r'\b(adagrad|rmsprop|adadelta_g|adam_m|velocity)_')
 
 # (M, K, N): C (M x N) = op(A) (M x K) · op(B) (K x N); transposed operands as the step's graph has them.
 Product = namedtuple('Product', 'name m k n trans_a trans_b')
@@ -189,19 +196,50 @@ def row_bytes(hp, rows):
     return 4.0 * floats, 4.0 * floats * 2 * arrays
 
 
+def dense_bytes(hp, n_items):
+    """Bytes of the optimiser's read and write of the dense weights (every parameter but the item-indexed
+    ones) and their state, a step."""
+    items = set(item_parameters(hp))
+    floats = sum(int(np.prod(shape)) for name, shape in parameter_shapes(hp, n_items).items() if name not in items)
+    return 4.0 * floats * 2 * (1 + ACCUMULATORS[hp['adapt']] + (hp['momentum'] > 0))
+
+
+# Runs train_speed.py (its path and arguments follow) with PyTensor's profile summary printing every apply,
+# not its first 20 (train_speed.py calls summary() with its defaults), and prints the seconds of the first
+# call of training.distinct_rows (numba loading it), which train_speed.py's clock counts.
+TRAIN_SPEED_FULL_PROFILE = """
+import os, runpy, sys, time
+script, sys.argv = sys.argv[1], sys.argv[1:]
+sys.path[:0] = [os.path.dirname(script), os.path.dirname(os.path.dirname(script))]
+from pytensor.compile.debug.profiling import ProfileStats
+import training
+summary, distinct_rows = ProfileStats.summary, training.distinct_rows
+ProfileStats.summary = lambda self, file=sys.stderr, n_ops_to_print=20, n_apply_to_print=20: summary(
+    self, file, 100000, 100000)
+def first_call(*args):
+    start = time.perf_counter()
+    rows = distinct_rows(*args)
+    print(f'distinct_rows first call: {time.perf_counter() - start:.6f}s', flush=True)
+    training.distinct_rows = distinct_rows
+    return rows
+training.distinct_rows = first_call
+runpy.run_path(script, run_name='__main__')
+"""
+FIRST_CALL = re.compile(r'^distinct_rows first call: ([0-9.]+)s', re.M)
+
+
 def train_speed(name, data, paramfile, steps, workdir, profile=False, one_thread=False):
-    """train_speed.py's output for `steps` mini-batches (with its per-op profile when `profile`; every product
-    on one BLAS thread when `one_thread`), in its own process; its log goes to workdir/logs."""
-    command = [sys.executable, str(ROOT / 'benchmarks' / 'train_speed.py'), '--data', str(data), '-pf',
-               str(paramfile), '--steps', str(steps)] + ['--profile'] * profile
+    """train_speed.py's output for `steps` mini-batches (with its per-op profile, every apply, when `profile`;
+    every product on one BLAS thread when `one_thread`), in its own process; its log goes to workdir/logs."""
+    command = [sys.executable, *(['-c', TRAIN_SPEED_FULL_PROFILE] if profile else []),
+               str(ROOT / 'benchmarks' / 'train_speed.py'), '--data', str(data), '-pf', str(paramfile),
+               '--steps', str(steps)] + ['--profile'] * profile
     env = dict(os.environ)
-    if profile:  # every op of the profile, not its first 20
-        env['PYTENSOR_FLAGS'] = ','.join(filter(None, [env.get('PYTENSOR_FLAGS'), 'profiling__n_ops=1000']))
     if one_thread:  # cbackend.product_threads() then gives every product one thread
         env['OPENBLAS_NUM_THREADS'] = '1'
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log = workdir / 'logs' / f'roofline_{name}{".profile" * profile}{".one_thread" * one_thread}.log'
-    log.write_text(' '.join(command) + '\n\n' + done.stdout)
+    log.write_text(' '.join(command[:1] + command[3 if profile else 1:]) + '\n\n' + done.stdout)
     if done.returncode or not SPEED.search(done.stdout):
         tail = '\n'.join(done.stdout.splitlines()[-15:])
         sys.exit(f'train_speed.py failed (exit status {done.returncode}; full output in {log}):\n{tail}')
@@ -209,45 +247,39 @@ def train_speed(name, data, paramfile, steps, workdir, profile=False, one_thread
 
 
 def op_profile(output):
-    """From train_speed.py --profile's output: ms per step of each op kind (the name before its '{'), with
-    its number of applies, the function's wall time per call, the ops' total, and the step's wall time."""
+    """From train_speed.py --profile's output: ms per step of each op kind (the name before its '{'; the
+    element-wise loops that update a dense weight and its optimiser state apart, as DENSE_OPTIMISER), with
+    its number of applies, the function's wall time per call, and the step's wall time."""
     calls, call_seconds = CALLS.search(output).groups()
     calls = int(calls)
     ops = OrderedDict()
-    section = output[output.index('\nOps\n'):output.index('\nApply\n')]
+    section = output[output.index('\nApply\n'):]
     for line in section.splitlines():
-        match = OP_LINE.match(line)
+        match = APPLY_LINE.match(line)
         if match:
-            seconds, _, applies, name = match.groups()
-            kind = re.split(r'[{(]', name, maxsplit=1)[0]
+            seconds, _, _, apply = match.groups()
+            kind = re.split(r'[{(]', apply, maxsplit=1)[0]
+            if kind == 'Composite' and DENSE_STATE.search(apply):
+                kind = DENSE_OPTIMISER
             ms, n = ops.get(kind, (0.0, 0))
-            ops[kind] = ms + 1e3 * float(seconds) / calls, n + int(applies)
+            ops[kind] = ms + 1e3 * float(seconds) / calls, n + 1
     step_ms = 1e3 / float(SPEED.search(output).group(1))
     return ops, 1e3 * float(call_seconds) / calls, step_ms
 
 
-def first_call_seconds():
-    """Seconds of the first call of training.distinct_rows in a fresh process (numba loads or compiles it):
-    train_speed.py's clock counts it, in the first step's inputs."""
-    code = ('import time, numpy as np; from training import distinct_rows; i = np.arange(4, dtype=np.int32); '
-            't = time.perf_counter(); distinct_rows(i, i, i, True, np.zeros(5, np.int32), 4); '
-            'print(time.perf_counter() - t)')
-    done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True)
-    return float(done.stdout)
-
-
 def attribution(ops, call_ms, step_ms, bound, first_call_ms):
     """Rows (what, applies, ms/step, ms in the bound, ms outside it) of a profiled step: products, gathers and
-    optimiser steps of the item rows against their parts of the bound, every other op, the function's
-    overhead and the host."""
+    optimiser steps of the item rows, the dense weights' optimiser steps against their parts of the bound,
+    every other op, the function's overhead and the host."""
     groups = [('products (' + ', '.join(k for k in ops if k in PRODUCT_OPS) + ')', PRODUCT_OPS, bound['products']),
               ('row gathers (' + ', '.join(k for k in ops if k in GATHER_OPS) + ')', GATHER_OPS,
                bound['gather']),
               ('item-row optimiser (' + ', '.join(k for k in ops if k in OPTIMISER_OPS) + ')', OPTIMISER_OPS,
-               bound['optimiser'])]
+               bound['optimiser']),
+              (DENSE_OPTIMISER, {DENSE_OPTIMISER}, bound['dense'])]
     rows = [(label, sum(ops[k][1] for k in ops if k in kinds), sum(ops[k][0] for k in ops if k in kinds), ms)
             for label, kinds, ms in groups]
-    known = PRODUCT_OPS | GATHER_OPS | OPTIMISER_OPS
+    known = PRODUCT_OPS | GATHER_OPS | OPTIMISER_OPS | {DENSE_OPTIMISER}
     others = sorted(((k, n, ms) for k, (ms, n) in ops.items() if k not in known), key=lambda r: -r[2])
     rows += [(k, n, ms, 0.0) for k, n, ms in others]
     thunks = sum(ms for ms, _ in ops.values())
@@ -258,7 +290,7 @@ def attribution(ops, call_ms, step_ms, bound, first_call_ms):
     return [(label, n, ms, in_bound, ms - in_bound) for label, n, ms, in_bound in rows]
 
 
-def analyse(name, args, sgemm, bandwidth, first_call):
+def analyse(name, args, sgemm, bandwidth):
     """The bound of one setting and, unless --no-train, its measured speed and profile: a dict of results."""
     setting = SETTINGS[name]
     paramfile = ROOT / 'paramfiles' / setting.paramfile
@@ -267,15 +299,16 @@ def analyse(name, args, sgemm, bandwidth, first_call):
     data = load_log(str(path))
     rows, n_items = distinct_item_rows(data, hp)
     gather_bytes, optimiser_bytes = row_bytes(hp, rows)
+    dense = dense_bytes(hp, n_items)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     products = []
     for p in step_products(hp):
         one, every = sgemm.rate(p, 1), sgemm.rate(p, cores)
         products.append((p, one, every, flops(p) / max(one, every) / 1e6))  # ms
     bound = {'products': sum(ms for *_, ms in products), 'gather': gather_bytes / bandwidth / 1e6,
-             'optimiser': optimiser_bytes / bandwidth / 1e6}
+             'optimiser': optimiser_bytes / bandwidth / 1e6, 'dense': dense / bandwidth / 1e6}
     result = dict(name=name, setting=setting, hp=hp, n_items=n_items, events=len(data), rows=rows,
-                  bytes=gather_bytes + optimiser_bytes, products=products, bound=bound, cores=cores,
+                  bytes=gather_bytes + optimiser_bytes, dense_bytes=dense, products=products, bound=bound, cores=cores,
                   bound_ms=sum(bound.values()), data_label=setting.data.replace('_train_full', '') + (
                       f', first {setting.sessions:,} sessions' if setting.sessions else ''))
     if args.train:
@@ -288,13 +321,15 @@ def analyse(name, args, sgemm, bandwidth, first_call):
         if args.profile:
             output = train_speed(name, path, paramfile, steps, args.workdir, profile=True)
             ops, call_ms, step_ms = op_profile(output)
-            result['profile'] = attribution(ops, call_ms, step_ms, bound, 1e3 * first_call / (steps - 1)), step_ms
+            first_call_ms = 1e3 * float(FIRST_CALL.search(output).group(1)) / (steps - 1)
+            result['profile'] = attribution(ops, call_ms, step_ms, bound, first_call_ms), step_ms
     return result
 
 
 def summary_table(results):
     lines = ['| setting (layers, batch) | data | N | GFLOP/step | item rows/step (distinct; of N + B read) | '
-             'MB/step | bound ms/step (products + rows) | bound mb/s | measured mb/s | measured / bound | '
+             'MB/step (item rows + dense weights) | bound ms/step (products + item rows + dense weights) | '
+             'bound mb/s | measured mb/s | measured / bound | '
              'measured, one BLAS thread | / bound |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in results:
@@ -304,12 +339,13 @@ def summary_table(results):
             rows = f"Wy {wy:,.0f} of {N + hp['batch_size']:,}, By {by:,.0f} of {N:,}"
         else:
             rows = f"Wy/By {wy:,.0f} of {N:,}, input {inp:,.0f} of {hp['batch_size']}"
-        products_ms = r['bound']['products']
+        b = r['bound']
         measured = ' | '.join(f"{r[k]:.1f} | {r[k] * r['bound_ms'] / 1e3:.0%}" if k in r else '- | -'
                               for k in ('speed', 'speed_one_thread'))
         lines.append(f"| {r['setting'].label} | {r['data_label']} | {N:,} | "
-                     f"{sum(flops(p) for p, *_ in r['products']) / 1e9:.3f} | {rows} | {r['bytes'] / 1e6:.1f} | "
-                     f"{r['bound_ms']:.3f} ({products_ms:.3f} + {r['bound_ms'] - products_ms:.3f}) | "
+                     f"{sum(flops(p) for p, *_ in r['products']) / 1e9:.3f} | {rows} | "
+                     f"{r['bytes'] / 1e6:.1f} + {r['dense_bytes'] / 1e6:.1f} | {r['bound_ms']:.3f} "
+                     f"({b['products']:.3f} + {b['gather'] + b['optimiser']:.3f} + {b['dense']:.3f}) | "
                      f"{1e3 / r['bound_ms']:,.0f} | {measured} |")
     return '\n'.join(lines) + '\n'
 
@@ -339,7 +375,7 @@ def where_the_step_goes(results):
     parentheses), with its part of the bound in brackets where it has one."""
     profiled = [r for r in results if 'profile' in r]
     cells = [{label.split(' (')[0]: (ms, in_bound) for label, _, ms, in_bound, _ in r['profile'][0]} for r in profiled]
-    groups = list(cells[0])[:3]
+    groups = list(cells[0])[:4]
     tail = [g for g in cells[0] if g.startswith(('function', 'host'))]
     ops = {g for c in cells for g in c} - set(groups) - set(tail)
     groups += sorted(ops, key=lambda g: -max(c.get(g, (0, 0))[0] for c in cells)) + tail
@@ -377,12 +413,11 @@ def main():
     load_before = os.getloadavg()
     sgemm = Sgemm()
     bandwidth = copy_bandwidth()
-    first_call = first_call_seconds() if args.train and args.profile else 0.0
     print(f'BLAS: {sgemm.name}; copy bandwidth {bandwidth:.1f} GB/s (read + write)', flush=True)
     results = []
     for name in args.settings:
         print(f'{name}: ', end='', flush=True)
-        results.append(analyse(name, args, sgemm, bandwidth, first_call))
+        results.append(analyse(name, args, sgemm, bandwidth))
         r = results[-1]
         print(f"bound {1e3 / r['bound_ms']:,.0f} mb/s" + (f", measured {r['speed']:.1f}" if 'speed' in r else ''),
               flush=True)
