@@ -21,7 +21,7 @@ n_sample scored columns):
   number of DISTINCT rows of a step, measured on the setting's first mini-batches with samples drawn
   as training draws them (the graph reads N + B rows, padded, but repeats of a row stay in cache); and
   the same read and write of the dense weights (the GRU's) and their optimiser state, which every step
-  updates whole (issue 30's count left these out: 0.7-19 MB a step here);
+  updates whole (issue 30's count left these out: 0.7-38 MB a step here);
 - this machine's sgemm rate at each product's exact shape and transposition, through the BLAS the
   training links (scipy-openblas32's cblas_sgemm, called by ctypes), on one thread and on every core,
   each call timed alone and the fastest of 0.15 s of calls kept (on a shared machine most calls on two
