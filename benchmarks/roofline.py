@@ -34,9 +34,8 @@ per-op profile (PyTensor's, thread CPU time, every apply) is grouped by op: the 
 share of the bound, the row gathers (RowGather), the rows' optimiser (RowAdagrad) and the dense weights'
 (the fused loops that read an optimiser state) against the bytes' shares, every other op whole, the
 compiled function's overhead (its wall time minus the ops' CPU time) and the host's time per step (wall
-time per step minus the function's), of which the first call of training.distinct_rows (numba loading
-it, once per process, inside train_speed.py's clock) is shown apart. The per-setting tables and one table
-of where each step goes are printed and written to --out.
+time per step minus the function's). The per-setting tables and one table of where each step goes are
+printed and written to --out.
 """
 import argparse
 import ctypes
@@ -205,27 +204,17 @@ def dense_bytes(hp, n_items):
 
 
 # Runs train_speed.py (its path and arguments follow) with PyTensor's profile summary printing every apply,
-# not its first 20 (train_speed.py calls summary() with its defaults), and prints the seconds of the first
-# call of training.distinct_rows (numba loading it), which train_speed.py's clock counts.
+# not its first 20 (train_speed.py calls summary() with its defaults).
 TRAIN_SPEED_FULL_PROFILE = """
-import os, runpy, sys, time
+import os, runpy, sys
 script, sys.argv = sys.argv[1], sys.argv[1:]
 sys.path[:0] = [os.path.dirname(script), os.path.dirname(os.path.dirname(script))]
 from pytensor.compile.debug.profiling import ProfileStats
-import training
-summary, distinct_rows = ProfileStats.summary, training.distinct_rows
+summary = ProfileStats.summary
 ProfileStats.summary = lambda self, file=sys.stderr, n_ops_to_print=20, n_apply_to_print=20: summary(
     self, file, 100000, 100000)
-def first_call(*args):
-    start = time.perf_counter()
-    rows = distinct_rows(*args)
-    print(f'distinct_rows first call: {time.perf_counter() - start:.6f}s', flush=True)
-    training.distinct_rows = distinct_rows
-    return rows
-training.distinct_rows = first_call
 runpy.run_path(script, run_name='__main__')
 """
-FIRST_CALL = re.compile(r'^distinct_rows first call: ([0-9.]+)s', re.M)
 
 
 def train_speed(name, data, paramfile, steps, workdir, profile=False, one_thread=False):
@@ -267,7 +256,7 @@ def op_profile(output):
     return ops, 1e3 * float(call_seconds) / calls, step_ms
 
 
-def attribution(ops, call_ms, step_ms, bound, first_call_ms):
+def attribution(ops, call_ms, step_ms, bound):
     """Rows (what, applies, ms/step, ms in the bound, ms outside it) of a profiled step: products, gathers and
     optimiser steps of the item rows, the dense weights' optimiser steps against their parts of the bound,
     every other op, the function's overhead and the host."""
@@ -284,9 +273,7 @@ def attribution(ops, call_ms, step_ms, bound, first_call_ms):
     rows += [(k, n, ms, 0.0) for k, n, ms in others]
     thunks = sum(ms for ms, _ in ops.values())
     rows.append(('function overhead (its wall time - the ops\' CPU time)', '', call_ms - thunks, 0.0))
-    rows.append(('host: distinct_rows\' first call (numba\'s load, once per process)', '', first_call_ms, 0.0))
-    rows.append(('host: the rest (wall time per step - the function\'s - the above)', '',
-                 step_ms - call_ms - first_call_ms, 0.0))
+    rows.append(('host (wall time per step - the function\'s)', '', step_ms - call_ms, 0.0))
     return [(label, n, ms, in_bound, ms - in_bound) for label, n, ms, in_bound in rows]
 
 
@@ -321,8 +308,7 @@ def analyse(name, args, sgemm, bandwidth):
         if args.profile:
             output = train_speed(name, path, paramfile, steps, args.workdir, profile=True)
             ops, call_ms, step_ms = op_profile(output)
-            first_call_ms = 1e3 * float(FIRST_CALL.search(output).group(1)) / (steps - 1)
-            result['profile'] = attribution(ops, call_ms, step_ms, bound, first_call_ms), step_ms
+            result['profile'] = attribution(ops, call_ms, step_ms, bound), step_ms
     return result
 
 
