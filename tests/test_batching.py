@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from sessions import session_parallel_batches
-from training import distinct_rows
+from training import distinct_rows, pack_inputs
 
 
 def run_epoch(lengths, order, batch_size, min_slots=1):
@@ -117,3 +117,34 @@ def test_distinct_rows_lists_each_row_once_and_finds_every_read(B, n_sample, n_i
     table = np.concatenate([rows_Y, rows_X]) if constrained else rows_X
     np.testing.assert_array_equal(table[inv_X], X)
     assert len(rows_Y) == B + n_sample and len(rows_X) == B
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 12), st.integers(0, 40), st.booleans(),
+       st.lists(st.sampled_from([0.05, 0.3, 0.5, 0.9]), max_size=2), st.integers(0, 2 ** 32 - 1))
+def test_pack_inputs_is_the_padded_batch_its_rows_and_dropout_masks(B, missing, n_sample, constrained, ps, seed):
+    """The training step's two input vectors (training.pack_inputs) against numpy: the batch of M <= B
+    sessions padded to B (inputs and targets read the pad item, padded slots carry row 0 and keep 0, and are
+    inactive), the distinct rows of distinct_rows, and each dropout mask kept where its uniform draw is below
+    1 - p, scaled by 1 / (1 - p) in float32 (inverted dropout)."""
+    M = max(1, B - missing)
+    rng = np.random.default_rng(seed)
+    n_items = 30
+    X, T = (rng.integers(0, n_items, M).astype(np.int32) for _ in range(2))
+    prev_rows, keep = rng.integers(0, B, M).astype(np.int32), rng.integers(0, 2, M).astype(np.float32)
+    samples = rng.integers(0, n_items, n_sample).astype(np.int32)
+    sizes = rng.integers(1, 50, len(ps))
+    uniforms = rng.random(int(sizes.sum()), dtype=np.float32)
+    ints, floats = pack_inputs(X, T, prev_rows, keep, samples, uniforms, sizes.astype(np.int64),
+                               np.array([1 - p for p in ps]), B, constrained,
+                               np.zeros(n_items + 1, dtype=np.int32), n_items)
+    pad = np.full(B - M, n_items, dtype=np.int32)
+    Xp, Tp = np.concatenate([X, pad]), np.concatenate([T, pad])
+    rows = distinct_rows(Xp, Tp, samples, constrained, np.zeros(n_items + 1, dtype=np.int32), n_items)
+    expected_ints = np.concatenate([Xp, Tp, prev_rows, np.zeros(B - M, np.int32), *rows])
+    masks = [(u < np.float32(1 - p)) * np.float32(1 / (1 - p))
+             for u, p in zip(np.split(uniforms, np.cumsum(sizes)[:-1]), ps)]
+    expected_floats = np.concatenate([keep, np.zeros(B - M), np.ones(M), np.zeros(B - M), *masks]).astype(np.float32)
+    assert ints.dtype == np.int32 and floats.dtype == np.float32
+    np.testing.assert_array_equal(ints, expected_ints)
+    np.testing.assert_array_equal(floats, expected_floats)
