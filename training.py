@@ -6,6 +6,7 @@ The estimator (gru4rec.py) hands this module its network; nothing here knows the
 A step reads a session-parallel mini-batch (sessions.py) padded to a static shape, gathers only the
 item rows it touches, and updates them with their summed gradient: the exact sparse gradient.
 """
+import itertools
 import sys
 import time
 from collections import OrderedDict
@@ -24,6 +25,9 @@ from tqdm import tqdm
 from backends import call, set_shared, to_host
 from losses import parse_activation
 from sessions import FLOAT
+
+# TrainingStep.packed prepares the inputs of this many steps at a time, at most this many bytes of them.
+PACKED_BLOCK_STEPS, PACKED_BLOCK_BYTES = 64, 4 << 20
 
 # adapt -> its adapt_params' defaults (decay, or the betas of Adam); None is SGD.
 ADAPT_DEFAULTS = {None: [], 'adagrad': [], 'rmsprop': [0.9], 'adadelta': [0.95], 'adam': [0.9, 0.999]}
@@ -268,9 +272,30 @@ class TrainingStep:
         return pack_inputs(X, T, prev_rows, keep, samples, uniforms, self.mask_sizes, self.mask_keep, self.batch_size,
                            self.constrained_embedding, self.slot, self.pad_item)
 
+    def packed(self, batches, samples):
+        """(ints, floats, M) of each mini-batch of `batches` (M sessions) with the next step's samples: the
+        compiled function's inputs (see inputs), prepared a block of steps at a time. Right after a step the
+        caches hold its rows and products, and the host's work for the next one ran four to five times slower
+        than in a loop of its own (see benchmarks/README.md); the same draws in the same order."""
+        per_step = 4 * (5 * self.batch_size + 2 * (self.batch_size + self.n_sample) + 2 * self.batch_size
+                        + int(self.mask_sizes.sum()))
+        block = int(np.clip(PACKED_BLOCK_BYTES // per_step, 1, PACKED_BLOCK_STEPS))
+        while True:
+            chunk = list(itertools.islice(batches, block))
+            if not chunk:
+                return
+            prepared = [self.inputs(*batch, samples.next()) for batch in chunk]
+            for (ints, floats), batch in zip(prepared, chunk):
+                yield ints, floats, len(batch[0])
+
+    def run(self, ints, floats):
+        """One training step of the compiled function on its inputs (inputs, packed); returns its cost, which on
+        JAX stays on the device until read."""
+        return call(self.compile(), ints, floats)
+
     def __call__(self, X, T, prev_rows, keep, samples):
-        """One training step; returns its cost, which on JAX stays on the device until read."""
-        return call(self.compile(), *self.inputs(X, T, prev_rows, keep, samples))
+        """One training step of a mini-batch and its samples; returns its cost, as run."""
+        return self.run(*self.inputs(X, T, prev_rows, keep, samples))
 
     def with_pad_row(self, name, value):
         """An item-indexed parameter's value (or its optimiser state's) with the padding row appended."""
@@ -336,11 +361,11 @@ def train_epochs(step, samples, epoch_batches, n_pairs, n_epochs, history, save,
         # call's overhead) are skipped while training.
         step.function.trust_input = True
         try:
-            for X, T, prev_rows, keep in epoch_batches():
-                costs.append(step(X, T, prev_rows, keep, samples.next()))
-                sizes.append(len(X))
+            for ints, floats, M in step.packed(epoch_batches(), samples):
+                costs.append(step.run(ints, floats))
+                sizes.append(M)
                 n_steps += 1
-                n_events += len(X)
+                n_events += M
                 if n_steps % CHECK_EVERY == 0:
                     total = add_losses(total, costs, sizes, epoch, n_steps, restore)
                     seconds = time.time() - t0

@@ -465,7 +465,7 @@ def test_nan_loss_in_a_later_epoch_names_it(log, monkeypatch):
     """The loss turns NaN in the middle of the 2nd epoch: the error names epoch 2 and the step; the
     model is the one after epoch 1 (equal to a model trained for 1 epoch with the same seed)."""
     one_epoch = GRU4Rec(**dict(PARAMS, n_epochs=1)).fit(log)
-    train = TrainingStep.__call__
+    train = TrainingStep.run
     calls = {'n': 0}
 
     def poisoned(self, *args):
@@ -473,7 +473,7 @@ def test_nan_loss_in_a_later_epoch_names_it(log, monkeypatch):
         cost = train(self, *args)
         return np.float32(np.nan) if calls['n'] == steps_per_epoch + 5 else cost
     steps_per_epoch = count_steps(log)
-    monkeypatch.setattr(TrainingStep, '__call__', poisoned)
+    monkeypatch.setattr(TrainingStep, 'run', poisoned)
     model = GRU4Rec(**dict(PARAMS, n_epochs=3))
     with pytest.raises(FloatingPointError, match=r'at epoch 2, step 5;'):
         model.fit(log)
@@ -488,7 +488,7 @@ def count_steps(log):
 
 def test_ctrl_c_keeps_the_completed_epochs(log, monkeypatch, capfd):
     one_epoch = GRU4Rec(**dict(PARAMS, n_epochs=1)).fit(log)
-    train = TrainingStep.__call__
+    train = TrainingStep.run
     steps_per_epoch = count_steps(log)
     calls = {'n': 0}
 
@@ -497,7 +497,7 @@ def test_ctrl_c_keeps_the_completed_epochs(log, monkeypatch, capfd):
         if calls['n'] == steps_per_epoch + 3:
             raise KeyboardInterrupt
         return train(self, *args)
-    monkeypatch.setattr(TrainingStep, '__call__', interrupted)
+    monkeypatch.setattr(TrainingStep, 'run', interrupted)
     capfd.readouterr()
     model = GRU4Rec(**dict(PARAMS, n_epochs=3)).fit(log)  # returns: Ctrl-C ends training, not the program
     err = capfd.readouterr().err
@@ -525,7 +525,7 @@ def test_a_retrain_that_fails_in_its_first_epoch_leaves_item_map_and_supports(lo
     assert_same_state(model, before)
     def interrupted(self, *args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(TrainingStep, '__call__', interrupted)
+    monkeypatch.setattr(TrainingStep, 'run', interrupted)
     model.retrain(new)  # the new items need a new graph, whose steps are interrupted
     monkeypatch.undo()
     assert_same_state(model, before)

@@ -188,23 +188,31 @@ def test_losses_read_in_blocks_give_the_epoch_loss_and_name_the_nan_step(monkeyp
     import training
     from gru4rec import GRU4Rec
     monkeypatch.setattr(training, 'CHECK_EVERY', 3)
-    recorded, nan_at = [], {'step': None}
-    train = training.TrainingStep.__call__
+    recorded, sizes, nan_at = [], [], {'step': None}
+    packed, run = training.TrainingStep.packed, training.TrainingStep.run
 
-    def recording(self, X, *args):
-        cost = train(self, X, *args)
-        recorded.append((np.asarray(cost), len(X)))
+    def recording_packed(self, batches, samples):  # prepares steps ahead of the runs: sizes may run ahead
+        for ints, floats, M in packed(self, batches, samples):
+            sizes.append(M)
+            yield ints, floats, M
+
+    def recording_run(self, ints, floats):
+        cost = run(self, ints, floats)
+        recorded.append(np.asarray(cost))
         return np.float32(np.nan) if len(recorded) == nan_at['step'] else cost
-    monkeypatch.setattr(training.TrainingStep, '__call__', recording)
+    monkeypatch.setattr(training.TrainingStep, 'packed', recording_packed)
+    monkeypatch.setattr(training.TrainingStep, 'run', recording_run)
     model = GRU4Rec(layers=[8], batch_size=4, n_sample=6, n_epochs=1, verbose=False, seed=1)
     model.fit(make_train_log(), sample_store=60)
     assert len(recorded) > 2 * 3 + 1
+    assert len(sizes) == len(recorded)
     total = 0.0
-    for cost, size in recorded:
+    for cost, size in zip(recorded, sizes):
         total += cost * size
-    assert model.history_[0]['loss'] == float(total) / sum(size for _, size in recorded)
+    assert model.history_[0]['loss'] == float(total) / sum(sizes)
     good = {name: w.copy() for name, w in model.weights_.items()}
     recorded.clear()
+    sizes.clear()
     nan_at['step'] = 8
     with pytest.raises(FloatingPointError, match=r'the loss became nan at epoch 1, step 8;'):
         model.retrain(make_train_log())
