@@ -860,12 +860,6 @@ class RowBPRMax(COp):
         return ['<algorithm>', '<cmath>', '<limits>', '<vector>']
 
 
-def _row_bpr_max_loss(loss):
-    """The RowBPRMax node that computes `loss` without the gradient, or None."""
-    node = loss.owner
-    return node if node is not None and isinstance(node.op, RowBPRMax) and not node.op.grad else None
-
-
 @node_rewriter([OpFromGraph])
 def local_row_loss(fgraph, node):
     """The training losses of training.row_loss_op: BPR-max's and its gradient by RowBPRMax (with the final
@@ -899,10 +893,10 @@ def local_row_loss(fgraph, node):
         return inline_ofg_node(node)
     if activation is not None:
         return [RowBPRMax(True, *activation)(X, cols, bpreg, g)[1]]
-    forward = _row_bpr_max_loss(loss)
-    if forward is None or forward.op.elu or forward.inputs[1:] != [cols, bpreg]:
+    forward = loss.owner  # the loss's rewrite (above) made it RowBPRMax of the activation's graph
+    if not (isinstance(forward.op, RowBPRMax) and not forward.op.elu and forward.inputs[1:] == [cols, bpreg]):
         return inline_ofg_node(node)
-    scores = forward.inputs[0]  # the activation's graph, which the loss's rewrite put before RowBPRMax
+    scores = forward.inputs[0]
     return [pytensor.grad(None, X, known_grads={scores: RowBPRMax(True)(scores, cols, bpreg, g)[1]})]
 
 

@@ -277,8 +277,7 @@ class TrainingStep:
         compiled function's inputs (see inputs), prepared a block of steps at a time. Right after a step the
         caches hold its rows and products, and the host's work for the next one ran four to five times slower
         than in a loop of its own (see benchmarks/README.md); the same draws in the same order."""
-        per_step = 4 * (5 * self.batch_size + 2 * (self.batch_size + self.n_sample) + 2 * self.batch_size
-                        + int(self.mask_sizes.sum()))
+        per_step = sum(v.type.shape[0] * np.dtype(v.dtype).itemsize for v in self._graph[0])  # bytes of ints, floats
         block = int(np.clip(PACKED_BLOCK_BYTES // per_step, 1, PACKED_BLOCK_STEPS))
         while True:
             chunk = list(itertools.islice(batches, block))
@@ -463,7 +462,7 @@ def distinct_rows(X, T, samples, constrained, slot, pad_item):
 @numba.njit(cache=True)
 def pack_inputs(X, T, prev_rows, keep, samples, uniforms, mask_sizes, mask_keep, B, constrained, slot, pad_item):
     """The training step's two input vectors for a mini-batch of M <= B sessions, in one compiled pass
-    (numpy's dozen small calls for it took a tenth of a small setting's step):
+    instead of a dozen numpy calls:
     ints = [X | T | prev_rows | rows_Y | inv_Y | rows_X | inv_X] (5B + 2N; the batch padded to B rows,
     reading the pad item, see distinct_rows) and floats = [keep | active | dropout masks] (2B + the masks'
     sizes). Mask k keeps an entry with probability mask_keep[k], where its uniform draw is below it, and
