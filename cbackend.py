@@ -46,6 +46,9 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    of RowSoftmax.
    -g0 overrides the -g of PyTensor's compile command: debug information for generated modules was
    a fifth of what compiling one cost (see 12.).
+   -mprefer-vector-width=512: on a CPU with AVX-512, gcc still vectorises 8 floats at a time unless told
+   otherwise; 16 at a time (and libmvec's 16-wide exp) made BPR-max's kernel a third faster and the fused
+   element-wise loops a tenth (benchmarks/README.md). Without AVX-512 the flag changes nothing.
 10. Element-wise loops over strided or broadcast operands (`local_contiguous_elemwise_inputs`) and
    boolean arrays between loops (the ELU is written without one, see gru4rec._positive_part) ran
    scalar; see the rewrite's docstring.
@@ -305,7 +308,7 @@ def compile_flags():
     """pytensor.config flags to compile GRU4Rec's functions with on the C backend."""
     cxxflags = (pytensor.config.gcc__cxxflags
                 + ' -D__FAST_MATH__ -fno-guess-branch-probability -fno-tree-sink -fopenmp-simd'
-                + ' --param=vect-max-version-for-alias-checks=1000 -g0').strip()
+                + ' --param=vect-max-version-for-alias-checks=1000 -mprefer-vector-width=512 -g0').strip()
     return {'blas__ldflags': blas_ldflags(),
             'gcc__cxxflags': f'{cxxflags} {precompiled_headers(cxxflags, pytensor.config.compiledir)}'.strip()}
 
