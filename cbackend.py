@@ -539,7 +539,8 @@ class RowAdagrad(COp):
     gradient g: acc[r] += g^2; step = learning_rate * g / sqrt(acc[r] + epsilon);
     vel[r] = momentum * vel[r] - step; w[r] += vel[r] (without momentum, no vel: w[r] -= step).
     The rows must be distinct, except repeats of a row whose gradient is zero and whose velocity is
-    zero (the padding row), which the step leaves unchanged."""
+    zero (the padding row), which the step leaves unchanged: the C code skips a row that repeats the one
+    before it (the padding that fills the list of a step's distinct rows, a quarter of Top-k's)."""
 
     __props__ = ('learning_rate', 'momentum', 'epsilon', 'inplace')
 
@@ -571,7 +572,7 @@ class RowAdagrad(COp):
             storage[0] = value
 
     def c_code_cache_version(self):
-        return (6,)
+        return (7,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         *state, rows, grad = inputs

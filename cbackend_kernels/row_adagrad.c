@@ -54,6 +54,8 @@
                     __builtin_prefetch((char*)PyArray_DATA(*state_out[s]) + p * row_bytes + b, 1);
         }
         npy_intp r = index[i * is0];
+        if (i > 0 && r == index[(i - 1) * is0])  // a repeat (the padding row filling the list) steps by 0
+            continue;
         if (r < 0) r += n;
         const dtype_${grad}* __restrict__ gr = (const dtype_${grad}*)PyArray_DATA(g) + i * L;
         dtype_${w}* __restrict__ wr = (dtype_${w}*)PyArray_DATA(w) + r * L;
