@@ -320,6 +320,35 @@ def test_bpr_max_of_another_precision_than_its_scores_is_inlined_not_left_to_pyt
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+
+def test_row_adagrad_steps_the_padding_rows_that_fill_the_list_by_zero():
+    """A step's list of distinct rows is filled up with the padding row (zero gradient, zero velocity):
+    RowAdagrad leaves it unchanged however often it repeats, and steps the other rows as the graph does."""
+    rng = np.random.default_rng(5)
+    shape, pad = (30, 8), 29
+    values = {'w': rng.standard_normal(shape), 'adagrad': rng.uniform(0.1, 1, shape),
+              'velocity': rng.standard_normal(shape)}
+    values['velocity'][pad] = 0
+    rows = np.array([7, 2, 0, 13, pad, pad, pad, pad], dtype=np.int32)
+    grad = rng.standard_normal((len(rows), shape[1])).astype(np.float32)
+    grad[rows == pad] = 0
+    results = []
+    for compile_with in ('c', 'python'):
+        w = pytensor.shared(values['w'].astype(np.float32), name='w', shape=shape)
+        optimizer = Optimizer('adagrad', [], 0.05, 0.3, 0.0, 0.0)
+        for kind in ('adagrad', 'velocity'):
+            optimizer.accumulator(w, kind).set_value(values[kind].astype(np.float32))
+        r, g = pt.ivector('rows'), pt.matrix('g', dtype='float32')
+        updates = optimizer.updates([(w, r)], [g])
+        fn = (compile_function([r, g], [], updates, backend='c') if compile_with == 'c'
+              else pytensor.function([r, g], [], updates=updates, mode='FAST_COMPILE'))
+        fn(rows, grad)
+        results.append([w.get_value()] + [v.get_value() for v in optimizer.state['w'].values()])
+    for got, expected in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(results[0][0][pad], values['w'][pad].astype(np.float32))
+    assert not np.allclose(results[0][0][[7, 2, 0, 13]], values['w'][[7, 2, 0, 13]].astype(np.float32))
+
 def test_precompiled_headers_are_built_once_and_left_out_where_they_cannot_be(tmp_path):
     """precompiled_headers() builds its header once per compile directory and flags (a second call finds
     it), and gives no flag, rather than failing the compilation, where it cannot write."""
