@@ -68,7 +68,8 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    three exps per score instead of seven.
 14. Row gathers. PyTensor's gather of a step's item rows (AdvancedSubtensor1) has numpy take them into a
    new array through an intermediate copy on every call; `RowGather` copies each row once, into the
-   previous call's array, prefetching the rows ahead (`local_row_gather`).
+   previous call's array, prefetching the rows ahead (`local_row_gather`). The step gathers its distinct item
+   rows, then the scored columns' rows from those: one gather of the matrix instead (`local_gather_of_gather`).
 """
 import concurrent.futures
 import contextlib
@@ -485,6 +486,21 @@ class RowGather(COp):
 
     def c_headers(self, **kwargs):
         return ['<cstring>']
+
+
+@node_rewriter([AdvancedSubtensor1])
+def local_gather_of_gather(fgraph, node):
+    """x[a][b] as x[a[b]], where x[a] is read only by such gathers: the training step gathers its distinct
+    item rows, then the scored columns' and the inputs' rows from those; one pass over the rows instead of
+    two, and x[a] itself is no longer computed (its gradient is: it reaches RowAdagrad)."""
+    inner, b = node.inputs
+    if inner.owner is None or not isinstance(inner.owner.op, AdvancedSubtensor1):
+        return None
+    if not all(isinstance(client, Apply) and isinstance(client.op, AdvancedSubtensor1) and i == 0
+               for client, i in fgraph.clients[inner]):
+        return None
+    x, a = inner.owner.inputs
+    return [AdvancedSubtensor1()(x, AdvancedSubtensor1()(a, b))]
 
 
 @node_rewriter([AdvancedSubtensor1])
@@ -1040,6 +1056,7 @@ def c_mode():
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
                       (in2out(local_row_count), 48),
                       (in2out(local_row_bpr_max_once), 48),
+                      (in2out(local_gather_of_gather), 98),
                       (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
                       (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),

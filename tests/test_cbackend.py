@@ -130,6 +130,28 @@ def test_row_gather_equals_numpy_take_and_checks_its_indices(layout, dtype):
     with pytest.raises(IndexError, match=f'index {-n - 1} is out of bounds'):
         fn(X, np.array([-n - 1]))
 
+
+def test_a_gather_of_gathered_rows_reads_the_rows_once():
+    """x[a][b] (the step's distinct item rows, then the scored columns' rows from them) is computed as x[a[b]],
+    one RowGather of the matrix, when only gathers read x[a]: same values, negative indices included; where
+    something else reads x[a] it stays as written."""
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((40, 5)).astype(np.float32)
+    x = pt.matrix('x', dtype='float32')
+    a, b = pt.ivector('a'), pt.ivector('b')
+    rows, cols = np.array([3, 39, 0, -2, 17], dtype=np.int32), np.array([4, 0, 0, -1, 2, 1, 3], dtype=np.int32)
+    once = compile_function([x, a, b], [x[a][b], x[a][b[:3]]])
+    gathers = [node for node in once.maker.fgraph.toposort() if isinstance(node.op, RowGather)]
+    assert len(gathers) == 2 and all(node.inputs[0] is once.maker.fgraph.inputs[0] for node in gathers)
+    for got, expected in zip(once(X, rows, cols), [X[rows][cols], X[rows][cols[:3]]]):
+        np.testing.assert_array_equal(got, expected)
+    kept = compile_function([x, a, b], [x[a][b], x[a].sum()])
+    gathered = [node for node in kept.maker.fgraph.toposort() if isinstance(node.op, RowGather)]
+    assert any(node.inputs[0].owner is not None for node in gathered)
+    got, total = kept(X, rows, cols)
+    np.testing.assert_array_equal(got, X[rows][cols])
+    np.testing.assert_allclose(total, X[rows].sum(), rtol=1e-5)
+
 def c_ops(fn):
     return {type(node.op) for node in fn.maker.fgraph.toposort()} & {RowAdagrad, RowScatter, MatrixReduce,
                                                                        RowSoftmax, RowCount, RowGather}
