@@ -55,7 +55,8 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
 11. One BLAS thread for every product. OpenBLAS's worker threads spin between calls: on a small product
    they cost more than they share, on a large one (the 128 x 512 x 2,176 products of the large tuned
    settings) a second core nearly halves the product's time. `ThreadedDot22` and `ThreadedGemm` give
-   OpenBLAS, before each call, the threads that the call's size wins with (THREADED_PRODUCT_MACS).
+   OpenBLAS, before each call, the threads that the call's size wins with (THREADED_PRODUCT_MACS); in a
+   step with large products the mid-sized ones get them too, rather than switching (STEADY_PRODUCT_MACS).
 12. Compile time. A first run compiles dozens of modules, each parsing the same Python and numpy
    headers first: precompiled_headers() precompiles them once (see benchmarks/cold_start.py). PyTensor
    compiles them one after another; ParallelBuildVMLinker runs the compilers on every core first.
@@ -259,15 +260,19 @@ def usable_cores():
 # The multiply-adds (rows x inner x columns) from which a product runs on product_threads() threads.
 # Below it, one thread was as fast or faster inside a training step (benchmarks/README.md, "Fifth round").
 THREADED_PRODUCT_MACS = 30_000_000
+# In a graph whose largest product (by its static shape) reaches THREADED_PRODUCT_MACS, every product from
+# this size runs on product_threads() threads too: changing OpenBLAS's thread count between the products of
+# a step cost more than the mid-sized products lose on two threads (benchmarks/README.md, "Second round").
+STEADY_PRODUCT_MACS = 2_000_000
 
 
 class ThreadedProduct:
-    """Dot22 or Gemm that first sets OpenBLAS's threads for the size of the product at hand:
-    product_threads() from THREADED_PRODUCT_MACS multiply-adds, else one. (OpenBLAS keeps the count
-    until the next call sets it, so every product of a compiled function sets its own.)"""
+    """Dot22 or Gemm that first sets OpenBLAS's threads for the size of the product at hand: `threads`
+    from `threshold` multiply-adds, else one. (OpenBLAS keeps the count until the next call sets it, so
+    every product of a compiled function sets its own.)"""
 
-    def __init__(self, threads, *args, **kwargs):
-        self.threads = threads
+    def __init__(self, threads, *args, threshold=THREADED_PRODUCT_MACS, **kwargs):
+        self.threads, self.threshold = threads, threshold
         super().__init__(*args, **kwargs)
 
     def c_support_code(self, **kwargs):
@@ -275,34 +280,53 @@ class ThreadedProduct:
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, y = inputs[self.operands]
-        return (kernel('threaded_product.c', x=x, y=y, threads=self.threads, threshold=THREADED_PRODUCT_MACS)
+        return (kernel('threaded_product.c', x=x, y=y, threads=self.threads, threshold=self.threshold)
                 + super().c_code(node, name, inputs, outputs, sub))
 
     def c_code_cache_version(self):
         version = super().c_code_cache_version()
-        return version and (2, THREADED_PRODUCT_MACS, *version)
+        return version and (3, *version)
 
 
 class ThreadedDot22(ThreadedProduct, Dot22):
-    __props__ = ('threads',)
+    __props__ = ('threads', 'threshold')
     operands = slice(0, 2)  # x, y of x . y
 
 
 class ThreadedGemm(ThreadedProduct, Gemm):
-    __props__ = ('inplace', 'threads')
+    __props__ = ('inplace', 'threads', 'threshold')
     operands = slice(2, 4)  # x, y of b * z + a * x . y
 
 
-@node_rewriter([Dot22, Gemm])
-def local_threaded_product(fgraph, node):
-    threads = product_threads()
-    if threads == 1:
-        return None
-    if type(node.op) is Dot22:
-        return ThreadedDot22(threads)(*node.inputs, return_list=True)
-    if type(node.op) is Gemm:
-        return ThreadedGemm(threads, inplace=node.op.inplace)(*node.inputs, return_list=True)
-    return None
+def static_macs(node):
+    """The multiply-adds of a Dot22 or Gemm node, from its operands' static shapes (None where unknown)."""
+    x, y = node.inputs[ThreadedDot22.operands if isinstance(node.op, Dot22) else ThreadedGemm.operands]
+    dims = (*x.type.shape, y.type.shape[1])
+    return None if None in dims else dims[0] * dims[1] * dims[2]
+
+
+class ThreadedProductRewrite(GraphRewriter):
+    """Every Dot22 and Gemm as ThreadedDot22 / ThreadedGemm (when more than one thread is to be had): each
+    product on product_threads() threads from THREADED_PRODUCT_MACS, or, in a graph whose largest
+    product with a static shape reaches that, from STEADY_PRODUCT_MACS (see there)."""
+
+    def apply(self, fgraph):
+        threads = product_threads()
+        products = [n for n in fgraph.toposort() if type(n.op) in (Dot22, Gemm)]
+        if threads == 1 or not products:
+            return
+        largest = max((m for m in map(static_macs, products) if m is not None), default=0)
+        threshold = STEADY_PRODUCT_MACS if largest >= THREADED_PRODUCT_MACS else THREADED_PRODUCT_MACS
+        for node in products:
+            if type(node.op) is Dot22:
+                new = ThreadedDot22(threads, threshold=threshold)(*node.inputs, return_list=True)
+            else:
+                new = ThreadedGemm(threads, inplace=node.op.inplace, threshold=threshold)(*node.inputs,
+                                                                                          return_list=True)
+            fgraph.replace_all_validate(list(zip(node.outputs, new)), reason='threaded_product')
+
+    def add_requirements(self, fgraph):
+        fgraph.attach_feature(ReplaceValidate())
 
 
 def compile_flags():
@@ -1060,4 +1084,4 @@ def c_mode():
                       (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
                       (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
-                      (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_threaded_product), 99)))
+                      (in2out(local_contiguous_elemwise_inputs), 99), (ThreadedProductRewrite(), 99.5)))

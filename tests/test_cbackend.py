@@ -230,6 +230,27 @@ def test_products_on_one_or_more_threads_equal_float64(shape):
     np.testing.assert_allclose(small(X[:3, :4], Y[:4, :2]), X[:3, :4].astype(np.float64) @ Y[:4, :2], rtol=1e-5)
 
 
+
+@pytest.mark.skipif(cbackend.product_threads() == 1, reason='one BLAS thread: no product is threaded')
+def test_a_graph_with_large_products_threads_its_mid_sized_ones_too():
+    """Where the largest product (static shapes) reaches THREADED_PRODUCT_MACS, every product from
+    STEADY_PRODUCT_MACS gets the threads, so that OpenBLAS's thread count does not switch within a step;
+    a graph of mid-sized products alone keeps the per-size rule. Results against float64 numpy."""
+    rng = np.random.default_rng(1)
+    big, mid = (128, 512, 640), (80, 224, 224)  # 42M and 4M multiply-adds
+    assert big[0] * big[1] * big[2] >= cbackend.THREADED_PRODUCT_MACS > mid[0] * mid[1] * mid[2]
+    assert mid[0] * mid[1] * mid[2] >= cbackend.STEADY_PRODUCT_MACS
+    values = [rng.standard_normal(s).astype(np.float32) for s in [big[:2], big[1:], mid[:2], mid[1:]]]
+    a, b, c, d = (pt.tensor(n, dtype='float32', shape=v.shape) for n, v in zip('abcd', values))
+    both = compile_function([a, b, c, d], [pt.dot(a, b), pt.dot(c, d)])
+    alone = compile_function([c, d], pt.dot(c, d))
+    thresholds = [sorted(node.op.threshold for node in fn.maker.fgraph.toposort() if isinstance(node.op, ThreadedDot22))
+                  for fn in (both, alone)]
+    assert thresholds == [[cbackend.STEADY_PRODUCT_MACS] * 2, [cbackend.THREADED_PRODUCT_MACS]]
+    A, B, C, D = (v.astype(np.float64) for v in values)
+    for got, expected in zip(both(*values) + [alone(*values[2:])], [A @ B, C @ D, C @ D]):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
 def test_the_training_step_runs_no_python_ops():
     """Every op of a training step has C code (an op without runs in Python, one call per step)."""
     for loss, final_act in [('cross-entropy', 'softmax'), ('bpr-max', 'elu-1'), ('top1', 'tanh')]:
