@@ -131,6 +131,27 @@ def test_row_gather_equals_numpy_take_and_checks_its_indices(layout, dtype):
         fn(X, np.array([-n - 1]))
 
 
+
+@pytest.mark.parametrize('layout', ['contiguous', 'strided', 'int32'])
+def test_row_gather_of_a_vector_equals_numpy_take_and_checks_its_indices(layout):
+    """v[idx] of a vector (the scored items' biases and logQ, an index composed of two): RowGather on the C
+    backend, for a contiguous vector, a column of a matrix and integers; repeated and negative indices."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((50, 3)).astype(np.float32)
+    if layout == 'int32':
+        X = rng.integers(-1000, 1000, (50, 3)).astype(np.int32)
+    x = pt.matrix('x', dtype=X.dtype)
+    idx = pt.vector('idx', dtype='int32')
+    vector = x[:, 1] if layout == 'strided' else x.flatten()
+    fn = compile_function([x, idx], vector[idx] * 1)
+    assert RowGather in {type(node.op) for node in fn.maker.fgraph.toposort()}
+    source = X[:, 1] if layout == 'strided' else X.flatten()
+    for rows in ([3, 11, 0, 3, -1, -12, 7], [8, 7]):
+        np.testing.assert_array_equal(fn(X, np.array(rows, dtype=np.int32)), source[rows])
+    n = len(source)
+    with pytest.raises(IndexError, match=f'index {n} is out of bounds for axis 0 with size {n}'):
+        fn(X, np.array([1, n], dtype=np.int32))
+
 def test_a_gather_of_gathered_rows_reads_the_rows_once():
     """x[a][b] (the step's distinct item rows, then the scored columns' rows from them) is computed as x[a[b]],
     one RowGather of the matrix, when only gathers read x[a]: same values, negative indices included; where
@@ -141,16 +162,38 @@ def test_a_gather_of_gathered_rows_reads_the_rows_once():
     a, b = pt.ivector('a'), pt.ivector('b')
     rows, cols = np.array([3, 39, 0, -2, 17], dtype=np.int32), np.array([4, 0, 0, -1, 2, 1, 3], dtype=np.int32)
     once = compile_function([x, a, b], [x[a][b], x[a][b[:3]]])
-    gathers = [node for node in once.maker.fgraph.toposort() if isinstance(node.op, RowGather)]
+    gathers = [node for node in once.maker.fgraph.toposort()
+               if isinstance(node.op, RowGather) and node.inputs[0].ndim == 2]  # the index's own gather aside
     assert len(gathers) == 2 and all(node.inputs[0] is once.maker.fgraph.inputs[0] for node in gathers)
     for got, expected in zip(once(X, rows, cols), [X[rows][cols], X[rows][cols[:3]]]):
         np.testing.assert_array_equal(got, expected)
     kept = compile_function([x, a, b], [x[a][b], x[a].sum()])
-    gathered = [node for node in kept.maker.fgraph.toposort() if isinstance(node.op, RowGather)]
+    gathered = [node for node in kept.maker.fgraph.toposort()
+                if isinstance(node.op, RowGather) and node.inputs[0].ndim == 2]
     assert any(node.inputs[0].owner is not None for node in gathered)
     got, total = kept(X, rows, cols)
     np.testing.assert_array_equal(got, X[rows][cols])
     np.testing.assert_allclose(total, X[rows].sum(), rtol=1e-5)
+
+
+def test_pieces_that_tile_a_zero_matrix_become_one_join():
+    """z[:, :a] += A; z[:, a:b] += B; z[:, b:] += C on a zero matrix (the gradient of a product sliced into
+    the GRU's gates) is Join(1, A, B, C) on the C backend; pieces that leave columns out stay as written."""
+    rng = np.random.default_rng(8)
+    values = [rng.standard_normal((4, w)).astype(np.float32) for w in (2, 3, 1)]
+    a, b, c = (pt.tensor(n, dtype='float32', shape=v.shape) for n, v in zip('abc', values))
+    z = pt.zeros((4, 6), dtype='float32')
+    tiled = pt.inc_subtensor(pt.inc_subtensor(pt.inc_subtensor(z[:, 5:], c)[:, :2], a)[:, 2:5], b)
+    gap = pt.inc_subtensor(pt.inc_subtensor(z[:, :2], a)[:, 3:6], b)
+    fn = compile_function([a, b, c], [tiled, gap])
+    ops = [type(node.op).__name__ for node in fn.maker.fgraph.toposort()]
+    assert ops.count('Join') == 1 and ops.count('IncSubtensor') == 2, ops
+    A, B, C = values
+    got_tiled, got_gap = fn(*values)
+    np.testing.assert_array_equal(got_tiled, np.concatenate([A, B, C], axis=1))
+    expected_gap = np.zeros((4, 6), dtype=np.float32)
+    expected_gap[:, :2], expected_gap[:, 3:6] = A, B
+    np.testing.assert_array_equal(got_gap, expected_gap)
 
 def c_ops(fn):
     return {type(node.op) for node in fn.maker.fgraph.toposort()} & {RowAdagrad, RowScatter, MatrixReduce,
