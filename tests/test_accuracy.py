@@ -2,9 +2,12 @@
 floors are a little under what the original (cross-entropy) and the official PyTorch port (BPR-max) reach
 on these files.
 
-The BPR-max setting (lr 0.2, momentum 0.3, elu-0.5 scores) trains chaotically: over seeds its Recall@20
-spread over .568-.612 (mean ~.595), so one seed would sit on the floor's edge; its check is on the mean of
-seeds 42 (the default) and 1. The three trainings run in two processes, one per core (about two minutes).
+The BPR-max setting (lr 0.2, momentum 0.3, elu-0.5 scores) trains chaotically: over fifteen seeds its
+Recall@20 spreads over .54-.61 (.591 ± .021, docs/results.md), and any change in the order of floating-point
+operations redraws each seed's result (16-wide vectors moved seeds 42 and 1 from .569 and .601 to .565 and
+.560, the fifteen seeds' mean not at all); its check is on the mean of four seeds, 42 (the default), 1, 2
+and 3 (standard deviation about .011). The five trainings run in two processes, one per core (about three
+minutes).
 
 They run with the rest of the suite, so in CI too; `pytest -m "not accuracy"` leaves them out.
 """
@@ -29,7 +32,7 @@ TRAININGS = {
     'rsc15_bprmax_elu_no_embedding': (
         dict(loss='bpr-max', final_act='elu-0.5', layers=[100], batch_size=32, learning_rate=0.2, momentum=0.3,
              bpreg=1.0, sample_alpha=0.0, n_sample=2048, adapt='adagrad', n_epochs=10),
-        [42, 1], 0.570, 0.280),
+        [42, 1, 2, 3], 0.570, 0.280),
 }
 
 
