@@ -65,8 +65,9 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    training.row_loss_op hands every training loss, with the final activation before it, over as one
    op; `RowBPRMax` computes BPR-max's (with an ELU or no final activation inside) a row at a time while
    the row is in cache, the graphs of the other losses are inlined (`local_row_loss`), and the op of the
-   gradient computes the loss in the same passes, standing for the loss's own op (`local_row_bpr_max_once`):
-   three exps per score instead of seven.
+   gradient computes the loss in the same passes, standing for the loss's own op (`local_row_loss_once`):
+   three exps per score instead of seven. Cross-entropy's (of a softmax, without label smoothing):
+   `RowCrossEntropy`, one exp per score and one pass where the graph made five.
 14. Row gathers. PyTensor's gather of a step's item rows (AdvancedSubtensor1) has numpy take them into a
    new array through an intermediate copy on every call; `RowGather` copies each row once, into the
    previous call's array, prefetching the rows ahead (`local_row_gather`). The step gathers its distinct item
@@ -869,6 +870,11 @@ class RowBPRMax(COp):
     def __init__(self, grad=False, elu=False, alpha=0.0):
         self.grad, self.elu, self.alpha = grad, elu, float(alpha)
 
+    @property
+    def forward(self):
+        """The op of the loss alone."""
+        return RowBPRMax(False, self.elu, self.alpha)
+
     def make_node(self, *inputs):
         X = inputs[0]
         loss = pt.vector(dtype=X.dtype)
@@ -910,17 +916,82 @@ class RowBPRMax(COp):
         return ['<algorithm>', '<cmath>', '<limits>', '<vector>']
 
 
+class RowCrossEntropy(COp):
+    """The cross-entropy of the softmax of each row of the logits X (the op 'row_loss:cross-entropy:softmax'
+    of training.row_loss_op without label smoothing: input X), a row at a time while it is in cache, instead
+    of the softmax, a gather of its diagonal and the softmax's gradient as a graph of five passes over the
+    M x N matrix. Row i's loss is -log(y_ii + 1e-24), y the softmax of the row. With grad=True it also computes
+    the gradient w.r.t. X of the rows' losses weighted by g (inputs X, g; outputs the loss and the gradient,
+    M x N) in the same passes: g_i c_i (y_ij - [j == i]), c_i = y_ii / (y_ii + 1e-24)."""
+
+    __props__ = ('grad',)
+
+    def __init__(self, grad=False):
+        self.grad = grad
+
+    @property
+    def forward(self):
+        """The op of the loss alone."""
+        return RowCrossEntropy()
+
+    def make_node(self, *inputs):
+        X = inputs[0]
+        loss = pt.vector(dtype=X.dtype)
+        return Apply(self, list(inputs), [loss, X.type()] if self.grad else [loss])
+
+    def perform(self, node, inputs, output_storage):
+        X, *g = inputs
+        X64 = X.astype(np.float64)
+        e = np.exp(X64 - X64.max(axis=1, keepdims=True))
+        Y = e / e.sum(axis=1, keepdims=True)
+        M = len(Y)
+        target = Y[np.arange(M), np.arange(M)]
+        output_storage[0][0] = (-np.log(target + 1e-24)).astype(X.dtype)
+        if self.grad:
+            (g,) = g
+            dX = Y.copy()
+            dX[np.arange(M), np.arange(M)] -= 1
+            output_storage[1][0] = ((g * target / (target + 1e-24))[:, None] * dX).astype(X.dtype)
+
+    def infer_shape(self, fgraph, node, shapes):
+        return [shapes[0][:1], shapes[0]] if self.grad else [shapes[0][:1]]
+
+    def c_code_cache_version(self):
+        return (1,)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        X = inputs[0]
+        fail = sub['fail']
+        release = f'Py_DECREF(x); {fail}'
+        allocate = c_output(outputs[0], ['M'], f'PyArray_TYPE({X})', release)
+        if self.grad:
+            allocate += c_output(outputs[1], ['M', 'N'], f'PyArray_TYPE({X})', release)
+        return kernel('row_cross_entropy.c', X=X, g=inputs[1] if self.grad else '', loss=outputs[0],
+                      dX=outputs[1] if self.grad else '', grad=self.grad, fail=fail, allocate=allocate)
+
+    def c_headers(self, **kwargs):
+        return ['<cmath>', '<vector>']
+
+
 @node_rewriter([OpFromGraph])
 def local_row_loss(fgraph, node):
-    """The training losses of training.row_loss_op: BPR-max's and its gradient by RowBPRMax (with the final
-    activation inside where it is an ELU or none; any other activation's graph, the op's variable named
-    'row_loss:scores', runs before it), any other loss's graph inlined (an OpFromGraph left in the graph
-    would run in Python)."""
+    """The training losses of training.row_loss_op: cross-entropy's of a softmax and its gradient by
+    RowCrossEntropy, BPR-max's by RowBPRMax (with the final activation inside where it is an ELU or none; any
+    other activation's graph, the op's variable named 'row_loss:scores', runs before it), any other loss's
+    graph inlined (an OpFromGraph left in the graph would run in Python)."""
     name = node.op.name or ''
     if not name.startswith('row_loss:'):
         return None
     X = node.inputs[0]
     loss_name, _, final_act = name.removeprefix('row_loss:').removesuffix('_LOp').partition(':')
+    # Cross-entropy's op takes the logits alone (and the gradient's the loss and the upstream gradient) when
+    # it has no label smoothing, which reads cols.
+    if (loss_name, final_act) == ('cross-entropy', 'softmax') and X.ndim == 2 and X.dtype in ('float32', 'float64') \
+            and len(node.inputs) == (3 if name.endswith('_LOp') else 1) \
+            and all(v.dtype == X.dtype for v in node.inputs + node.outputs[:1]):
+        if not name.endswith('_LOp'):
+            return [RowCrossEntropy()(X)]
+        return [RowCrossEntropy(True)(X, node.inputs[2])[1]]
     activation = kernel_activation(final_act)
     # RowBPRMax computes in the scores' precision. A graph that computes BPR-max in another (float32 scores
     # built under floatX=float64 give a float64 loss) is declined here, and inlined as written, rather
@@ -950,18 +1021,16 @@ def local_row_loss(fgraph, node):
     return [pytensor.grad(None, X, known_grads={scores: RowBPRMax(True)(scores, cols, bpreg, g)[1]})]
 
 
-@node_rewriter([RowBPRMax])
-def local_row_bpr_max_once(fgraph, node):
-    """RowBPRMax(grad=True) computes the loss in the same passes as its gradient: a RowBPRMax of the loss
+@node_rewriter([RowBPRMax, RowCrossEntropy])
+def local_row_loss_once(fgraph, node):
+    """A loss kernel with grad=True computes the loss in the same passes as its gradient: the kernel of the loss
     alone on the same inputs goes, where the weights g of the rows' losses do not depend on the loss (after
     canonicalisation, when g no longer reads the loss's shape)."""
     if not node.op.grad:
         return None
-    X, cols, bpreg, g = node.inputs
-    for client, _ in fgraph.clients[X]:
-        if (isinstance(client.op, RowBPRMax) and not client.op.grad and client.inputs == [X, cols, bpreg]
-                and (client.op.elu, client.op.alpha) == (node.op.elu, node.op.alpha)
-                and client.outputs[0] not in ancestors([g])):
+    *inputs, g = node.inputs
+    for client, _ in fgraph.clients[inputs[0]]:
+        if client.op == node.op.forward and client.inputs == inputs and client.outputs[0] not in ancestors([g]):
             return {client.outputs[0]: node.outputs[0]}
     return None
 
@@ -1133,7 +1202,7 @@ def c_mode():
             .register((in2out(local_row_loss), 0.01),
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
                       (in2out(local_row_count), 48),
-                      (in2out(local_row_bpr_max_once), 48),
+                      (in2out(local_row_loss_once), 48),
                       (in2out(local_gather_of_gather), 98), (in2out(local_column_pieces_as_join), 98),
                       (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
                       (in2out(local_matrix_reduce), 99),

@@ -1,6 +1,7 @@
 """The C backend's own ops (cbackend.py) against float64 numpy, on the shapes and memory layouts that
 GRU4Rec's graphs give them, and the check that the rewrites really put them into the compiled training
 and evaluation graphs."""
+import functools
 import json
 import os
 import subprocess
@@ -14,12 +15,13 @@ import pytest
 
 from backends import compile_function
 import cbackend
-from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowGather, RowScatter, RowSoftmax, ThreadedDot22,
+from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowCrossEntropy, RowGather, RowScatter, RowSoftmax,
+                      ThreadedDot22,
                       ThreadedGemm,
                       bpr_max_rows)
 from conftest import RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
-from losses import LOSSES, loss_bpr_max
+from losses import LOSSES, loss_bpr_max, loss_cross_entropy
 from training import Optimizer, row_loss_op
 
 REDUCTIONS = {'add': (pt.sum, np.sum), 'maximum': (pt.max, np.max), 'minimum': (pt.min, np.min)}
@@ -195,9 +197,10 @@ def test_pieces_that_tile_a_zero_matrix_become_one_join():
     expected_gap[:, :2], expected_gap[:, 3:6] = A, B
     np.testing.assert_array_equal(got_gap, expected_gap)
 
+
 def c_ops(fn):
-    return {type(node.op) for node in fn.maker.fgraph.toposort()} & {RowAdagrad, RowScatter, MatrixReduce,
-                                                                       RowSoftmax, RowCount, RowGather}
+    return {type(node.op) for node in fn.maker.fgraph.toposort()} & {RowAdagrad, RowScatter, MatrixReduce, RowSoftmax,
+                                                                       RowCrossEntropy, RowCount, RowGather}
 
 
 def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
@@ -205,7 +208,7 @@ def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
     graphs are written backend-neutrally, so a change to them could silently lose an op)."""
     log = make_log([4] * 60, seed=1)
     model = fit_small(log, loss='cross-entropy', final_act='softmax', adapt='adagrad', momentum=0.2, n_epochs=1)
-    assert c_ops(model.training_step_.function) == {RowAdagrad, RowScatter, MatrixReduce, RowSoftmax, RowGather}
+    assert c_ops(model.training_step_.function) == {RowAdagrad, RowScatter, MatrixReduce, RowCrossEntropy, RowGather}
     recording = RecordingModel(model)
     evaluate_gpu(recording, log, cut_off=[5])
     assert [c_ops(fn) for fn in recording.functions] == [{MatrixReduce, RowCount, RowGather}]
@@ -362,6 +365,64 @@ def test_bpr_max_op_equals_the_graph(dtype, final_act):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, expected, **tolerance)
 
+
+
+def test_cross_entropy_reference_gradient_is_the_numeric_one():
+    """The gradient RowCrossEntropy computes (its numpy perform, float64) against central differences of
+    -log(softmax_ii + 1e-24) weighted by g, the target column included; its loss output is that loss."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((4, 9)) * 2
+    X[:, 7:] -= 1e9  # padded columns
+    g = rng.uniform(0.5, 1.5, 4)
+
+    def losses(X):
+        e = np.exp(X - X.max(axis=1, keepdims=True))
+        return -np.log(np.diagonal(e / e.sum(axis=1, keepdims=True)) + 1e-24)
+    op = RowCrossEntropy(grad=True)
+    out = [[None], [None]]
+    op.perform(op.make_node(pt.dmatrix(), pt.dvector()), [X, g], out)
+    numeric = np.zeros_like(X)
+    for index in np.ndindex(X.shape):
+        step = np.zeros_like(X)
+        step[index] = 1e-6
+        numeric[index] = (g @ losses(X + step) - g @ losses(X - step)) / 2e-6
+    np.testing.assert_allclose(out[0][0], losses(X), rtol=1e-12)
+    np.testing.assert_allclose(out[1][0], numeric, rtol=1e-5, atol=1e-8)
+    assert not out[1][0][:, 7:].any()
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_cross_entropy_op_equals_the_graph(dtype, smoothing):
+    """training.row_loss_op wraps cross-entropy of a softmax; on the C backend RowCrossEntropy computes the loss
+    and its gradient in one op without label smoothing (with it, the graph runs), elsewhere the graph runs as
+    written (PyTensor's Python linker): same values, on logits with padded columns and a target far above
+    the rest of its row."""
+    rng = np.random.default_rng(5)
+    M, N = 6, 40
+    values = (rng.standard_normal((M, N)) * 3).astype(dtype)
+    values[2, 2] = 300
+    values[:, -5:] -= 1e9
+    weights = rng.uniform(0.5, 1.5, M).astype(dtype)
+    results = []
+    for compile_with in ('c', 'python'):
+        with pytensor.config.change_flags(floatX=dtype):
+            Y, cols, w = pt.matrix('Y', dtype=dtype), pt.vector('cols', dtype=dtype), pt.vector('w', dtype=dtype)
+            loss = row_loss_op('cross-entropy', functools.partial(loss_cross_entropy, smoothing=np.float32(smoothing)),
+                               Y, cols, 0.0, 'softmax')
+            outputs = [loss, pytensor.grad((loss * w).sum(), Y)]
+            inputs = [Y, cols, w]
+            if compile_with == 'c':
+                fn = compile_function(inputs, outputs, backend='c')
+                ops = [type(n.op) for n in fn.maker.fgraph.toposort()]
+                assert ops.count(RowCrossEntropy) == (0 if smoothing else 1), ops
+            else:
+                fn = pytensor.function(inputs, outputs, mode='FAST_COMPILE', on_unused_input='ignore')
+        results.append(fn(values, np.r_[np.ones(N - 5), np.zeros(5)].astype(dtype), weights))
+    tolerance = {'float32': dict(rtol=2e-5, atol=1e-6), 'float64': dict(rtol=1e-10, atol=1e-13)}[dtype]
+    for got, expected in zip(*results):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected, **tolerance)
 
 @pytest.mark.parametrize('name', sorted(LOSSES))
 def test_every_row_loss_runs_as_written_in_the_python_linker(name):
