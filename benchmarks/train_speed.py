@@ -8,7 +8,8 @@
 
 Trains one epoch, or the first --steps mini-batches of it (on the whole data set and item set; the
 seconds per epoch are then extrapolated and labelled so). The speed excludes the first step, which on
-the JAX backend also compiles the graph; that step is reported on its own. --profile prints
+the JAX backend also compiles the graph; that step is reported on its own. On the C backend (without
+--profile) it also prints the host's time per mini-batch: the loop's, outside the step's calls. --profile prints
 the per-op profile of the training step: PyTensor's own for the C backend (in thread CPU time unless
 --wall-clock), node_profile.py's for JAX, which compiles the whole graph into one function. On JAX it
 also prints XLA's memory plan of the step (the device memory it needs); --no-donate compiles the step
@@ -152,7 +153,9 @@ def main():
     print(f"graph compile: {timings['compile']:.2f}s; first step: {timings['first_step']:.2f}s")
     print(f'trained: {counts["steps"]:,} mini-batches, {events:,} events (fit() total {fit_seconds:.2f}s)')
     print(f'speed: {steps / seconds:.1f} mini-batches/s, {events * steps / counts["steps"] / seconds:,.0f} events/s')
-    if not args.profile:  # the profile's bookkeeping after each call would count as the host's
+    # On JAX a call returns before the device finishes, and the profile's bookkeeping after each call would
+    # count as the host's: the C backend's plain run only.
+    if model.backend == 'c' and not args.profile:
         print(f"host: {1e3 * (seconds - timings['calls']) / steps:.3f} ms per mini-batch outside the step's calls")
     label = ('seconds per epoch' if epoch_steps == counts['steps'] else
              f'seconds per epoch (extrapolated from {counts["steps"]:,} of {epoch_steps:,} mini-batches)')
