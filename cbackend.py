@@ -852,7 +852,30 @@ def kernel_activation(final_act):
         return None
 
 
-class RowBPRMax(COp):
+class RowLossKernel(COp):
+    """A training loss computed a row of the scores X (its first input) at a time: its output is the loss of
+    each row (M), and with grad=True also the gradient w.r.t. X (M x N) of the rows' losses weighted by g (its
+    last input). `forward` is the op of the loss alone, on the inputs but g."""
+
+    @property
+    def forward(self):
+        return type(self)(False, *(getattr(self, prop) for prop in self.__props__[1:]))
+
+    def make_node(self, *inputs):
+        X = inputs[0]
+        loss = pt.vector(dtype=X.dtype)
+        return Apply(self, list(inputs), [loss, X.type()] if self.grad else [loss])
+
+    def infer_shape(self, fgraph, node, shapes):
+        return [shapes[0][:1], shapes[0]] if self.grad else [shapes[0][:1]]
+
+    def allocate(self, X, outputs, release):
+        """C that makes the outputs: the loss (M) and, with grad, the gradient (M x N), in X's dtype."""
+        shapes = [['M'], ['M', 'N']][:len(outputs)]
+        return ''.join(c_output(out, shape, f'PyArray_TYPE({X})', release) for out, shape in zip(outputs, shapes))
+
+
+class RowBPRMax(RowLossKernel):
     """BPR-max of each row of the scores (the op 'row_loss:bpr-max:FINAL_ACT' of training.row_loss_op:
     inputs X, cols, bpreg), a row at a time while it is in cache, instead of the graph's dozen element-wise
     passes and reductions over the whole M x N matrix. The scores are the logits X, or with elu=True their
@@ -870,16 +893,6 @@ class RowBPRMax(COp):
     def __init__(self, grad=False, elu=False, alpha=0.0):
         self.grad, self.elu, self.alpha = grad, elu, float(alpha)
 
-    @property
-    def forward(self):
-        """The op of the loss alone."""
-        return RowBPRMax(False, self.elu, self.alpha)
-
-    def make_node(self, *inputs):
-        X = inputs[0]
-        loss = pt.vector(dtype=X.dtype)
-        return Apply(self, list(inputs), [loss, X.type()] if self.grad else [loss])
-
     def perform(self, node, inputs, output_storage):
         X, cols, bpreg, *g = inputs
         X64 = X.astype(np.float64)
@@ -895,19 +908,13 @@ class RowBPRMax(COp):
         dY[np.arange(M), np.arange(M)] = -(s * sigma * (1 - sigma)).sum(axis=1) / (A + 1e-24)
         output_storage[1][0] = (g[:, None] * dY * slope).astype(X.dtype)
 
-    def infer_shape(self, fgraph, node, shapes):
-        return [shapes[0][:1], shapes[0]] if self.grad else [shapes[0][:1]]
-
     def c_code_cache_version(self):
         return (5,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         X, cols, bpreg = inputs[:3]
         fail = sub['fail']
-        release = f'Py_DECREF(x); Py_DECREF(c); {fail}'
-        allocate = c_output(outputs[0], ['M'], f'PyArray_TYPE({X})', release)
-        if self.grad:
-            allocate += c_output(outputs[1], ['M', 'N'], f'PyArray_TYPE({X})', release)
+        allocate = self.allocate(X, outputs, f'Py_DECREF(x); Py_DECREF(c); {fail}')
         return kernel('row_bpr_max.c', X=X, cols=cols, bpreg=bpreg, g=inputs[3] if self.grad else '',
                       loss=outputs[0], dX=outputs[1] if self.grad else '', grad=self.grad, elu=self.elu,
                       alpha=repr(self.alpha), fail=fail, allocate=allocate)
@@ -916,7 +923,7 @@ class RowBPRMax(COp):
         return ['<algorithm>', '<cmath>', '<limits>', '<vector>']
 
 
-class RowCrossEntropy(COp):
+class RowCrossEntropy(RowLossKernel):
     """The cross-entropy of the softmax of each row of the logits X (the op 'row_loss:cross-entropy:softmax'
     of training.row_loss_op without label smoothing: input X), a row at a time while it is in cache, instead
     of the softmax, a gather of its diagonal and the softmax's gradient as a graph of five passes over the
@@ -928,16 +935,6 @@ class RowCrossEntropy(COp):
 
     def __init__(self, grad=False):
         self.grad = grad
-
-    @property
-    def forward(self):
-        """The op of the loss alone."""
-        return RowCrossEntropy()
-
-    def make_node(self, *inputs):
-        X = inputs[0]
-        loss = pt.vector(dtype=X.dtype)
-        return Apply(self, list(inputs), [loss, X.type()] if self.grad else [loss])
 
     def perform(self, node, inputs, output_storage):
         X, *g = inputs
@@ -953,19 +950,13 @@ class RowCrossEntropy(COp):
             dX[np.arange(M), np.arange(M)] -= 1
             output_storage[1][0] = ((g * target / (target + 1e-24))[:, None] * dX).astype(X.dtype)
 
-    def infer_shape(self, fgraph, node, shapes):
-        return [shapes[0][:1], shapes[0]] if self.grad else [shapes[0][:1]]
-
     def c_code_cache_version(self):
         return (1,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         X = inputs[0]
         fail = sub['fail']
-        release = f'Py_DECREF(x); {fail}'
-        allocate = c_output(outputs[0], ['M'], f'PyArray_TYPE({X})', release)
-        if self.grad:
-            allocate += c_output(outputs[1], ['M', 'N'], f'PyArray_TYPE({X})', release)
+        allocate = self.allocate(X, outputs, f'Py_DECREF(x); {fail}')
         return kernel('row_cross_entropy.c', X=X, g=inputs[1] if self.grad else '', loss=outputs[0],
                       dX=outputs[1] if self.grad else '', grad=self.grad, fail=fail, allocate=allocate)
 
@@ -982,26 +973,23 @@ def local_row_loss(fgraph, node):
     name = node.op.name or ''
     if not name.startswith('row_loss:'):
         return None
-    X = node.inputs[0]
+    X, gradient = node.inputs[0], name.endswith('_LOp')
     loss_name, _, final_act = name.removeprefix('row_loss:').removesuffix('_LOp').partition(':')
-    # Cross-entropy's op takes the logits alone (and the gradient's the loss and the upstream gradient) when
-    # it has no label smoothing, which reads cols.
-    if (loss_name, final_act) == ('cross-entropy', 'softmax') and X.ndim == 2 and X.dtype in ('float32', 'float64') \
-            and len(node.inputs) == (3 if name.endswith('_LOp') else 1) \
-            and all(v.dtype == X.dtype for v in node.inputs + node.outputs[:1]):
-        if not name.endswith('_LOp'):
-            return [RowCrossEntropy()(X)]
-        return [RowCrossEntropy(True)(X, node.inputs[2])[1]]
-    activation = kernel_activation(final_act)
-    # RowBPRMax computes in the scores' precision. A graph that computes BPR-max in another (float32 scores
+    # The kernels compute in the scores' precision. A graph that computes the loss in another (float32 scores
     # built under floatX=float64 give a float64 loss) is declined here, and inlined as written, rather
     # than replaced by a kernel whose output type the graph cannot take (the rewrite would fail, leaving
     # the op to run in Python). The gradient op's inputs carry the loss (its dtype): both decide alike.
-    if loss_name != 'bpr-max' or X.ndim != 2 or X.dtype not in ('float32', 'float64'):
+    loss = node.inputs[-2] if gradient else node.outputs[0]
+    if X.ndim != 2 or X.dtype not in ('float32', 'float64') or loss.dtype != X.dtype:
         return inline_ofg_node(node)
-    if not name.endswith('_LOp'):
-        if node.outputs[0].dtype != X.dtype:
-            return inline_ofg_node(node)
+    # Cross-entropy's op takes the logits alone (and the gradient's the loss and the upstream gradient) when
+    # it has no label smoothing, which reads cols.
+    if (loss_name, final_act) == ('cross-entropy', 'softmax') and len(node.inputs) == (3 if gradient else 1):
+        return [RowCrossEntropy(True)(X, node.inputs[-1])[1]] if gradient else [RowCrossEntropy()(X)]
+    if loss_name != 'bpr-max':
+        return inline_ofg_node(node)
+    activation = kernel_activation(final_act)
+    if not gradient:
         if activation is not None:
             return [RowBPRMax(False, *activation)(*node.inputs)]
         inner_scores = [v for v in ancestors(node.op.inner_outputs) if v.name == 'row_loss:scores']
@@ -1010,8 +998,6 @@ def local_row_loss(fgraph, node):
         scores = clone_replace(inner_scores[0], replace=dict(zip(node.op.inner_inputs, node.inputs)))
         return [RowBPRMax()(scores, *node.inputs[1:])]
     X, cols, bpreg, loss, g = node.inputs
-    if loss.dtype != X.dtype:
-        return inline_ofg_node(node)
     if activation is not None:
         return [RowBPRMax(True, *activation)(X, cols, bpreg, g)[1]]
     forward = loss.owner  # the loss's rewrite (above) made it RowBPRMax of the activation's graph
@@ -1021,7 +1007,7 @@ def local_row_loss(fgraph, node):
     return [pytensor.grad(None, X, known_grads={scores: RowBPRMax(True)(scores, cols, bpreg, g)[1]})]
 
 
-@node_rewriter([RowBPRMax, RowCrossEntropy])
+@node_rewriter([RowLossKernel])
 def local_row_loss_once(fgraph, node):
     """A loss kernel with grad=True computes the loss in the same passes as its gradient: the kernel of the loss
     alone on the same inputs goes, where the weights g of the rows' losses do not depend on the loss (after
