@@ -214,6 +214,33 @@ def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
     assert [c_ops(fn) for fn in recording.functions] == [{MatrixReduce, RowCount, RowGather}]
 
 
+
+def sparse_adagrad_both_ways(values, rows, grad, momentum, before_c=None):
+    """training.Optimizer's sparse Adagrad step of the rows `rows` of values['w'] (its state from values)
+    compiled on the C backend (where RowAdagrad computes it; before_c(fn, w) runs first) and run as written by
+    PyTensor's Python linker, after they agree: [weights, state...] of each."""
+    shape = values['w'].shape
+    results = []
+    for compile_with in ('c', 'python'):
+        w = pytensor.shared(values['w'].astype(np.float32), name='w', shape=shape)
+        optimizer = Optimizer('adagrad', [], 0.05, momentum, 0.0, 0.0)
+        for kind in ('adagrad', 'velocity') if momentum else ('adagrad',):
+            optimizer.accumulator(w, kind).set_value(values[kind].astype(np.float32))
+        r, g = pt.ivector('rows'), pt.tensor('g', dtype='float32', shape=(None,) + shape[1:])
+        updates = optimizer.updates([(w, r)], [g])
+        if compile_with == 'c':
+            fn = compile_function([r, g], [], updates, backend='c')
+            assert RowAdagrad in c_ops(fn)
+            if before_c is not None:
+                before_c(fn, w)
+        else:
+            fn = pytensor.function([r, g], [], updates=updates, mode='FAST_COMPILE')
+        fn(rows, grad)
+        results.append([w.get_value()] + [v.get_value() for v in optimizer.state['w'].values()])
+    for got, expected in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    return results
+
 @pytest.mark.parametrize('momentum', [0.0, 0.3])
 @pytest.mark.parametrize('shape', [(30, 6), (30,), (3000, 64)])
 def test_the_sparse_adagrad_graph_becomes_row_adagrad_and_computes_the_same(momentum, shape):
@@ -226,28 +253,14 @@ def test_the_sparse_adagrad_graph_becomes_row_adagrad_and_computes_the_same(mome
     rows = (np.array([7, 2, 29, 0, 13], dtype=np.int32) if shape[0] == 30
             else rng.choice(shape[0], 1500, replace=False).astype(np.int32))
     grad = rng.standard_normal((len(rows),) + shape[1:]).astype(np.float32)
-    results = []
-    for compile_with in ('c', 'python'):
-        w = pytensor.shared(values['w'].astype(np.float32), name='w', shape=shape)
-        optimizer = Optimizer('adagrad', [], 0.05, momentum, 0.0, 0.0)
-        for kind in ('adagrad', 'velocity') if momentum else ('adagrad',):
-            optimizer.accumulator(w, kind).set_value(values[kind].astype(np.float32))
-        r, g = pt.ivector('rows'), pt.tensor('g', dtype='float32', shape=(None,) + shape[1:])
-        updates = optimizer.updates([(w, r)], [g])
-        if compile_with == 'c':
-            fn = compile_function([r, g], [], updates, backend='c')
-            assert RowAdagrad in c_ops(fn)
-            bad = rows.copy()
-            bad[-1] = shape[0]
-            with pytest.raises(IndexError, match=f'RowAdagrad: index {shape[0]} out of bounds for {shape[0]} rows'):
-                fn(bad, grad)
-            np.testing.assert_array_equal(w.get_value(), values['w'].astype(np.float32))
-        else:
-            fn = pytensor.function([r, g], [], updates=updates, mode='FAST_COMPILE')
-        fn(rows, grad)
-        results.append([w.get_value()] + [v.get_value() for v in optimizer.state['w'].values()])
-    for got, expected in zip(*results):
-        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+    def out_of_bounds(fn, w):
+        bad = rows.copy()
+        bad[-1] = shape[0]
+        with pytest.raises(IndexError, match=f'RowAdagrad: index {shape[0]} out of bounds for {shape[0]} rows'):
+            fn(bad, grad)
+        np.testing.assert_array_equal(w.get_value(), values['w'].astype(np.float32))
+    results = sparse_adagrad_both_ways(values, rows, grad, momentum, before_c=out_of_bounds)
     acc = values['adagrad'].astype(np.float32).astype(np.float64)
     acc[rows] += grad.astype(np.float64) ** 2
     np.testing.assert_allclose(results[0][1], acc, rtol=1e-6)
@@ -479,20 +492,7 @@ def test_row_adagrad_steps_the_padding_rows_that_fill_the_list_by_zero():
     rows = np.array([7, 2, 0, 13, pad, pad, pad, pad], dtype=np.int32)
     grad = rng.standard_normal((len(rows), shape[1])).astype(np.float32)
     grad[rows == pad] = 0
-    results = []
-    for compile_with in ('c', 'python'):
-        w = pytensor.shared(values['w'].astype(np.float32), name='w', shape=shape)
-        optimizer = Optimizer('adagrad', [], 0.05, 0.3, 0.0, 0.0)
-        for kind in ('adagrad', 'velocity'):
-            optimizer.accumulator(w, kind).set_value(values[kind].astype(np.float32))
-        r, g = pt.ivector('rows'), pt.matrix('g', dtype='float32')
-        updates = optimizer.updates([(w, r)], [g])
-        fn = (compile_function([r, g], [], updates, backend='c') if compile_with == 'c'
-              else pytensor.function([r, g], [], updates=updates, mode='FAST_COMPILE'))
-        fn(rows, grad)
-        results.append([w.get_value()] + [v.get_value() for v in optimizer.state['w'].values()])
-    for got, expected in zip(*results):
-        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    results = sparse_adagrad_both_ways(values, rows, grad, 0.3)
     np.testing.assert_array_equal(results[0][0][pad], values['w'][pad].astype(np.float32))
     assert not np.allclose(results[0][0][[7, 2, 0, 13]], values['w'][[7, 2, 0, 13]].astype(np.float32))
 
