@@ -168,21 +168,28 @@ def copy_bandwidth(n_threads, mib=128, repeats=5):
     return 2 * src.nbytes / best / 1e9
 
 
-def distinct_item_rows(data, hp, n_steps=200, seed=0):
-    """The mean number of distinct item rows a step reads, over the first n_steps mini-batches of an
-    epoch with samples drawn as training draws them (training.distinct_rows, sample_cdf): (rows of Wy,
-    rows of By, rows of the input table when it is not Wy; 0 when it is)."""
+def step_items(data, hp, n_steps, seed=0):
+    """(X, T, samples, n_items) of the first n_steps mini-batches of an epoch, padded to the batch size (the
+    pad item is n_items), with samples drawn as training draws them (sample_cdf, inverse_cdf)."""
     keys = hp['session_key'], hp['item_key'], hp['time_key']
     itemidmap = np.sort(data[hp['item_key']].unique())
     import pandas as pd
     items, offsets, order = session_arrays(data, pd.Index(itemidmap), *keys, hp['time_sort'])
     n_items, B = len(itemidmap), hp['batch_size']
     cdf = sample_cdf(np.bincount(items, minlength=n_items), hp['sample_alpha'])
-    rng, slot = np.random.default_rng(seed), np.zeros(n_items + 1, dtype=np.int32)
-    counts = []
+    rng = np.random.default_rng(seed)
     for X, T, _, _ in islice(session_parallel_batches(items, offsets, order, B), n_steps):
-        X, T = pad(X, B, n_items), pad(T, B, n_items)
         samples = np.minimum(inverse_cdf(cdf, rng.random(hp['n_sample'])), n_items - 1).astype(np.int32)
+        yield pad(X, B, n_items), pad(T, B, n_items), samples, n_items
+
+
+def distinct_item_rows(data, hp, n_steps=200, seed=0):
+    """The mean number of distinct item rows a step reads, over the first n_steps mini-batches of an
+    epoch with samples drawn as training draws them (training.distinct_rows, step_items): (rows of Wy,
+    rows of By, rows of the input table when it is not Wy; 0 when it is), and the number of items."""
+    counts, n_items = [], None
+    for X, T, samples, n_items in step_items(data, hp, n_steps, seed):
+        slot = np.zeros(n_items + 1, dtype=np.int32)
         rows_Y, _, rows_X, _ = distinct_rows(X, T, samples, hp['constrained_embedding'], slot, n_items)
         if hp['constrained_embedding']:
             counts.append((len(np.unique(np.concatenate([rows_Y, rows_X]))), len(np.unique(rows_Y)), 0))
