@@ -7,7 +7,8 @@
 // the parity of (item + step), so the rows a core touches change from step to step; mode 2, each core owns
 // the items of one parity, in every step, so their rows stay in its caches; mode 3, as mode 1, but each
 // core updates the rows of the other core's columns (their gradient and rows cross between the cores, as
-// when each op of a step is split between the cores on its own).
+// when each op of a step is split between the cores on its own); mode 4, core 0 scores every column, then
+// each core updates half of the rows (only the update split, as a two-thread RowAdagrad in the step).
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -27,7 +28,7 @@ typedef struct {
     float *row_max, *row_sum, *dh;  // B, B, B x H
 } Part;
 
-static int B, H, N, cores, crossed;
+static int B, H, N, cores, scoring, crossed, update_only;
 static float *W, *acc, *vel, *h;
 static Part part[2];
 static atomic_int arrived, generation, go, finished;
@@ -50,8 +51,25 @@ static void prefetch_row(const float* base, long r, int write) {
         __builtin_prefetch((const char*)(base + r * H) + b, write);
 }
 
-static void output_layer(int c) {  // the part of core c
-    Part* p = &part[c];
+static void update_rows(const Part* p, int lo, int hi) {  // Adagrad with momentum on p's rows [lo, hi)
+    for (int u = lo; u < hi; u++) {
+        if (u + 8 < hi) {
+            prefetch_row(W, p->rows[u + 8], 1);
+            prefetch_row(acc, p->rows[u + 8], 1);
+            prefetch_row(vel, p->rows[u + 8], 1);
+        }
+        const long r = p->rows[u];
+        float *w = W + r * H, *a = acc + r * H, *v = vel + r * H;
+        const float* g = p->grad + (long)u * H;
+        for (int k = 0; k < H; k++) {
+            a[k] += g[k] * g[k];
+            v[k] = 0.2f * v[k] - 0.1f * g[k] / sqrtf(a[k] + 1e-6f);
+            w[k] += v[k];
+        }
+    }
+}
+
+static void score(Part* p) {  // gather, logits, softmax cross-entropy's gradient, dh and dWy of p's columns
     const int n = p->n_cols;
     for (int j = 0; j < n; j++) {
         if (j + 8 < n)
@@ -66,10 +84,11 @@ static void output_layer(int c) {  // the part of core c
             m = r[j] > m ? r[j] : m;
         p->row_max[i] = m;
     }
-    barrier();
+    if (scoring == 2)
+        barrier();
     for (int i = 0; i < B; i++) {
         float m = p->row_max[i], s = 0.f;
-        for (int q = 0; q < cores; q++)
+        for (int q = 0; q < scoring; q++)
             m = part[q].row_max[i] > m ? part[q].row_max[i] : m;
         float* r = p->logits + (long)i * n;
         for (int j = 0; j < n; j++) {
@@ -78,10 +97,11 @@ static void output_layer(int c) {  // the part of core c
         }
         p->row_sum[i] = s;
     }
-    barrier();
+    if (scoring == 2)
+        barrier();
     for (int i = 0; i < B; i++) {  // dlogits = (softmax - one-hot of the target) / B
         float s = 0.f;
-        for (int q = 0; q < cores; q++)
+        for (int q = 0; q < scoring; q++)
             s += part[q].row_sum[i];
         const float scale = 1.f / (s * B);
         float* r = p->logits + (long)i * n;
@@ -93,10 +113,9 @@ static void output_layer(int c) {  // the part of core c
             p->logits[(long)p->col[j] * n + j] -= 1.f / B;
     scipy_cblas_sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, B, H, n, 1.f, p->logits, n, p->Wg, H, 0.f, p->dh, H);
     scipy_cblas_sgemm(ROW_MAJOR, TRANS, NO_TRANS, n, H, B, 1.f, p->logits, n, h, H, 0.f, p->dWy, H);
-    if (crossed) {  // the other core's columns: their dWy and rows come from that core's caches
-        barrier();
-        p = &part[1 - c];
-    }
+}
+
+static void sum_gradient(Part* p) {  // p's dWy summed per distinct item
     memset(p->grad, 0, (size_t)p->n_rows * H * sizeof(float));
     for (int j = 0; j < p->n_cols; j++) {
         float* g = p->grad + (long)p->slot[j] * H;
@@ -104,20 +123,26 @@ static void output_layer(int c) {  // the part of core c
         for (int k = 0; k < H; k++)
             g[k] += d[k];
     }
-    for (int u = 0; u < p->n_rows; u++) {
-        if (u + 8 < p->n_rows) {
-            prefetch_row(W, p->rows[u + 8], 1);
-            prefetch_row(acc, p->rows[u + 8], 1);
-            prefetch_row(vel, p->rows[u + 8], 1);
+}
+
+static void output_layer(int c) {  // the part of core c
+    Part* p = &part[c];
+    if (update_only) {  // core 0 scores every column, then each core updates half of the rows
+        if (c == 0) {
+            score(p);
+            sum_gradient(p);
         }
-        const long r = p->rows[u];
-        float *w = W + r * H, *a = acc + r * H, *v = vel + r * H;
-        const float* g = p->grad + (long)u * H;
-        for (int k = 0; k < H; k++) {
-            a[k] += g[k] * g[k];
-            v[k] = 0.2f * v[k] - 0.1f * g[k] / sqrtf(a[k] + 1e-6f);
-            w[k] += v[k];
+        barrier();
+        const int half = part[0].n_rows / 2;
+        update_rows(&part[0], c ? half : 0, c ? part[0].n_rows : half);
+    } else {
+        score(p);
+        if (crossed) {  // the other core's columns: their dWy and rows come from that core's caches
+            barrier();
+            p = &part[1 - c];
         }
+        sum_gradient(p);
+        update_rows(p, 0, p->n_rows);
     }
     barrier();
 }
@@ -142,7 +167,7 @@ static void split(const int* items, int mode, int step, int* seen) {
         p->n_cols = p->n_rows = 0;
         for (int j = 0; j < N; j++) {
             const int item = items[j];
-            const int owner = mode == 0 ? 0 : mode == 2 ? item & 1 : (item + step) & 1;
+            const int owner = mode == 0 || mode == 4 ? 0 : mode == 2 ? item & 1 : (item + step) & 1;
             if (owner != c)
                 continue;
             if (seen[item] < 0) {
@@ -167,7 +192,9 @@ static double now(void) {
 // Seconds per step of the output layer over steps x n_scored items (row-major), in `mode`, the first
 // `warm` steps untimed; 0 when memory runs out.
 double run(int batch, int width, int n_scored, int n_items, int steps, int warm, const int* items, int mode) {
-    B = batch, H = width, N = n_scored, cores = mode == 0 ? 1 : 2, crossed = mode == 3;
+    B = batch, H = width, N = n_scored, cores = mode == 0 ? 1 : 2;
+    crossed = mode == 3, update_only = mode == 4;
+    scoring = mode == 0 || update_only ? 1 : 2;
     scipy_openblas_set_num_threads(1);
     const size_t table = (size_t)n_items * H * sizeof(float);
     W = malloc(table), acc = malloc(table), vel = malloc(table), h = malloc((size_t)B * H * sizeof(float));
@@ -203,7 +230,7 @@ double run(int batch, int width, int n_scored, int n_items, int steps, int warm,
             while (atomic_load(&finished) != 2) {
             }
             atomic_store(&finished, 0);
-            for (int i = 0; i < B * H; i++)
+            for (int i = 0; i < B * H && scoring == 2; i++)
                 part[0].dh[i] += part[1].dh[i];
         } else {
             output_layer(0);

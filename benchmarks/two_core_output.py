@@ -18,7 +18,9 @@ fifth of the steps untimed), in alternating rounds:
   stay in its caches from step to step;
 - two cores, update crossed: as "two cores", but each core updates the rows of the other core's columns, so
   their gradient and rows cross between the cores once a step, as when each op of the step is split
-  between the cores on its own (BLAS threads for the products, the rows' update by position).
+  between the cores on its own (BLAS threads for the products, the rows' update by position);
+- two cores, update only: one core gathers, scores and differentiates every column, then each core updates
+  half of the distinct rows (a two-thread RowAdagrad in the step as it is).
 The row maxima and sums of the softmax and the two halves of dh are combined across the cores; each product
 is one single-threaded call of the BLAS the training links (scipy-openblas32).
 """
@@ -40,7 +42,8 @@ from roofline import step_items
 from hyperparams import parse_hyperparameters  # noqa: E402
 from run import read_paramfile  # noqa: E402
 
-MODES = {0: 'one core', 1: 'two cores', 2: 'two cores, rows owned', 3: 'two cores, update crossed'}
+MODES = {0: 'one core', 1: 'two cores', 2: 'two cores, rows owned', 3: 'two cores, update crossed',
+         4: 'two cores, update only'}
 
 
 def build(workdir):
