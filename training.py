@@ -28,6 +28,10 @@ from sessions import FLOAT
 
 # TrainingStep.packed prepares the inputs of this many steps at a time, at most this many bytes of them.
 PACKED_BLOCK_STEPS, PACKED_BLOCK_BYTES = 64, 4 << 20
+# SampleStore draws this many uniforms at a time into one buffer and maps them to items in one compiled call
+# that runs without the GIL (as the draw does): a block of 10M samples needs 8 MB of uniforms, not 80 MB and
+# as much again in numpy's temporaries, and the training loop's thread never waits for the GIL long.
+SAMPLE_CHUNK = 1 << 20
 
 # adapt -> its adapt_params' defaults (decay, or the betas of Adam); None is SGD.
 ADAPT_DEFAULTS = {None: [], 'adagrad': [], 'rmsprop': [0.9], 'adadelta': [0.95], 'adam': [0.9, 0.999]}
@@ -512,17 +516,25 @@ class SampleStore:
     training does not pay for 10M samples."""
 
     def __init__(self, cdf, n_sample, size, rng, max_steps=None):
-        self.cdf, self.n_sample, self.rng = cdf, n_sample, rng
+        self.cdf, self.n_sample, self.rng, self.inverse = cdf, n_sample, rng, None
         self.n_steps = max(1, min(int(size) // max(n_sample, 1), max_steps or np.inf))
         self.block, self.position = None, self.n_steps
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gru4rec-samples') if n_sample else None
         self.pending = self.worker.submit(self.draw) if n_sample else None
 
     def draw(self):
-        """A block of n_steps x n_sample item indices, item i drawn with probability cdf[i] - cdf[i - 1]."""
-        indices = inverse_cdf(self.cdf, self.rng.random(self.n_steps * self.n_sample))
+        """A block of n_steps x n_sample item indices, item i drawn with probability cdf[i] - cdf[i - 1]:
+        the generator's uniforms in order, SAMPLE_CHUNK at a time."""
+        if self.inverse is None:  # built here, in the worker, on the first block
+            self.inverse = InverseCDF(self.cdf)
+        indices = np.empty(self.n_steps * self.n_sample, dtype=np.int32)
+        uniforms = np.empty(min(SAMPLE_CHUNK, len(indices)))
+        for start in range(0, len(indices), SAMPLE_CHUNK):
+            chunk = indices[start:start + SAMPLE_CHUNK]
+            u = uniforms[:len(chunk)]
+            self.inverse(self.rng.random(out=u), out=chunk)
         np.minimum(indices, len(self.cdf) - 1, out=indices)  # u so close to 1 that it rounds past the last cdf
-        return indices.astype(np.int32).reshape(self.n_steps, self.n_sample)
+        return indices.reshape(self.n_steps, self.n_sample)
 
     def next(self):
         """The samples of the next training step (an empty vector when n_sample is 0)."""
@@ -542,19 +554,37 @@ class SampleStore:
             self.worker.shutdown(wait=False, cancel_futures=True)
 
 
-def inverse_cdf(cdf, u, max_steps=4):
+class InverseCDF:
     """np.searchsorted(cdf, u, side='right') for many u, in O(1) per value. A guide table gives, for each
-    of 4 * len(cdf) equal bins of [0, 1), the first index whose cdf exceeds the bin's start; a few
-    vectorised steps forward from there reach the answer, and binary search finishes any that remain."""
-    bins = 4 * len(cdf)
-    guide = np.searchsorted(cdf, np.arange(bins + 1) / bins, side='right').astype(np.int32)
-    cdf = np.append(cdf, np.inf)  # stepping stops at the end
-    index = guide[(u * bins).astype(np.int32)]
-    todo = np.flatnonzero(cdf[index] <= u)
-    for _ in range(max_steps):
-        if not len(todo):
-            return index
-        index[todo] += 1
-        todo = todo[cdf[index[todo]] <= u[todo]]
-    index[todo] = np.searchsorted(cdf, u[todo], side='right')
-    return index
+    of 4 * len(cdf) equal bins of [0, 1), the first index whose cdf exceeds the bin's start; a few steps
+    forward from there reach the answer, and binary search finishes any that max_steps did not."""
+
+    def __init__(self, cdf):
+        self.bins = 4 * len(cdf)
+        self.guide = np.searchsorted(cdf, np.arange(self.bins + 1) / self.bins, side='right').astype(np.int32)
+        self.cdf = np.append(cdf, np.inf)  # stepping stops at the end
+
+    def __call__(self, u, max_steps=4, out=None):
+        """The index of each u (int32), into `out` when given."""
+        out = np.empty(len(u), dtype=np.int32) if out is None else out
+        _inverse_cdf(u, self.guide, self.cdf, self.bins, max_steps, out)
+        return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _inverse_cdf(u, guide, cdf, bins, max_steps, out):
+    for k in range(len(u)):
+        i = guide[int(u[k] * bins)]
+        steps = 0
+        while cdf[i] <= u[k]:
+            if steps == max_steps:
+                i = np.searchsorted(cdf, u[k], side='right')
+                break
+            i += 1
+            steps += 1
+        out[k] = i
+
+
+def inverse_cdf(cdf, u, max_steps=4):
+    """np.searchsorted(cdf, u, side='right') for many u, through an InverseCDF built for this call."""
+    return InverseCDF(cdf)(np.asarray(u, dtype=np.float64), max_steps)

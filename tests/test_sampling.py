@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import ITEM_IDS, fit_small, make_train_log
-from training import SampleStore, inverse_cdf, sample_cdf
+from training import SAMPLE_CHUNK, SampleStore, inverse_cdf, sample_cdf
 
 SUPPORT = np.array([1, 2, 3, 5, 8, 13, 40, 100, 1, 7, 20, 60], dtype=np.float64)
 N_DRAWS = 240000
@@ -55,7 +55,9 @@ def test_inverse_cdf_is_searchsorted():
     for p in [SUPPORT, rng.pareto(1.0, 50000) * (rng.random(50000) < 0.7), np.ones(3)]:  # some zero-probability items
         cdf = np.cumsum(p) / p.sum()
         u = np.concatenate([rng.random(200000), cdf[:-1], np.nextafter(cdf[:-1], 0), [0.0]])
-        np.testing.assert_array_equal(inverse_cdf(cdf, u), np.searchsorted(cdf, u, side='right'))
+        expected = np.searchsorted(cdf, u, side='right')
+        np.testing.assert_array_equal(inverse_cdf(cdf, u), expected)
+        np.testing.assert_array_equal(inverse_cdf(cdf, u, max_steps=0), expected)  # binary search where not exact
 
 
 def test_sample_store_walks_its_blocks_in_order_and_refills_reproducibly():
@@ -68,6 +70,19 @@ def test_sample_store_walks_its_blocks_in_order_and_refills_reproducibly():
         blocks = np.concatenate([reference.pending.result()] + [reference.draw() for _ in range(2)])
     np.testing.assert_array_equal(steps, blocks[:12])
     assert steps.dtype == np.int32 and len(np.unique(steps)) > 1
+
+
+def test_sample_store_blocks_are_the_generators_uniforms_in_order():
+    # A block larger than the chunks it is mapped in: the same items as one searchsorted of one draw.
+    cdf = np.cumsum(SUPPORT) / SUPPORT.sum()
+    n_sample, size = 1000, 3 * SAMPLE_CHUNK + 1000
+    with SampleStore(cdf, n_sample, size, np.random.default_rng(11)) as samples:
+        first, second = samples.pending.result(), samples.draw()
+    u = np.random.default_rng(11).random(2 * first.size)
+    expected = np.minimum(np.searchsorted(cdf, u, side='right'), len(cdf) - 1).reshape(2, *first.shape)
+    assert first.shape == (size // n_sample, n_sample)
+    np.testing.assert_array_equal(first, expected[0])
+    np.testing.assert_array_equal(second, expected[1])
 
 
 def test_sample_store_sizes():
