@@ -509,11 +509,11 @@ class SampleStore:
     """The negative samples of the training steps, n_sample item indices per step, drawn from `cdf` in
     blocks of about `size` (the original's sample store; size 0 draws for one step at a time).
 
-    The next block is drawn in a background thread while the training uses the current one: numpy
-    releases the GIL while it draws, so with a core to spare the refills cost the training loop nothing
-    (see benchmarks/README.md for the cost of a block). One generator draws the
-    blocks in order, so training stays reproducible. A block holds at most max_steps steps: a small
-    training does not pay for 10M samples."""
+    The next block is drawn in a background thread while the training uses the current one: numpy's
+    generator and the compiled mapping to items release the GIL, so with a core to spare the refills cost
+    the training loop nothing (benchmarks/sample_store.py times a block). One generator draws the blocks in
+    order, so training stays reproducible. A block holds at most max_steps steps: a small training does not
+    pay for 10M samples."""
 
     def __init__(self, cdf, n_sample, size, rng, max_steps=None):
         self.cdf, self.n_sample, self.rng, self.inverse = cdf, n_sample, rng, None
