@@ -261,9 +261,10 @@ def usable_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
-# The multiply-adds (rows x inner x columns) from which a product runs on product_threads() threads.
-# Below it, one thread was as fast or faster inside a training step (benchmarks/README.md, "Fifth round").
-THREADED_PRODUCT_MACS = 30_000_000
+# The multiply-adds (rows x inner x columns) from which a product runs on product_threads() threads: the
+# 100-unit settings' output-layer products (32 x 100 x 2,080: 6.7M) win on two threads inside their step,
+# smaller ones lose (benchmarks/README.md, "Threads per product").
+THREADED_PRODUCT_MACS = 5_000_000
 # In a graph whose largest product (by its static shape) reaches THREADED_PRODUCT_MACS, every product from
 # this size runs on product_threads() threads too: changing OpenBLAS's thread count between the products of
 # a step cost more than the mid-sized products lose on two threads (benchmarks/README.md, "Second round").
