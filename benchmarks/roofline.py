@@ -292,7 +292,7 @@ def attribution(ops, call_ms, host_ms, bound):
     return [(label, n, ms, in_bound, ms - in_bound) for label, n, ms, in_bound in rows]
 
 
-def analyse(name, args, sgemm, bandwidth):
+def analyse(name, args, sgemm, bandwidth, cores):
     """The bound of one setting and, unless --no-train, its measured speed and profile: a dict of results."""
     setting = SETTINGS[name]
     paramfile = ROOT / 'paramfiles' / setting.paramfile
@@ -302,7 +302,6 @@ def analyse(name, args, sgemm, bandwidth):
     rows, n_items = distinct_item_rows(data, hp)
     gather_bytes, optimiser_bytes = row_bytes(hp, rows)
     dense = dense_bytes(hp, n_items)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     products = []
     for p in step_products(hp):
         one, every = sgemm.rate(p, 1), sgemm.rate(p, cores)
@@ -422,7 +421,7 @@ def main():
     results = []
     for name in args.settings:
         print(f'{name}: ', end='', flush=True)
-        results.append(analyse(name, args, sgemm, bandwidth))
+        results.append(analyse(name, args, sgemm, bandwidth, cores))
         r = results[-1]
         print(f"bound {1e3 / r['bound_ms']:,.0f} mb/s" + (f", measured {r['speed']:.1f}" if 'speed' in r else ''),
               flush=True)

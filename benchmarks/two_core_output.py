@@ -68,11 +68,12 @@ def scored_items(name, steps, workdir):
     setting = SETTINGS[name]
     hp = parse_hyperparameters(**read_paramfile(ROOT / 'paramfiles' / setting.paramfile))
     data = load_log(str(data_file(setting, setting.sessions, workdir)))
-    steps_items = [np.concatenate([T, samples]) for _, T, samples, _ in step_items(data, hp, steps)]
-    n_items = data[hp['item_key']].nunique()  # and the pad item, which padded batches' targets are
-    if len(steps_items) < steps:
-        sys.exit(f'{name}: only {len(steps_items)} mini-batches in an epoch, fewer than --steps {steps}')
-    return np.ascontiguousarray(np.stack(steps_items), dtype=np.int32), hp, n_items + 1
+    batches = list(step_items(data, hp, steps))
+    if len(batches) < steps:
+        sys.exit(f'{name}: only {len(batches)} mini-batches in an epoch, fewer than --steps {steps}')
+    items = np.stack([np.concatenate([T, samples]) for _, T, samples, _ in batches])
+    n_items = batches[0][3]
+    return np.ascontiguousarray(items, dtype=np.int32), hp, n_items + 1  # and the pad item of padded batches
 
 
 def main():
