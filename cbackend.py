@@ -75,6 +75,11 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    Vectors too (biases, logQ): numpy's take cost 7 ns an entry.
 15. Gradients of a product sliced into column ranges (the GRU's gates) are written into a zero matrix one range
    at a time: where the ranges tile it, one Join instead (`local_column_pieces_as_join`).
+16. The output layer on one core. Its gather, three products, loss kernel and column sum ran one after another,
+   and only the products could use a second core (OpenBLAS's threads, product by product). `OutputLayer`
+   computes the whole layer in chunks of columns that the calling thread and a worker thread claim as they
+   come (`local_output_layer`), where no other product of the step is threaded: there OpenBLAS's threads,
+   spinning between products, would share the worker's core.
 """
 import concurrent.futures
 import contextlib
@@ -88,6 +93,7 @@ import re
 import shutil
 import string
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -114,7 +120,7 @@ from pytensor.link.vm import VMLinker
 from pytensor.scalar import basic as ps
 from pytensor.tensor.elemwise import CAReduce, DimShuffle, Elemwise
 from pytensor.tensor.special import Softmax
-from pytensor.tensor.blas import Dot22, Gemm
+from pytensor.tensor.blas import Dot22, Gemm, GemmRelated
 from pytensor.tensor.type import TensorType
 from pytensor.tensor.exceptions import NotScalarConstantError
 from pytensor.tensor.rewriting.ofg import inline_ofg_node
@@ -588,13 +594,15 @@ class RowAdagrad(COp):
     vel[r] = momentum * vel[r] - step; w[r] += vel[r] (without momentum, no vel: w[r] -= step).
     The rows must be distinct, except repeats of a row whose gradient is zero and whose velocity is
     zero (the padding row), which the step leaves unchanged: the C code skips a row that repeats the one
-    before it (the padding that fills the list of a step's distinct rows, a quarter of Top-k's)."""
+    before it (the padding that fills the list of a step's distinct rows, a quarter of Top-k's). With threads > 1
+    the rows go in pieces to the calling thread and workers of the module (worker_pool.c), as OutputLayer's
+    columns do."""
 
-    __props__ = ('learning_rate', 'momentum', 'epsilon', 'inplace')
+    __props__ = ('learning_rate', 'momentum', 'epsilon', 'inplace', 'threads')
 
-    def __init__(self, learning_rate, momentum, epsilon, inplace=False):
+    def __init__(self, learning_rate, momentum, epsilon, inplace=False, threads=1):
         self.learning_rate, self.momentum, self.epsilon = float(learning_rate), float(momentum), float(epsilon)
-        self.inplace = inplace
+        self.inplace, self.threads = inplace, int(threads)
         n_state = 3 if self.momentum else 2  # w, acc[, vel]
         if inplace:
             self.destroy_map = {i: [i] for i in range(n_state)}
@@ -620,14 +628,20 @@ class RowAdagrad(COp):
             storage[0] = value
 
     def c_code_cache_version(self):
-        return (7,)
+        return (10,)
+
+    def c_support_code(self, **kwargs):
+        return kernel('worker_pool.c')
+
+    def c_headers(self, **kwargs):
+        return worker_pool_headers()
 
     def c_code(self, node, name, inputs, outputs, sub):
         *state, rows, grad = inputs
         return kernel('row_adagrad.c', state_in=', '.join(state), state_out=', '.join(f'&{o}' for o in outputs),
                       n_state=len(outputs), inplace=self.inplace, momentum_on=bool(self.momentum), rows=rows,
                       grad=grad, w=outputs[0], learning_rate=repr(self.learning_rate), momentum=repr(self.momentum),
-                      epsilon=repr(self.epsilon), fail=sub['fail'])
+                      epsilon=repr(self.epsilon), threads=self.threads, fail=sub['fail'])
 
 
 @node_rewriter([RowAdagrad])
@@ -635,7 +649,8 @@ def local_row_adagrad_inplace(fgraph, node):
     op = node.op
     if op.inplace:
         return None
-    return RowAdagrad(op.learning_rate, op.momentum, op.epsilon, inplace=True)(*node.inputs, return_list=True)
+    return RowAdagrad(op.learning_rate, op.momentum, op.epsilon, inplace=True, threads=op.threads)(
+        *node.inputs, return_list=True)
 
 
 def _constant(v):
@@ -1022,6 +1037,227 @@ def local_row_loss_once(fgraph, node):
     return None
 
 
+class OutputLayer(COp):
+    """The output layer of a training step in one op, on every core: for the scored columns' rows
+    W = table[rows] (N x K) and the hidden state h (M x K), the scores X = h W^T + offset, the loss of each row
+    as RowCrossEntropy (loss 'cross-entropy') or RowBPRMax (loss 'bpr-max', with the ELU of alpha inside where
+    elu) computes it, and from its gradient G w.r.t. X, weighted by g: dh = G W, dW = G^T h and db = G's
+    column sums. Inputs h, table, rows, offset, g (and cols, bpreg for BPR-max); outputs the loss (M), dh, dW
+    and db.
+
+    As ops of a graph these are a gather, three products, a loss kernel and a column sum, each on its own;
+    only the products could use a second core (OpenBLAS's threads), one at a time. Here the columns go in
+    chunks, which `threads` threads (the caller and workers of this module, which sleep between calls) claim
+    as they come: each gathers, scores and sums its chunks' rows, and once all are scored each
+    differentiates its chunks and runs their products, summing its share of dh (benchmarks/README.md,
+    "The output layer on both cores"). The softmax's row sums of the chunks are taken each with the chunk's
+    maximum and combined after; sums in float64, as the loss kernels'."""
+
+    __props__ = ('loss', 'elu', 'alpha', 'threads')
+
+    def __init__(self, loss, elu=False, alpha=0.0, threads=1):
+        if loss not in ('cross-entropy', 'bpr-max'):
+            raise ValueError(f"OutputLayer: loss must be 'cross-entropy' or 'bpr-max', not {loss!r}")
+        self.loss, self.elu, self.alpha, self.threads = loss, bool(elu), float(alpha), int(threads)
+
+    def make_node(self, h, table, rows, offset, g, *bpr_max_inputs):
+        inputs = [h, table, rows, offset, g, *bpr_max_inputs]
+        N, K = rows.type.shape[0], h.type.shape[1]
+        outputs = [pt.vector(dtype=h.dtype, shape=h.type.shape[:1]), h.type(),
+                   pt.matrix(dtype=h.dtype, shape=(N, K)), pt.vector(dtype=h.dtype, shape=(N,))]
+        return Apply(self, inputs, outputs)
+
+    def infer_shape(self, fgraph, node, shapes):
+        h, _, rows = shapes[:3]
+        return [h[:1], h, (rows[0], h[1]), rows]
+
+    def loss_op(self):
+        """The loss kernel whose loss and gradient this computes."""
+        return RowBPRMax(True, self.elu, self.alpha) if self.loss == 'bpr-max' else RowCrossEntropy(True)
+
+    def perform(self, node, inputs, output_storage):
+        h, table, rows, offset, g, *bpr_max_inputs = inputs
+        W = table[rows]
+        X = (h @ W.T + offset).astype(h.dtype)
+        loss = [[None], [None]]
+        self.loss_op().perform(None, [X, *bpr_max_inputs, g], loss)
+        G = loss[1][0]
+        for storage, value in zip(output_storage, [loss[0][0], G @ W, G.T @ h, G.sum(axis=0)]):
+            storage[0] = np.asarray(value, dtype=h.dtype)
+
+    def c_code_cache_version(self):
+        return (9,)
+
+    def c_support_code(self, **kwargs):
+        # BLAS's declarations as PyTensor's products have them, and their link flags (below).
+        return [GemmRelated.c_support_code(self), kernel('threaded_product_support.c'), kernel('worker_pool.c'),
+                kernel('output_layer_support.c')]
+
+    def c_support_code_struct(self, node, name):
+        return f'std::vector<char> scratch_{name};'
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        if not self.c_libraries():  # no BLAS to link (as PyTensor's own products, it then runs perform)
+            raise NotImplementedError('OutputLayer needs BLAS')
+        h, table, rows, offset, g, *bpr_max_inputs = inputs
+        cols, bpreg = bpr_max_inputs or (g, '')
+        fail = sub['fail']
+        typenum = f'PyArray_TYPE({h})'
+        allocate = ''.join(c_output(out, shape, typenum, fail)
+                           for out, shape in zip(outputs, [['M'], ['M', 'K'], ['N', 'K'], ['N']]))
+        loss, dh, dW, db = outputs
+        return kernel('output_layer.c', h=h, table=table, rows=rows, offset=offset, g=g, cols_or_g=cols, bpreg=bpreg,
+                      loss=loss, dh=dh, dW=dW, db=db, bpr_max=self.loss == 'bpr-max', elu=self.elu,
+                      alpha=repr(self.alpha), threads=self.threads, scratch=f'scratch_{name}', fail=fail,
+                      allocate=allocate)
+
+    def c_headers(self, **kwargs):
+        return ['<climits>', '<cmath>', '<cstring>', '<limits>', '<vector>'] + worker_pool_headers()
+
+    c_libraries = GemmRelated.c_libraries
+    c_lib_dirs = GemmRelated.c_lib_dirs
+    c_header_dirs = GemmRelated.c_header_dirs
+
+    c_compile_args = GemmRelated.c_compile_args
+
+def _transpose_of(v):
+    """The matrix whose transpose v is, else None."""
+    node = v.owner
+    if node and isinstance(node.op, DimShuffle) and tuple(node.op.new_order) == (1, 0):
+        return node.inputs[0]
+    return None
+
+
+def _plus(out, x):
+    """Whether the scalar graph `out` is x + (terms that do not read x): x reached through additions and the
+    left operands of subtractions only."""
+    if out is x:
+        return True
+    node = out.owner
+    if node is None:
+        return False
+    if isinstance(node.op, ps.Add):
+        reading = [i for i in node.inputs if x in ancestors([i])]
+        return len(reading) == 1 and _plus(reading[0], x)
+    if isinstance(node.op, ps.Sub):
+        return x not in ancestors([node.inputs[1]]) and _plus(node.inputs[0], x)
+    return False
+
+
+def _offset(X, P, N):
+    """The row vector c where X = P + c (N columns), c broadcast over the rows (P's element-wise sum with
+    biases, logQ and the columns' masks); None where X is not such a sum."""
+    if X is P:
+        return pt.zeros((N,), dtype=P.dtype)
+    node = X.owner
+    if node is None or not isinstance(node.op, Elemwise) or node.inputs.count(P) != 1 or len(node.outputs) != 1:
+        return None
+    if any(v is not P and v.type.shape[0] != 1 for v in node.inputs):
+        return None
+    scalar_op, position = node.op.scalar_op, node.inputs.index(P)
+    if isinstance(scalar_op, ps.Composite):
+        inner_inputs, (inner_output,) = scalar_op.fgraph.inputs, scalar_op.fgraph.outputs
+    else:
+        inner_inputs = [ps.get_scalar_type(v.dtype)() for v in node.inputs]
+        inner_output = scalar_op(*inner_inputs)
+    if not _plus(inner_output, inner_inputs[position]):
+        return None
+    zero = pt.zeros((1, N), dtype=P.dtype)
+    return node.op(*[zero if v is P else v for v in node.inputs])[0]
+
+
+@node_rewriter([RowLossKernel])
+def local_output_layer(fgraph, node):
+    """A loss kernel's gradient G of scores X = h W^T + c (W a gather of a table's rows, c a row of biases) whose
+    readers are the products G W and G^T h and G's column sum: all of it as one OutputLayer, where it has more
+    than one core (worker_threads()) and OpenBLAS's threads stay idle (openblas_threads_idle)."""
+    threads = worker_threads()
+    if threads < 2 or not node.op.grad or isinstance(node.op, RowBPRMax) and node.op.elu and node.op.alpha <= 0:
+        return None
+    X, G = node.inputs[0], node.outputs[1]
+    P = next((v for v in (X.owner.inputs if X.owner else []) if v.owner and isinstance(v.owner.op, Dot22)), X)
+    if P.owner is None or type(P.owner.op) is not Dot22:
+        return None
+    h, WT = P.owner.inputs
+    W = _transpose_of(WT)
+    if W is None or W.owner is None or not isinstance(W.owner.op, RowGather) or W.ndim != 2:
+        return None
+    table, rows = W.owner.inputs
+    offset = _offset(X, P, rows.type.shape[0] or rows.shape[0])
+    if offset is None:
+        return None
+    readers = {}  # of G: 'dh', 'dW', 'db' -> the variables they are
+    for client, i in fgraph.clients[G]:
+        if not isinstance(client, Apply):
+            return None
+        if type(client.op) is Dot22 and i == 0 and client.inputs[1] is W:
+            readers.setdefault('dh', []).append(client.outputs[0])
+        elif isinstance(client.op, MatrixReduce) and client.op.ufunc == 'add' and client.op.axis == (0,):
+            readers.setdefault('db', []).append(client.outputs[0])
+        elif _transpose_of(client.outputs[0]) is G:
+            for product, j in fgraph.clients[client.outputs[0]]:
+                if not (isinstance(product, Apply) and type(product.op) is Dot22 and j == 0
+                        and product.inputs[1] is h):
+                    return None
+                readers.setdefault('dW', []).append(product.outputs[0])
+        else:
+            return None
+    if not openblas_threads_idle(fgraph, {P.owner} | {v.owner for variables in readers.values() for v in variables}):
+        return None
+    if isinstance(node.op, RowBPRMax):
+        op = OutputLayer('bpr-max', node.op.elu, node.op.alpha, threads=threads)
+        *_, g = node.inputs
+        extra = node.inputs[1:3]
+    else:
+        op = OutputLayer('cross-entropy', threads=threads)
+        g, extra = node.inputs[1], []
+    loss, dh, dW, db = op(h, table, rows, offset, g, *extra)
+    made = {'dh': dh, 'dW': dW, 'db': db}
+    replacements = {node.outputs[0]: loss}
+    for reader, variables in readers.items():
+        for v in variables:
+            replacements[v] = made[reader] if v.dtype == made[reader].dtype else made[reader].astype(v.dtype)
+    return replacements
+
+
+def worker_threads():
+    """The threads of the kernels that split their work (OutputLayer, RowAdagrad): product_threads() on Linux,
+    where worker_pool.c's workers wait on a futex, else one."""
+    return product_threads() if sys.platform.startswith('linux') else 1
+
+
+def worker_pool_headers():
+    """The headers of worker_pool.c."""
+    linux = ['<pthread.h>', '<signal.h>', '<unistd.h>', '<sys/syscall.h>', '<linux/futex.h>']
+    return ['<algorithm>', '<atomic>'] + (linux if sys.platform.startswith('linux') else [])
+
+
+def openblas_threads_idle(fgraph, besides=()):
+    """Whether no product of the graph but `besides` (nodes) is large enough for OpenBLAS's threads, which spin
+    for a while after each product: a worker of worker_pool.c sharing a core with one is held up (on
+    retailrocket's and diginetica's settings, whose GRU products are threaded, OutputLayer made the step slower;
+    benchmarks/README.md)."""
+    return not any(n not in besides and type(n.op) in (Dot22, Gemm)
+                   and (static_macs(n) or np.inf) >= THREADED_PRODUCT_MACS for n in fgraph.apply_nodes)
+
+
+class RowAdagradThreadsRewrite(GraphRewriter):
+    """RowAdagrad of a matrix on worker_threads() threads, in a graph where OpenBLAS's threads stay idle."""
+
+    def apply(self, fgraph):
+        threads = worker_threads()
+        if threads < 2 or not openblas_threads_idle(fgraph):
+            return
+        for node in fgraph.toposort():
+            op = node.op
+            if isinstance(op, RowAdagrad) and op.threads != threads and node.inputs[0].ndim == 2:
+                new = RowAdagrad(op.learning_rate, op.momentum, op.epsilon, op.inplace, threads)(*node.inputs,
+                                                                                                 return_list=True)
+                fgraph.replace_all_validate(list(zip(node.outputs, new)), reason='row_adagrad_threads')
+
+    def add_requirements(self, fgraph):
+        fgraph.attach_feature(ReplaceValidate())
+
 class RowCount(COp):
     """Per row i of a matrix x, the number of entries greater than (or equal to) t[i]."""
 
@@ -1194,4 +1430,5 @@ def c_mode():
                       (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
                       (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
-                      (in2out(local_contiguous_elemwise_inputs), 99), (ThreadedProductRewrite(), 99.5)))
+                      (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_output_layer), 99.2),
+                      (RowAdagradThreadsRewrite(), 99.3), (ThreadedProductRewrite(), 99.5)))

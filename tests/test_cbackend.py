@@ -15,10 +15,8 @@ import pytest
 
 from backends import compile_function
 import cbackend
-from cbackend import (MatrixReduce, RowAdagrad, RowBPRMax, RowCount, RowCrossEntropy, RowGather, RowScatter, RowSoftmax,
-                      ThreadedDot22,
-                      ThreadedGemm,
-                      bpr_max_rows)
+from cbackend import (MatrixReduce, OutputLayer, RowAdagrad, RowBPRMax, RowCount, RowCrossEntropy, RowGather,
+                      RowScatter, RowSoftmax, ThreadedDot22, ThreadedGemm, bpr_max_rows)
 from conftest import RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
 from losses import LOSSES, loss_bpr_max, loss_cross_entropy
@@ -199,8 +197,8 @@ def test_pieces_that_tile_a_zero_matrix_become_one_join():
 
 
 def c_ops(fn):
-    return {type(node.op) for node in fn.maker.fgraph.toposort()} & {RowAdagrad, RowScatter, MatrixReduce, RowSoftmax,
-                                                                       RowCrossEntropy, RowCount, RowGather}
+    return {type(node.op) for node in fn.maker.fgraph.toposort()} & {
+        RowAdagrad, RowScatter, MatrixReduce, RowSoftmax, RowCrossEntropy, RowCount, RowGather, OutputLayer}
 
 
 def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
@@ -208,7 +206,8 @@ def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
     graphs are written backend-neutrally, so a change to them could silently lose an op)."""
     log = make_log([4] * 60, seed=1)
     model = fit_small(log, loss='cross-entropy', final_act='softmax', adapt='adagrad', momentum=0.2, n_epochs=1)
-    assert c_ops(model.training_step_.function) == {RowAdagrad, RowScatter, MatrixReduce, RowCrossEntropy, RowGather}
+    layer = {OutputLayer} if cbackend.worker_threads() > 1 else {RowCrossEntropy}
+    assert c_ops(model.training_step_.function) == {RowAdagrad, RowScatter, MatrixReduce, RowGather} | layer
     recording = RecordingModel(model)
     evaluate_gpu(recording, log, cut_off=[5])
     assert [c_ops(fn) for fn in recording.functions] == [{MatrixReduce, RowCount, RowGather}]
@@ -559,3 +558,157 @@ def test_a_cold_compile_builds_every_new_module_once_and_several_at_a_time(tmp_p
                       if start <= later < end)
     assert overlapping > 0 if cbackend.usable_cores() > 1 else overlapping == 0
     assert report['left'] == 0
+
+
+def output_layer_graph(loss, final_act, dtype, M, K, N, items=300, seed=0):
+    """The output layer as GRU4Rec's step writes it (scores of gathered item rows plus their biases, the padded
+    columns masked, a loss of row_loss_op weighted per row) and its gradients w.r.t. the hidden state, the item
+    table and the biases, with values: h, the table, the biases, the rows (repeats among them), the columns'
+    mask and the rows' weights."""
+    rng = np.random.default_rng(seed)
+    with pytensor.config.change_flags(floatX=dtype):
+        h, table = pt.matrix('h', dtype=dtype), pt.matrix('table', dtype=dtype)
+        bias, rows = pt.vector('bias', dtype=dtype), pt.vector('rows', dtype='int32')
+        cols, w = pt.vector('cols', dtype=dtype), pt.vector('w', dtype=dtype)
+        scores = pt.dot(h, table[rows].T) + bias[rows][None, :] - 1e9 * (1 - cols)[None, :]
+        losses = row_loss_op(loss, LOSSES[loss], scores, cols, 0.9, final_act)
+        outputs = [losses, *pytensor.grad((losses * w).sum(), [h, table, bias])]
+    values = [(rng.standard_normal((M, K)) * 0.5).astype(dtype), (rng.standard_normal((items, K)) * 0.5).astype(dtype),
+              rng.standard_normal(items).astype(dtype),
+              np.r_[rng.permutation(items)[:M], rng.integers(0, items, N - M)].astype('int32'),
+              np.r_[np.ones(N - 5), np.zeros(5)].astype(dtype), rng.uniform(0.5, 1.5, M).astype(dtype)]
+    return [h, table, bias, rows, cols, w], outputs, values
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+@pytest.mark.parametrize('loss, final_act', [('cross-entropy', 'softmax'), ('bpr-max', 'elu-0.5'),
+                                             ('bpr-max', 'linear')])
+@pytest.mark.parametrize('M, K, N', [(6, 8, 40), (32, 100, 2080)])
+def test_output_layer_equals_the_graph(dtype, loss, final_act, M, K, N):
+    """On a machine with more than one core the C backend computes the output layer (gather, scores, loss,
+    gradient, the three products and the biases' gradient) as one OutputLayer split over the cores; elsewhere
+    the graph runs as written (PyTensor's Python linker): same losses and gradients, the item table's summed
+    over repeated rows."""
+    inputs, outputs, values = output_layer_graph(loss, final_act, dtype, M, K, N)
+    fn = compile_function(inputs, outputs, backend='c')
+    ops = [type(n.op) for n in fn.maker.fgraph.toposort()]
+    assert ops.count(OutputLayer) == (1 if cbackend.worker_threads() > 1 else 0), ops
+    expected = pytensor.function(inputs, outputs, mode='FAST_COMPILE')(*values)
+    tolerance = {'float32': dict(rtol=2e-4, atol=2e-5), 'float64': dict(rtol=1e-9, atol=1e-11)}[dtype]
+    for got, want in zip(fn(*values), expected):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, **tolerance)
+
+
+def output_layer_function(op, dtype):
+    h, table, offset, g, cols = (pt.tensor(name, dtype=dtype, shape=(None,) * ndim)
+                                 for name, ndim in [('h', 2), ('table', 2), ('offset', 1), ('g', 1), ('cols', 1)])
+    rows, bpreg = pt.vector('rows', dtype='int64'), pt.scalar('bpreg', dtype=dtype)
+    extra = [cols, bpreg] if op.loss == 'bpr-max' else []
+    inputs = [h, table, rows, offset, g, *extra]
+    return compile_function(inputs, op(*inputs), backend='c')
+
+
+def output_layer_values(M, K, N, items, dtype, seed=0, bpr_max=True):
+    rng = np.random.default_rng(seed)
+    values = [rng.standard_normal((M, K)), rng.standard_normal((items, K)), rng.integers(-items, items, N),
+              rng.standard_normal(N), rng.uniform(0.5, 1.5, M)]
+    if bpr_max:
+        values += [np.r_[np.ones(N - 3), np.zeros(3)], 0.7]
+    return [np.asarray(v, dtype='int64' if i == 2 else dtype) for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize('loss', ['cross-entropy', 'bpr-max'])
+def test_output_layer_gradients_are_the_numeric_ones(loss):
+    """OutputLayer's dh, dW and db (float64, split over two threads in chunks of columns) against central
+    differences of its loss output weighted by g, w.r.t. h, the gathered rows (a table row that two columns
+    gather gets both columns' gradients, so the rows are distinct here) and the offset."""
+    M, K, N = 3, 4, 40
+    op = OutputLayer(loss, elu=loss == 'bpr-max', alpha=0.5, threads=2)
+    fn = output_layer_function(op, 'float64')
+    h, table, rows, offset, g, *extra = output_layer_values(M, K, N, 50, 'float64', seed=2, bpr_max=loss == 'bpr-max')
+    rows = np.random.default_rng(3).permutation(50)[:N]
+    loss_value, dh, dW, db = fn(h, table, rows, offset, g, *extra)
+
+    def cost(h, W, offset):
+        return g @ fn(h, W, np.arange(N), offset, g, *extra)[0]
+    W = table[rows]
+    for value, analytic, args in [(h, dh, lambda v: (v, W, offset)), (W, dW, lambda v: (h, v, offset)),
+                                  (offset, db, lambda v: (h, W, v))]:
+        numeric = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            step = np.zeros_like(value)
+            step[index] = 1e-6
+            numeric[index] = (cost(*args(value + step)) - cost(*args(value - step))) / 2e-6
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize('loss', ['cross-entropy', 'bpr-max'])
+def test_output_layer_on_more_threads_equals_one_thread(loss):
+    """The columns' chunks shared by 1, 2 and 5 threads (more than the cores: the workers that come late find
+    the chunks taken) give the same results bit for bit: the chunks and the order of every sum are the same
+    whichever thread computed which chunk (training is reproducible)."""
+    values = output_layer_values(32, 24, 700, 400, 'float32', bpr_max=loss == 'bpr-max')
+    results = [output_layer_function(OutputLayer(loss, elu=True, alpha=0.5, threads=t), 'float32')(*values)
+               for t in (1, 2, 5)]
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_output_layer_rejects_bad_rows_and_shapes():
+    """An index outside the table and more rows of h than scored columns (row i's target is column i) are
+    errors that say so, raised before any output is computed."""
+    fn = output_layer_function(OutputLayer('bpr-max', threads=2), 'float32')
+    values = output_layer_values(4, 3, 20, 10, 'float32')
+    values[2][7] = 10
+    with pytest.raises(IndexError, match='index 10 is out of bounds for 10 rows'):
+        fn(*values)
+    values = output_layer_values(4, 3, 20, 10, 'float32')
+    short = [values[0], values[1], values[2][:3], values[3][:3], values[4], values[5][:3], values[6]]
+    with pytest.raises(ValueError, match='rows must not outnumber columns'):
+        fn(*short)
+
+
+def test_output_layer_stays_out_of_a_step_with_threaded_products():
+    """Where the GRU's own products are large enough for OpenBLAS's threads (a 600-unit layer), the output
+    layer stays as separate ops: a worker of the layer would share a core with OpenBLAS's spinning threads."""
+    log = make_log([4] * 60, seed=1)
+    model = fit_small(log, layers=[600], batch_size=32, n_sample=40, n_epochs=1)
+    ops = {type(node.op) for node in model.training_step_.function.maker.fgraph.toposort()}
+    assert OutputLayer not in ops and RowBPRMax in ops, ops
+
+
+@pytest.mark.parametrize('momentum', [0.0, 0.3])
+def test_row_adagrad_on_more_threads_equals_one_thread(momentum):
+    """RowAdagrad's rows shared by 2 and 5 threads (pieces of rows claimed as the threads come, the padding row
+    repeated at the end) give the same weights and state bit for bit as one thread: each row is stepped once,
+    by one thread."""
+    rng = np.random.default_rng(4)
+    n, L, k = 5000, 100, 2112
+    rows = np.r_[rng.permutation(n - 1)[:k - 40], np.full(40, n - 1)].astype('int64')
+    grad = rng.standard_normal((k, L)).astype(np.float32)
+    grad[-40:] = 0
+    state = [rng.standard_normal((n, L)).astype(np.float32), rng.uniform(0.1, 1, (n, L)).astype(np.float32)]
+    if momentum:
+        state.append(np.zeros((n, L), np.float32))
+    results = []
+    for threads in (1, 2, 5):
+        inputs = [pt.matrix(dtype='float32') for _ in state] + [pt.vector(dtype='int64'), pt.matrix(dtype='float32')]
+        fn = compile_function(inputs, RowAdagrad(0.05, momentum, 1e-6, threads=threads)(*inputs, return_list=True))
+        results.append(fn(*state, rows, grad))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(results[0][0], state[0])
+
+
+def test_the_training_step_splits_its_item_rows_update_where_openblas_threads_stay_idle():
+    """In a 100-unit step (no product large enough for OpenBLAS's threads) RowAdagrad of the item matrix runs on
+    worker_threads() threads; in a 600-unit step on one."""
+    log = make_log([4] * 60, seed=1)
+    for layers, threads in [([100], cbackend.worker_threads()), ([600], 1)]:
+        model = fit_small(log, layers=layers, batch_size=32, n_sample=40, n_epochs=1)
+        matrices = [node.op.threads for node in model.training_step_.function.maker.fgraph.toposort()
+                    if isinstance(node.op, RowAdagrad) and node.inputs[0].ndim == 2]
+        assert matrices and set(matrices) == {threads}, (layers, matrices)
