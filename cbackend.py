@@ -1188,7 +1188,7 @@ def local_output_layer(fgraph, node):
         return None
     readers = {}  # of G: 'dh', 'dW', 'db' -> the variables they are
     for client, i in fgraph.clients[G]:
-        if not isinstance(client, Apply):
+        if not isinstance(client, Apply) or not client.outputs:  # G an output of the function
             return None
         if type(client.op) is Dot22 and i == 0 and client.inputs[1] is W:
             readers.setdefault('dh', []).append(client.outputs[0])

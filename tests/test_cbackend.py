@@ -712,3 +712,15 @@ def test_the_training_step_splits_its_item_rows_update_where_openblas_threads_st
         matrices = [node.op.threads for node in model.training_step_.function.maker.fgraph.toposort()
                     if isinstance(node.op, RowAdagrad) and node.inputs[0].ndim == 2]
         assert matrices and set(matrices) == {threads}, (layers, matrices)
+
+
+def test_output_layer_stays_out_where_the_gradient_is_read_elsewhere(caplog):
+    """A graph that also reads the loss's gradient itself (here: as an output) keeps the separate ops, without
+    the rewrite failing on the reader it does not know."""
+    inputs, outputs, values = output_layer_graph('bpr-max', 'elu-0.5', 'float32', 6, 8, 40)
+    scores_gradient = pytensor.grad((outputs[0] * inputs[-1]).sum(), outputs[0].owner.inputs[0])
+    fn = compile_function(inputs, outputs + [scores_gradient], backend='c')
+    assert OutputLayer not in {type(n.op) for n in fn.maker.fgraph.toposort()}
+    assert not [r for r in caplog.records if r.levelname == 'ERROR'], caplog.text
+    for got, want in zip(fn(*values)[:4], pytensor.function(inputs, outputs, mode='FAST_COMPILE')(*values)):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
