@@ -1,6 +1,5 @@
 """Helpers shared by the benchmark scripts: loading a data set (or generating one), hyper-parameters
 from a k=v string or a parameter file, peak memory."""
-import ast
 import os
 import resource
 import sys
@@ -11,6 +10,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from run import read_paramfile  # noqa: E402  (after the path: the repository's own module)
 DATA_DIR = ROOT.parent / 'shared' / 'data'
 
 PRESETS = {
@@ -51,10 +51,7 @@ def load_log(spec):
 def read_params(args):
     params = OrderedDict()
     if args.paramfile:
-        tree = ast.parse(Path(args.paramfile).read_text())
-        namespace = {'OrderedDict': OrderedDict}
-        exec(compile(tree, args.paramfile, 'exec'), namespace)
-        params.update(namespace['gru4rec_params'])
+        params.update(read_paramfile(args.paramfile))
     text = PRESETS.get(args.params, args.params)
     for pair in filter(None, text.split(',')):
         key, _, value = pair.partition('=')
