@@ -628,7 +628,7 @@ class RowAdagrad(COp):
             storage[0] = value
 
     def c_code_cache_version(self):
-        return (10,)
+        return (11,)
 
     def c_support_code(self, **kwargs):
         return kernel('worker_pool.c')
@@ -1086,7 +1086,7 @@ class OutputLayer(COp):
             storage[0] = np.asarray(value, dtype=h.dtype)
 
     def c_code_cache_version(self):
-        return (9,)
+        return (10,)
 
     def c_support_code(self, **kwargs):
         # BLAS's declarations as PyTensor's products have them, and their link flags (below).
@@ -1228,7 +1228,7 @@ def worker_threads():
 
 def worker_pool_headers():
     """The headers of worker_pool.c."""
-    linux = ['<pthread.h>', '<signal.h>', '<unistd.h>', '<sys/syscall.h>', '<linux/futex.h>']
+    linux = ['<pthread.h>', '<sched.h>', '<signal.h>', '<time.h>', '<unistd.h>', '<sys/syscall.h>', '<linux/futex.h>']
     return ['<algorithm>', '<atomic>'] + (linux if sys.platform.startswith('linux') else [])
 
 

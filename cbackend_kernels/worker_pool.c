@@ -15,11 +15,13 @@ struct Task {
     virtual ~Task() {}
 };
 
-// The workers sleep on a futex between tasks: a thread that spins between them would take the core from
-// OpenBLAS's threads and the sample store's. A sleeping worker takes tens of microseconds to wake on a
-// virtual machine, so the tasks' work goes in pieces that the threads claim as they come: the calling thread
-// does not wait for a worker, and does all of it alone where none comes.
+// A worker waits for the next task for SPIN_NS after each, yielding its core to any other thread that wants it
+// (the next layer's or update's task often comes within that time), then sleeps on a futex: a thread that
+// spun between the steps' tasks would take the core from the sample store's thread. A sleeping worker takes
+// tens of microseconds to wake on a virtual machine, so the tasks' work goes in pieces that the threads claim
+// as they come: the calling thread does not wait for a worker, and does all of it alone where none comes.
 const int MAX_WORKERS = 15;
+const long SPIN_NS = 150000;
 static std::atomic<uint32_t> generation{0};  // bumped once per task: the futex the workers wait on
 static std::atomic<Task*> current{nullptr};
 static std::atomic<int> threads_wanted{1};
@@ -40,13 +42,27 @@ static void futex_wake(std::atomic<uint32_t>* word, int n) {
 #endif
 }
 
+#ifdef __linux__  // (the workers start on Linux only)
+static long now_ns() {
+    timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
 static void* work(void* arg) {
     const int tid = (int)(intptr_t)arg;
     uint32_t seen = generation.load();
+    long idle_since = now_ns();
     for (;;) {
         const uint32_t now = generation.load(std::memory_order_acquire);
         if (now == seen) {
-            futex_wait(&generation, seen);
+            if (now_ns() - idle_since < SPIN_NS) {
+                for (int q = 0; q < 32; q++) spin_pause();
+                sched_yield();
+            } else {
+                futex_wait(&generation, seen);
+                idle_since = now_ns();
+            }
             continue;
         }
         seen = now;
@@ -56,9 +72,11 @@ static void* work(void* arg) {
         Task* task = current.load();
         if (task && tid < threads_wanted.load()) task->run(tid);
         inside.fetch_sub(1);
+        idle_since = now_ns();
     }
     return nullptr;
 }
+#endif
 
 // Starts workers up to `wanted` (again in a forked child, which has none); returns how many there are (none
 // but on Linux, where the workers wait on a futex).
