@@ -78,8 +78,9 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
 16. The output layer on one core. Its gather, three products, loss kernel and column sum ran one after another,
    and only the products could use a second core (OpenBLAS's threads, product by product). `OutputLayer`
    computes the whole layer in chunks of columns that the calling thread and a worker thread claim as they
-   come (`local_output_layer`), where no other product of the step is threaded: there OpenBLAS's threads,
-   spinning between products, would share the worker's core.
+   come (`local_output_layer`); `RowAdagrad` shares a matrix's rows the same way. Both do so where no other
+   product of the step is threaded (`openblas_threads_idle`): OpenBLAS's threads, spinning between products,
+   would share the worker's core. The workers (worker_pool.c) wait briefly for the next task, then sleep.
 """
 import concurrent.futures
 import contextlib
