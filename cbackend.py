@@ -1048,11 +1048,12 @@ class OutputLayer(COp):
 
     As ops of a graph these are a gather, three products, a loss kernel and a column sum, each on its own;
     only the products could use a second core (OpenBLAS's threads), one at a time. Here the columns go in
-    chunks, which `threads` threads (the caller and workers of this module, which sleep between calls) claim
-    as they come: each gathers, scores and sums its chunks' rows, and once all are scored each
-    differentiates its chunks and runs their products, summing its share of dh (benchmarks/README.md,
-    "The output layer on both cores"). The softmax's row sums of the chunks are taken each with the chunk's
-    maximum and combined after; sums in float64, as the loss kernels'."""
+    chunks, which `threads` threads (the caller and workers of this module, worker_pool.c) claim as they come:
+    each gathers, scores and sums its chunks' rows, and once all are scored each differentiates its chunks and
+    runs their products (benchmarks/README.md, "The output layer on both cores"). The softmax's row sums of the
+    chunks are taken each with the chunk's maximum and combined after, in float64 as the loss kernels' sums;
+    the chunks' shares of dh are summed in chunk order, so that any number of threads gives the same results
+    bit for bit. Without BLAS to link it runs perform (numpy), as PyTensor's own products do."""
 
     __props__ = ('loss', 'elu', 'alpha', 'threads')
 
@@ -1118,8 +1119,8 @@ class OutputLayer(COp):
     c_libraries = GemmRelated.c_libraries
     c_lib_dirs = GemmRelated.c_lib_dirs
     c_header_dirs = GemmRelated.c_header_dirs
-
     c_compile_args = GemmRelated.c_compile_args
+
 
 def _transpose_of(v):
     """The matrix whose transpose v is, else None."""
@@ -1171,7 +1172,9 @@ def _offset(X, P, N):
 def local_output_layer(fgraph, node):
     """A loss kernel's gradient G of scores X = h W^T + c (W a gather of a table's rows, c a row of biases) whose
     readers are the products G W and G^T h and G's column sum: all of it as one OutputLayer, where it has more
-    than one core (worker_threads()) and OpenBLAS's threads stay idle (openblas_threads_idle)."""
+    than one core (worker_threads()) and OpenBLAS's threads stay idle (openblas_threads_idle). BPR-max with an
+    ELU of alpha <= 0 stays as it is: the layer reads the ELU's derivative off its value, whose sign is the
+    logit's only for alpha > 0."""
     threads = worker_threads()
     if threads < 2 or not node.op.grad or isinstance(node.op, RowBPRMax) and node.op.elu and node.op.alpha <= 0:
         return None
@@ -1258,6 +1261,7 @@ class RowAdagradThreadsRewrite(GraphRewriter):
 
     def add_requirements(self, fgraph):
         fgraph.attach_feature(ReplaceValidate())
+
 
 class RowCount(COp):
     """Per row i of a matrix x, the number of entries greater than (or equal to) t[i]."""
