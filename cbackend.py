@@ -1226,8 +1226,9 @@ def local_output_layer(fgraph, node):
 
 def worker_threads():
     """The threads of the kernels that split their work (OutputLayer, RowAdagrad): product_threads() on Linux,
-    where worker_pool.c's workers wait on a futex, else one."""
-    return product_threads() if sys.platform.startswith('linux') else 1
+    where worker_pool.c's workers wait on a futex, else one; at most 8, OutputLayer's chunks (more threads would
+    find none left to take, and their workers would wait between tasks for nothing)."""
+    return min(product_threads(), 8) if sys.platform.startswith('linux') else 1
 
 
 def worker_pool_headers():
