@@ -628,7 +628,7 @@ def test_output_layer_gradients_are_the_numeric_ones(loss):
     fn = output_layer_function(op, 'float64')
     h, table, rows, offset, g, *extra = output_layer_values(M, K, N, 50, 'float64', seed=2, bpr_max=loss == 'bpr-max')
     rows = np.random.default_rng(3).permutation(50)[:N]
-    loss_value, dh, dW, db = fn(h, table, rows, offset, g, *extra)
+    _, dh, dW, db = fn(h, table, rows, offset, g, *extra)
 
     def cost(h, W, offset):
         return g @ fn(h, W, np.arange(N), offset, g, *extra)[0]
