@@ -1088,7 +1088,7 @@ class OutputLayer(COp):
             storage[0] = np.asarray(value, dtype=h.dtype)
 
     def c_code_cache_version(self):
-        return (10,)
+        return (12,)
 
     def c_support_code(self, **kwargs):
         # BLAS's declarations as PyTensor's products have them, and their link flags (below).
@@ -1148,13 +1148,15 @@ def _plus(out, x):
 
 def _offset(X, P, N):
     """The row vector c where X = P + c (N columns), c broadcast over the rows (P's element-wise sum with
-    biases, logQ and the columns' masks); None where X is not such a sum."""
+    biases, logQ and the columns' masks); None where X is not such a sum, or no row of the sum spans the
+    columns."""
     if X is P:
         return pt.zeros((N,), dtype=P.dtype)
     node = X.owner
     if node is None or not isinstance(node.op, Elemwise) or node.inputs.count(P) != 1 or len(node.outputs) != 1:
         return None
-    if any(v is not P and v.type.shape[0] != 1 for v in node.inputs):
+    if any(v is not P and v.type.shape[0] != 1 for v in node.inputs) or all(
+            v is P or v.type.shape[1] == 1 for v in node.inputs):
         return None
     scalar_op, position = node.op.scalar_op, node.inputs.index(P)
     if isinstance(scalar_op, ps.Composite):
@@ -1164,8 +1166,9 @@ def _offset(X, P, N):
         inner_output = scalar_op(*inner_inputs)
     if not _plus(inner_output, inner_inputs[position]):
         return None
-    zero = pt.zeros((1, N), dtype=P.dtype)
-    return node.op(*[zero if v is P else v for v in node.inputs])[0]
+    # P's place taken by a constant 0, broadcast: c costs one pass over the biases' row, no zero row made first.
+    zero = pt.constant(np.zeros((1, 1), dtype=P.dtype))
+    return Elemwise(scalar_op)(*[zero if v is P else v for v in node.inputs])[0]  # not in place, as node.op may be
 
 
 @node_rewriter([RowLossKernel])

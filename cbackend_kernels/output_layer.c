@@ -95,7 +95,7 @@
             double dot = 0;
             for (npy_intp k = 0; k < K; k++) dot += (double)layer.h[i * K + k] * *(const T*)(w + k * layer.value_stride);
             const T v = (T)dot + layer.offset[i], alpha = (T)${alpha};
-            target[i] = ${elu} ? (v > 0 ? v : alpha * std::expm1(std::min(v, (T)0))) : v;
+            target[i] = ${elu} ? output_layer::elu(v, alpha) : v;
         }
     }
 #if ${threads} > 1

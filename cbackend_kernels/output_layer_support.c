@@ -5,6 +5,19 @@ namespace output_layer {
 
 using worker_pool::spin_pause;
 
+// The ELU of alpha (the final activation elu-alpha), as the graph of losses._elu writes it, and its derivative
+// read off its value: 1 above 0, alpha exp(x) = y + alpha below, the mean of the two at 0 (for alpha > 0 the
+// value has the logit's sign).
+template <typename T>
+static inline T elu(T x, T alpha) {
+    return x > 0 ? x : alpha * std::expm1(std::min(x, (T)0));
+}
+
+template <typename T>
+static inline T elu_slope(T y, T alpha) {
+    return y > 0 ? (T)1 : y < 0 ? y + alpha : (1 + alpha) / 2;
+}
+
 // Row-major C (m x n, ldc) = alpha op(A) op(B) + beta C through the Fortran BLAS, which is column-major:
 // C^T = op(B)^T op(A)^T.
 static inline void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda,
@@ -116,7 +129,7 @@ struct Layer : worker_pool::Task {
             #pragma omp simd reduction(max:m)
             for (int j = 0; j < n; j++) {
                 const T v = x[j] + off[j];
-                const T y = ELU ? (v > 0 ? v : a * std::expm1(std::min(v, (T)0))) : v;
+                const T y = ELU ? elu(v, a) : v;
                 x[j] = y;
                 m = (cr[j] != 0 && j != own && y > m) ? y : m;
             }
@@ -187,15 +200,13 @@ struct Layer : worker_pool::Task {
                 for (int j = 0; j < n; j++) {
                     const T sj = e[j] * scale, yj = x[j], sg = s[j];
                     T dj = gi * (-(sj * (sg - a) - sj * sg * (1 - sg)) * inv + l * sj * (yj * yj - b + 2 * yj));
-                    // The ELU's derivative, from its value: 1 above 0, alpha exp(x) = y + alpha below, the
-                    // mean of the two at 0 (alpha > 0: the value has the logit's sign).
-                    if (ELU) dj *= yj > 0 ? (T)1 : yj < 0 ? yj + al : (1 + al) / 2;
+                    if (ELU) dj *= elu_slope(yj, al);
                     e[j] = dj;
                 }
                 if (own >= 0 && own < n) {
                     const T yt = x[own];
                     T dt = (T)(gi * -t[4] * inv);
-                    if (ELU) dt *= yt > 0 ? (T)1 : yt < 0 ? yt + al : (1 + al) / 2;
+                    if (ELU) dt *= elu_slope(yt, al);
                     e[own] = dt;
                 }
             }
