@@ -54,9 +54,8 @@ def _functions(hp):
     scores = pt.dot(h, W.T) + offset[None, :]
     losses = row_loss_op(loss_name, LOSSES[loss_name], scores, cols, float(hp.get('bpreg', 0.0)), hp['final_act'])
     G = pytensor.grad((losses * g).sum(), scores)
-    # bpreg is the graph's constant here, as in the step; the function takes it and leaves it unused.
-    made['separate ops'] = compile_function(inputs, [losses, pt.dot(G, W), pt.dot(G.T, h), G.sum(axis=0), G,
-                                                     bpreg * 0] if loss_name == 'bpr-max' else
+    # bpreg is the graph's constant here, as in the step: the function takes every input but it.
+    made['separate ops'] = compile_function([v for v in inputs if v is not bpreg],
                                             [losses, pt.dot(G, W), pt.dot(G.T, h), G.sum(axis=0), G])
     return made
 
@@ -90,11 +89,12 @@ def main():
         times = {label: [] for label in fns}
         for _ in range(args.rounds):
             for label, fn in fns.items():
+                rest = values[3:len(fn.maker.inputs)]  # bpreg, last, only where the function takes it
                 for rows in row_draws[:20]:
-                    fn(*values[:2], rows, *values[3:])
+                    fn(*values[:2], rows, *rest)
                 start = time.perf_counter()
                 for rows in row_draws[20:]:
-                    fn(*values[:2], rows, *values[3:])
+                    fn(*values[:2], rows, *rest)
                 times[label].append((time.perf_counter() - start) / args.calls * 1e6)
         cells = [f"{statistics.median(t):,.0f} ({', '.join(f'{x:,.0f}' for x in t)})" for t in times.values()]
         print(f'| {name} | {M} x {K} x {N:,} | ' + ' | '.join(cells) + ' |', flush=True)
