@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -724,3 +725,35 @@ def test_output_layer_stays_out_where_the_gradient_is_read_elsewhere(caplog):
     assert not [r for r in caplog.records if r.levelname == 'ERROR'], caplog.text
     for got, want in zip(fn(*values)[:4], pytensor.function(inputs, outputs, mode='FAST_COMPILE')(*values)):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_output_layer_from_many_python_threads_and_a_forked_child():
+    """Python threads that each call a compiled OutputLayer (one module, so one set of workers) many times at
+    once, and a child forked while the workers exist (it has none and starts its own), all get the results of
+    a lone call bit for bit; bounded in time."""
+    values = output_layer_values(32, 24, 700, 400, 'float32')
+    op = OutputLayer('bpr-max', elu=True, alpha=0.5, threads=2)
+    fns = [output_layer_function(op, 'float32') for _ in range(4)]
+    expected = fns[0](*values)
+    mismatches = []
+
+    def calls(fn):
+        for _ in range(100):
+            if not all(np.array_equal(got, want) for got, want in zip(fn(*values), expected)):
+                mismatches.append(fn)
+
+    threads = [threading.Thread(target=calls, args=(fn,)) for fn in fns]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads) and mismatches == []
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        ok = all(np.array_equal(got, want) for got, want in zip(fns[1](*values), expected))
+        os.write(write, b'1' if ok else b'0')
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(child, 0)
+    assert os.read(read, 1) == b'1' and os.waitstatus_to_exitcode(status) == 0
