@@ -126,15 +126,19 @@ def plain_c_mode():
     return get_mode(BACKENDS['c']).register((in2out(local_inline_row_loss), 0.01))
 
 
-def compile_function(inputs, outputs, updates=None, backend='c'):
+def compile_function(inputs, outputs, updates=None, backend='c', keep_buffers=False):
     """pytensor.function in the compile mode of `backend` (a key of BACKENDS); GRU4Rec, the evaluation
-    and the baselines compile every graph through it."""
+    and the baselines compile every graph through it.
+
+    keep_buffers: a function called many times on inputs of one shape (the training step); with the C
+    kernels it keeps its intermediate results' arrays between calls where they fit in the cache
+    (cbackend.KeptBuffersVMLinker)."""
     check_backend(backend)
     if backend == 'c':
         kernels = c_kernels()
         if kernels is not None:
             with pytensor.config.change_flags(**kernels.compile_flags()):
-                return pytensor.function(inputs, outputs, updates=updates, mode=kernels.c_mode(),
+                return pytensor.function(inputs, outputs, updates=updates, mode=kernels.c_mode(keep_buffers),
                                          on_unused_input='ignore')
         return pytensor.function(inputs, outputs, updates=updates, mode=plain_c_mode(), on_unused_input='ignore')
     return pytensor.function(inputs, outputs, updates=updates, mode=JAX_MODE, on_unused_input='ignore')

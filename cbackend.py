@@ -89,6 +89,7 @@ import functools
 import glob
 import hashlib
 import inspect
+import math
 import os
 import re
 import shutil
@@ -488,6 +489,41 @@ class ParallelBuildVMLinker(VMLinker):
     def make_all(self, *args, **kwargs):
         with modules_built_in_parallel(self.fgraph.toposort()):
             return super().make_all(*args, **kwargs)
+
+
+# The intermediate results' bytes up to which a function keeps their arrays between calls: the L2 caches of
+# two cores. Beyond it, arrays handed back to the allocator after their last reader and handed out again to
+# the next result kept diginetica's step in cache better (benchmarks/README.md, "Kept buffers").
+KEPT_BUFFERS_BYTES = 4 << 20
+
+
+def intermediate_bytes(fgraph):
+    """The bytes of the results that fgraph's nodes allocate (not the views, the in-place results and the
+    outputs), by their static shapes; None where a shape is unknown."""
+    total = 0
+    for node in fgraph.apply_nodes:
+        if node.op.destroy_map or node.op.view_map:
+            continue
+        for var in node.outputs:
+            if var in fgraph.outputs:
+                continue
+            shape = getattr(var.type, 'shape', None)
+            if shape is None or None in shape:
+                return None
+            total += math.prod(shape) * np.dtype(var.type.dtype).itemsize
+    return total
+
+
+class KeptBuffersVMLinker(ParallelBuildVMLinker):
+    """ParallelBuildVMLinker for a function called many times on inputs of one shape (the training step):
+    where its intermediate results fit in KEPT_BUFFERS_BYTES, it keeps their arrays between calls
+    (PyTensor's allow_gc=False) and each op writes into the array it made at the call before, instead of
+    allocating a new one and freeing it after its last reader."""
+
+    def make_all(self, *args, **kwargs):
+        size = intermediate_bytes(self.fgraph)
+        self._allow_gc = size is None or size > KEPT_BUFFERS_BYTES
+        return super().make_all(*args, **kwargs)
 
 
 def c_output(out, shape, typenum, fail):
@@ -1427,10 +1463,11 @@ def local_matrix_reduce(fgraph, node):
 
 
 @functools.cache
-def c_mode():
+def c_mode(keep_buffers=False):
     """The CVM mode with the row scatter and reduction rewrites, without turning softmax into a Python
-    op, nor element-wise work into (slow, scalar) C reductions."""
-    return (Mode(linker=ParallelBuildVMLinker(use_cloop=True), optimizer='fast_run').excluding(*EXCLUDED_REWRITES)
+    op, nor element-wise work into (slow, scalar) C reductions; keep_buffers: linked by KeptBuffersVMLinker."""
+    linker = (KeptBuffersVMLinker if keep_buffers else ParallelBuildVMLinker)(use_cloop=True)
+    return (Mode(linker=linker, optimizer='fast_run').excluding(*EXCLUDED_REWRITES)
             .register((in2out(local_row_loss), 0.01),
                       (RowAdagradRewrite(), 0.02),  # before canonicalisation rewrites the graph it recognises
                       (in2out(local_row_count), 48),

@@ -205,8 +205,8 @@ class GRU4Rec:
         loss = functools.partial(LOSSES[hp['loss']], smoothing=np.float32(hp['smoothing']))
         return row_loss_op(hp['loss'], loss, logits, cols, hp['bpreg'], hp['final_act'])  # the final activation inside
 
-    def compile_function(self, inputs, outputs, updates=None) -> Callable[..., Any]:
-        return compile_function(inputs, outputs, updates, self._parsed_params()['backend'])
+    def compile_function(self, inputs, outputs, updates=None, keep_buffers=False) -> Callable[..., Any]:
+        return compile_function(inputs, outputs, updates, self._parsed_params()['backend'], keep_buffers)
 
     # -- training ------------------------------------------------------------------------------------
 

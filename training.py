@@ -257,7 +257,7 @@ class TrainingStep:
         compiled function."""
         if self.function is None:
             with pytensor.config.change_flags(floatX=FLOAT):  # as when the graph was built: a float32 step
-                self.function = self._compile_function(*self._graph)
+                self.function = self._compile_function(*self._graph, keep_buffers=True)
             one = np.zeros(1, dtype=np.int32)
             pack_inputs(one, one, one, np.zeros(1, dtype=FLOAT), np.zeros(self.n_sample, dtype=np.int32),
                         np.zeros(self.mask_sizes.sum(), dtype=np.float32), self.mask_sizes, self.mask_keep,

@@ -18,8 +18,9 @@ from backends import compile_function
 import cbackend
 from cbackend import (MatrixReduce, OutputLayer, RowAdagrad, RowBPRMax, RowCount, RowCrossEntropy, RowGather,
                       RowScatter, RowSoftmax, ThreadedDot22, ThreadedGemm, bpr_max_rows)
-from conftest import RecordingModel, fit_small, make_log
+from conftest import SMALL, SMALL_STORE, RecordingModel, fit_small, make_log
 from evaluation import evaluate_gpu
+from gru4rec import GRU4Rec
 from losses import LOSSES, loss_bpr_max, loss_cross_entropy
 from training import Optimizer, row_loss_op
 
@@ -213,6 +214,33 @@ def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
     evaluate_gpu(recording, log, cut_off=[5])
     assert [c_ops(fn) for fn in recording.functions] == [{MatrixReduce, RowCount, RowGather}]
 
+
+
+class FreshBuffers(GRU4Rec):
+    """GRU4Rec whose training step allocates every intermediate result anew at each call."""
+
+    def compile_function(self, inputs, outputs, updates=None, keep_buffers=False):
+        return super().compile_function(inputs, outputs, updates, keep_buffers=False)
+
+
+@pytest.mark.parametrize('settings', [
+    dict(loss='cross-entropy', final_act='softmax', layers=[100], n_sample=40),
+    dict(loss='bpr-max', final_act='elu-0.5', layers=[600], n_sample=40, learning_rate=0.01),
+    dict(loss='top1', final_act='tanh', layers=[8], embedding=5)])
+def test_the_training_step_writes_into_its_last_calls_arrays_and_trains_the_same(settings):
+    """A compiled training step whose intermediate results fit in KEPT_BUFFERS_BYTES keeps their arrays between
+    mini-batches (each op writes over the array it made at the step before): every weight ends the same, bit for
+    bit, as when each step allocates afresh, on graphs with OutputLayer and with others; a larger step (600
+    units) hands its arrays back to the allocator after their last reader."""
+    log = make_log([4] * 60, seed=1)
+    params = dict(SMALL, batch_size=32, n_epochs=2, **settings)
+    kept, fresh = (cls(**params).fit(log, sample_store=SMALL_STORE) for cls in (GRU4Rec, FreshBuffers))
+    assert kept.training_step_.function.maker.linker.allow_gc == (settings['layers'] == [600])
+    assert fresh.training_step_.function.maker.linker.allow_gc
+    losses = [[record['loss'] for record in model.history_] for model in (kept, fresh)]
+    assert losses[0] == losses[1] and losses[0][1] < losses[0][0]
+    for name, weights in kept.weights.items():
+        np.testing.assert_array_equal(weights, fresh.weights[name], err_msg=name)
 
 
 def sparse_adagrad_both_ways(values, rows, grad, momentum, before_c=None):
