@@ -80,7 +80,8 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    computes the whole layer in chunks of columns that the calling thread and a worker thread claim as they
    come (`local_output_layer`); `RowAdagrad` shares a matrix's rows the same way. Both do so where no other
    product of the step is threaded (`openblas_threads_idle`): OpenBLAS's threads, spinning between products,
-   would share the worker's core. The workers (worker_pool.c) wait briefly for the next task, then sleep.
+   would share the worker's core. The workers (worker_pool.c) are the process's, one pool for every module
+   that includes them; they wait for the next task for a millisecond, longer than a step's gaps, then sleep.
 """
 import concurrent.futures
 import contextlib
@@ -632,7 +633,7 @@ class RowAdagrad(COp):
     The rows must be distinct, except repeats of a row whose gradient is zero and whose velocity is
     zero (the padding row), which the step leaves unchanged: the C code skips a row that repeats the one
     before it (the padding that fills the list of a step's distinct rows, a quarter of Top-k's). With threads > 1
-    the rows go in pieces to the calling thread and workers of the module (worker_pool.c), as OutputLayer's
+    the rows go in pieces to the calling thread and the process's workers (worker_pool.c), as OutputLayer's
     columns do."""
 
     __props__ = ('learning_rate', 'momentum', 'epsilon', 'inplace', 'threads')
@@ -665,7 +666,7 @@ class RowAdagrad(COp):
             storage[0] = value
 
     def c_code_cache_version(self):
-        return (11,)
+        return (23,)
 
     def c_support_code(self, **kwargs):
         return kernel('worker_pool.c')
@@ -1084,7 +1085,7 @@ class OutputLayer(COp):
 
     As ops of a graph these are a gather, three products, a loss kernel and a column sum, each on its own;
     only the products could use a second core (OpenBLAS's threads), one at a time. Here the columns go in
-    chunks, which `threads` threads (the caller and workers of this module, worker_pool.c) claim as they come:
+    chunks, which `threads` threads (the caller and the process's workers, worker_pool.c) claim as they come:
     each gathers, scores and sums its chunks' rows, and once all are scored each differentiates its chunks and
     runs their products (benchmarks/README.md, "The output layer on both cores"). The softmax's row sums of the
     chunks are taken each with the chunk's maximum and combined after, in float64 as the loss kernels' sums;
@@ -1124,7 +1125,7 @@ class OutputLayer(COp):
             storage[0] = np.asarray(value, dtype=h.dtype)
 
     def c_code_cache_version(self):
-        return (12,)
+        return (22,)
 
     def c_support_code(self, **kwargs):
         # BLAS's declarations as PyTensor's products have them, and their link flags (below).

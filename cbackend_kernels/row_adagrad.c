@@ -45,8 +45,8 @@
             ${fail}
         }
     }
-    // The rows' steps, in pieces of PIECE rows that the calling thread and, with ${threads} > 1, the workers of
-    // this module claim as they come (the rows are distinct: no two threads write one row).
+    // The rows' steps, in pieces of PIECE rows that the calling thread and, with ${threads} > 1, the process's
+    // workers claim as they come (the rows are distinct: no two threads write one row).
     struct Steps : worker_pool::Task {
         const dtype_${rows}* index;
         npy_intp is0, n, L, k, row_bytes;

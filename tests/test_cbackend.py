@@ -732,6 +732,45 @@ def test_row_adagrad_on_more_threads_equals_one_thread(momentum):
     assert not np.array_equal(results[0][0], state[0])
 
 
+POOL_SCRIPT = """
+import json, os, sys
+import numpy as np, pytensor.tensor as pt
+sys.path[:0] = sys.argv[1:]
+from backends import compile_function
+from cbackend import OutputLayer, RowAdagrad
+from test_cbackend import output_layer_function, output_layer_values
+threads = lambda: len(os.listdir('/proc/self/task'))
+layer = output_layer_function(OutputLayer('cross-entropy', threads=2), 'float32')
+inputs = [pt.matrix(dtype='float32'), pt.matrix(dtype='float32'), pt.vector(dtype='int64'), pt.matrix(dtype='float32')]
+update = compile_function(inputs, RowAdagrad(0.05, 0.0, 1e-6, threads=2)(*inputs, return_list=True))
+values = output_layer_values(32, 100, 2080, 3000, 'float32', bpr_max=False)
+state = [np.ones((3000, 100), np.float32), np.ones((3000, 100), np.float32)]
+counts = [threads()]
+for _ in range(3):
+    expected = layer(*values)
+    counts.append(threads())
+    update(*state, np.arange(2000), np.ones((2000, 100), np.float32))
+    counts.append(threads())
+output_layer_function(OutputLayer('cross-entropy', threads=5), 'float32')(*values)
+counts.append(threads())
+same = all(all(np.array_equal(a, b) for a, b in zip(layer(*values), expected)) for _ in range(50))
+print(json.dumps([counts, same]))
+"""
+
+
+@pytest.mark.skipif(cbackend.worker_threads() < 2, reason='one core (or not Linux): the kernels start no workers')
+def test_the_kernels_of_every_module_share_one_worker_pool():
+    """OutputLayer and RowAdagrad, two compiled modules, run their tasks on the same workers: a process that runs
+    both, one after the other, has one worker thread more than before, where a pool per module would start two
+    (and the second would wait, spinning, for tasks that go to the first). Once a 5-thread OutputLayer has made
+    the pool four workers, the 2-thread OutputLayer computes the same as before."""
+    here = Path(__file__).parent
+    out = subprocess.run([sys.executable, '-c', POOL_SCRIPT, str(here.parent), str(here)], capture_output=True,
+                         text=True, timeout=600, check=True)
+    counts, same = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts[1:] == [counts[0] + 1] * 6 + [counts[0] + 4] and same, counts
+
+
 def test_the_training_step_splits_its_item_rows_update_where_openblas_threads_stay_idle():
     """In a 100-unit step (no product large enough for OpenBLAS's threads) RowAdagrad of the item matrix runs on
     worker_threads() threads; in a 600-unit step on one."""
@@ -756,7 +795,7 @@ def test_output_layer_stays_out_where_the_gradient_is_read_elsewhere(caplog):
 
 
 def test_output_layer_from_many_python_threads_and_a_forked_child():
-    """Python threads that each call a compiled OutputLayer (one module, so one set of workers) many times at
+    """Python threads that each call a compiled OutputLayer (the process's one pool of workers) many times at
     once, and a child forked while the workers exist (it has none and starts its own), all get the results of
     a lone call bit for bit; bounded in time."""
     values = output_layer_values(32, 24, 700, 400, 'float32')
