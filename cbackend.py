@@ -57,6 +57,9 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    settings) a second core nearly halves the product's time. `ThreadedDot22` and `ThreadedGemm` give
    OpenBLAS, before each call, the threads that the call's size wins with (THREADED_PRODUCT_MACS); in a
    step with large products the mid-sized ones get them too, rather than switching (STEADY_PRODUCT_MACS).
+   Where the process has workers (worker_pool.c, see 16) those threads are its workers instead: the product
+   in pieces, one per thread, each a one-thread BLAS call, so that OpenBLAS's threads never spin on the
+   core that the step's other kernels share out.
 12. Compile time. A first run compiles dozens of modules, each parsing the same Python and numpy
    headers first: precompiled_headers() precompiles them once (see benchmarks/cold_start.py). PyTensor
    compiles them one after another; ParallelBuildVMLinker runs the compilers on every core first.
@@ -78,10 +81,9 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
 16. The output layer on one core. Its gather, three products, loss kernel and column sum ran one after another,
    and only the products could use a second core (OpenBLAS's threads, product by product). `OutputLayer`
    computes the whole layer in chunks of columns that the calling thread and a worker thread claim as they
-   come (`local_output_layer`); `RowAdagrad` shares a matrix's rows the same way. Both do so where no other
-   product of the step is threaded (`openblas_threads_idle`): OpenBLAS's threads, spinning between products,
-   would share the worker's core. The workers (worker_pool.c) are the process's, one pool for every module
-   that includes them; they wait for the next task for a millisecond, longer than a step's gaps, then sleep.
+   come (`local_output_layer`); `RowAdagrad` shares a matrix's rows the same way, and the products their
+   pieces (11). The workers (worker_pool.c) are the process's, one pool for every module that includes
+   them; they wait for the next task for a millisecond, longer than a step's gaps, then sleep.
 """
 import concurrent.futures
 import contextlib
@@ -281,34 +283,53 @@ STEADY_PRODUCT_MACS = 2_000_000
 
 
 class ThreadedProduct:
-    """Dot22 or Gemm that first sets OpenBLAS's threads for the size of the product at hand: `threads`
-    from `threshold` multiply-adds, else one. (OpenBLAS keeps the count until the next call sets it, so
-    every product of a compiled function sets its own.)"""
+    """Dot22 or Gemm on `threads` threads from `threshold` multiply-adds, else one. Without split, OpenBLAS's
+    own threads: the op first sets OpenBLAS's thread count for the product at hand (OpenBLAS keeps the count
+    until the next call sets it, so every product of a compiled function sets its own). With split, the
+    process's workers (worker_pool.c): the product in pieces, each a one-thread BLAS call, so that OpenBLAS's
+    threads, which spin on a core for a while after each product, never start (split_product_support.c)."""
 
-    def __init__(self, threads, *args, threshold=THREADED_PRODUCT_MACS, **kwargs):
-        self.threads, self.threshold = threads, threshold
+    def __init__(self, threads, *args, threshold=THREADED_PRODUCT_MACS, split=False, **kwargs):
+        self.threads, self.threshold, self.split = threads, threshold, split
         super().__init__(*args, **kwargs)
 
+    def in_pieces(self):
+        """Whether the product goes in pieces: split, with a BLAS to link (without one, PyTensor's Gemm code calls
+        its own numpy-based BLAS functions, in one piece; a copied function is compiled again that way)."""
+        return self.split and bool(self.c_libraries())
+
     def c_support_code(self, **kwargs):
-        return super().c_support_code(**kwargs) + kernel('threaded_product_support.c')
+        code = super().c_support_code(**kwargs) + kernel('threaded_product_support.c')
+        return code + kernel('worker_pool.c') + kernel('split_product_support.c') if self.in_pieces() else code
+
+    def c_headers(self, **kwargs):
+        return super().c_headers(**kwargs) + (worker_pool_headers() if self.in_pieces() else [])
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, y = inputs[self.operands]
-        return (kernel('threaded_product.c', x=x, y=y, threads=self.threads, threshold=self.threshold)
-                + super().c_code(node, name, inputs, outputs, sub))
+        product = super().c_code(node, name, inputs, outputs, sub)
+        if not self.in_pieces():
+            return kernel('threaded_product.c', x=x, y=y, threads=self.threads, threshold=self.threshold) + product
+        calls = product.count('sgemm_(') + product.count('dgemm_(')
+        if not calls:
+            raise NotImplementedError('ThreadedProduct(split=True): no BLAS call found in the product code')
+        product = product.replace('sgemm_(', 'split_product::gemm(split_threads, ').replace(
+            'dgemm_(', 'split_product::gemm(split_threads, ')
+        before = kernel('split_product.c', x=x, y=y, threads=self.threads, threshold=self.threshold)
+        return '{\n' + before + product + '}\n'  # a block: the product's failures jump out of it
 
     def c_code_cache_version(self):
         version = super().c_code_cache_version()
-        return version and (3, *version)
+        return version and (6, *version)
 
 
 class ThreadedDot22(ThreadedProduct, Dot22):
-    __props__ = ('threads', 'threshold')
+    __props__ = ('threads', 'threshold', 'split')
     operands = slice(0, 2)  # x, y of x . y
 
 
 class ThreadedGemm(ThreadedProduct, Gemm):
-    __props__ = ('inplace', 'threads', 'threshold')
+    __props__ = ('inplace', 'threads', 'threshold', 'split')
     operands = slice(2, 4)  # x, y of b * z + a * x . y
 
 
@@ -322,7 +343,8 @@ def static_macs(node):
 class ThreadedProductRewrite(GraphRewriter):
     """Every Dot22 and Gemm as ThreadedDot22 / ThreadedGemm (when more than one thread is to be had): each
     product on product_threads() threads from THREADED_PRODUCT_MACS, or, in a graph whose largest
-    product with a static shape reaches that, from STEADY_PRODUCT_MACS (see there)."""
+    product with a static shape reaches that, from STEADY_PRODUCT_MACS (see there); in pieces on the
+    process's worker_threads() workers where it has them (split), else on OpenBLAS's threads."""
 
     def apply(self, fgraph):
         threads = product_threads()
@@ -331,12 +353,15 @@ class ThreadedProductRewrite(GraphRewriter):
             return
         largest = max((m for m in map(static_macs, products) if m is not None), default=0)
         threshold = STEADY_PRODUCT_MACS if largest >= THREADED_PRODUCT_MACS else THREADED_PRODUCT_MACS
+        split = worker_threads() > 1  # on the process's workers, where it has them
+        if split:
+            threads = worker_threads()
         for node in products:
             if type(node.op) is Dot22:
-                new = ThreadedDot22(threads, threshold=threshold)(*node.inputs, return_list=True)
+                new = ThreadedDot22(threads, threshold=threshold, split=split)(*node.inputs, return_list=True)
             else:
-                new = ThreadedGemm(threads, inplace=node.op.inplace, threshold=threshold)(*node.inputs,
-                                                                                          return_list=True)
+                new = ThreadedGemm(threads, inplace=node.op.inplace, threshold=threshold, split=split)(
+                    *node.inputs, return_list=True)
             fgraph.replace_all_validate(list(zip(node.outputs, new)), reason='threaded_product')
 
     def add_requirements(self, fgraph):
@@ -1212,7 +1237,7 @@ def _offset(X, P, N):
 def local_output_layer(fgraph, node):
     """A loss kernel's gradient G of scores X = h W^T + c (W a gather of a table's rows, c a row of biases) whose
     readers are the products G W and G^T h and G's column sum: all of it as one OutputLayer, where it has more
-    than one core (worker_threads()) and OpenBLAS's threads stay idle (openblas_threads_idle). BPR-max with an
+    than one core (worker_threads()). BPR-max with an
     ELU of alpha <= 0 stays as it is: the layer reads the ELU's derivative off its value, whose sign is the
     logit's only for alpha > 0."""
     threads = worker_threads()
@@ -1246,8 +1271,6 @@ def local_output_layer(fgraph, node):
                 readers.setdefault('dW', []).append(product.outputs[0])
         else:
             return None
-    if not openblas_threads_idle(fgraph, {P.owner} | {v.owner for variables in readers.values() for v in variables}):
-        return None
     if isinstance(node.op, RowBPRMax):
         op = OutputLayer('bpr-max', node.op.elu, node.op.alpha, threads=threads)
         *_, g = node.inputs
@@ -1265,9 +1288,9 @@ def local_output_layer(fgraph, node):
 
 
 def worker_threads():
-    """The threads of the kernels that split their work (OutputLayer, RowAdagrad): product_threads() on Linux,
-    where worker_pool.c's workers wait on a futex, else one; at most 8, OutputLayer's chunks (more threads would
-    find none left to take, and their workers would wait between tasks for nothing)."""
+    """The threads of the kernels that split their work (OutputLayer, RowAdagrad, the products in pieces):
+    product_threads() on Linux, where worker_pool.c's workers wait on a futex, else one; at most 8, OutputLayer's
+    chunks (more threads would find none left to take, and their workers would wait between tasks for nothing)."""
     return min(product_threads(), 8) if sys.platform.startswith('linux') else 1
 
 
@@ -1277,21 +1300,12 @@ def worker_pool_headers():
     return ['<algorithm>', '<atomic>'] + (linux if sys.platform.startswith('linux') else [])
 
 
-def openblas_threads_idle(fgraph, besides=()):
-    """Whether no product of the graph but `besides` (nodes) is large enough for OpenBLAS's threads, which spin
-    for a while after each product: a worker of worker_pool.c sharing a core with one is held up (on
-    retailrocket's and diginetica's settings, whose GRU products are threaded, OutputLayer made the step slower;
-    benchmarks/README.md)."""
-    return not any(n not in besides and type(n.op) in (Dot22, Gemm)
-                   and (static_macs(n) or np.inf) >= THREADED_PRODUCT_MACS for n in fgraph.apply_nodes)
-
-
 class RowAdagradThreadsRewrite(GraphRewriter):
-    """RowAdagrad of a matrix on worker_threads() threads, in a graph where OpenBLAS's threads stay idle."""
+    """RowAdagrad of a matrix on worker_threads() threads."""
 
     def apply(self, fgraph):
         threads = worker_threads()
-        if threads < 2 or not openblas_threads_idle(fgraph):
+        if threads < 2:
             return
         for node in fgraph.toposort():
             op = node.op

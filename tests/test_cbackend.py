@@ -318,6 +318,30 @@ def test_products_on_one_or_more_threads_equal_float64(shape):
 
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+@pytest.mark.parametrize('shape', [(7, 5, 300), (300, 5, 7), (80, 224, 672), (3, 2, 1)])
+@pytest.mark.parametrize('threads', [2, 3, 5])
+def test_products_in_pieces_equal_float64(dtype, shape, threads):
+    """A product in pieces (split: along the result's longer side, a one-thread BLAS call each, on the calling
+    thread and the process's workers): x . y with either operand transposed or strided, and the update
+    b z + a x . y, against float64 numpy."""
+    m, k, n = shape
+    rng = np.random.default_rng(2)
+    X, Y, Z = (rng.standard_normal(s).astype(dtype) for s in [(m, k), (k, n), (m, n)])
+    x, y, z = (pt.matrix(name, dtype=dtype) for name in 'xyz')
+    dot = ThreadedDot22(threads, threshold=0, split=True)
+    gemm = ThreadedGemm(threads, inplace=False, threshold=0, split=True)
+    a, b = pt.constant(np.asarray(0.5, dtype)), pt.constant(np.asarray(2.0, dtype))
+    fn = compile_function([x, y, z], [dot(x, y), dot(y.T, x.T), dot(x[:, ::1], y[::1]), gemm(z, a, x, y, b)])
+    X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == 'float32' else dict(rtol=1e-12, atol=1e-12)
+    for got, expected in zip(fn(X, Y, Z), [X64 @ Y64, (X64 @ Y64).T, X64 @ Y64, 2 * Z + 0.5 * X64 @ Y64]):
+        np.testing.assert_allclose(got, expected, **tolerance)
+    strided = compile_function([x, y], dot(x[:, ::2], y[::2]))
+    X2, Y2 = (rng.standard_normal(s).astype(dtype) for s in [(m, 2 * k), (2 * k, n)])
+    np.testing.assert_allclose(strided(X2, Y2), X2[:, ::2].astype(np.float64) @ Y2[::2], **tolerance)
+
+
 @pytest.mark.skipif(cbackend.product_threads() == 1, reason='one BLAS thread: no product is threaded')
 def test_a_graph_with_large_products_threads_its_mid_sized_ones_too():
     """Where the largest product (static shapes) reaches THREADED_PRODUCT_MACS, every product from
@@ -699,13 +723,17 @@ def test_output_layer_rejects_bad_rows_and_shapes():
         fn(*short)
 
 
-def test_output_layer_stays_out_of_a_step_with_threaded_products():
-    """Where the GRU's own products are large enough for OpenBLAS's threads (a 600-unit layer), the output
-    layer stays as separate ops: a worker of the layer would share a core with OpenBLAS's spinning threads."""
+@pytest.mark.skipif(cbackend.worker_threads() < 2, reason='one core (or not Linux): no workers to share out')
+def test_a_step_with_large_products_runs_them_in_pieces_beside_the_output_layer():
+    """Where the GRU's own products are large (a 600-unit layer), they run in pieces on the process's workers
+    (ThreadedDot22 / ThreadedGemm with split), never on OpenBLAS's threads, which would spin on the core the
+    workers share; the output layer is one OutputLayer and the item rows' update is shared out too."""
     log = make_log([4] * 60, seed=1)
     model = fit_small(log, layers=[600], batch_size=32, n_sample=40, n_epochs=1)
-    ops = {type(node.op) for node in model.training_step_.function.maker.fgraph.toposort()}
-    assert OutputLayer not in ops and RowBPRMax in ops, ops
+    nodes = model.training_step_.function.maker.fgraph.toposort()
+    products = [node.op for node in nodes if isinstance(node.op, (ThreadedDot22, ThreadedGemm))]
+    assert products and all(op.split and op.threads == cbackend.worker_threads() for op in products), products
+    assert OutputLayer in {type(node.op) for node in nodes} and RowBPRMax not in {type(node.op) for node in nodes}
 
 
 @pytest.mark.parametrize('momentum', [0.0, 0.3])
@@ -771,15 +799,15 @@ def test_the_kernels_of_every_module_share_one_worker_pool():
     assert counts[1:] == [counts[0] + 1] * 6 + [counts[0] + 4] and same, counts
 
 
-def test_the_training_step_splits_its_item_rows_update_where_openblas_threads_stay_idle():
-    """In a 100-unit step (no product large enough for OpenBLAS's threads) RowAdagrad of the item matrix runs on
-    worker_threads() threads; in a 600-unit step on one."""
+def test_the_training_step_splits_its_item_rows_update():
+    """In a 100-unit step and in a 600-unit one (whose products run in pieces on the same workers) RowAdagrad of the
+    item matrix runs on worker_threads() threads."""
     log = make_log([4] * 60, seed=1)
-    for layers, threads in [([100], cbackend.worker_threads()), ([600], 1)]:
+    for layers in [100], [600]:
         model = fit_small(log, layers=layers, batch_size=32, n_sample=40, n_epochs=1)
         matrices = [node.op.threads for node in model.training_step_.function.maker.fgraph.toposort()
                     if isinstance(node.op, RowAdagrad) and node.inputs[0].ndim == 2]
-        assert matrices and set(matrices) == {threads}, (layers, matrices)
+        assert matrices and set(matrices) == {cbackend.worker_threads()}, (layers, matrices)
 
 
 def test_output_layer_stays_out_where_the_gradient_is_read_elsewhere(caplog):
