@@ -83,7 +83,7 @@ def test_kernels_on_and_off_train_and_evaluate_alike(name, monkeypatch):
     if backends.c_kernels() is None:
         pytest.skip('the C kernels are unavailable here: there is nothing to compare the plain graphs with')
     on, off = trained(monkeypatch, '1', **SETTINGS[name]), trained(monkeypatch, '0', **SETTINGS[name])
-    assert linker_name(on) == 'ParallelBuildVMLinker' and linker_name(off) == 'VMLinker'
+    assert linker_name(on) == 'KeptBuffersVMLinker' and linker_name(off) == 'VMLinker'
     np.testing.assert_allclose([r['loss'] for r in off.history_], [r['loss'] for r in on.history_], rtol=1e-5)
     assert list(off.weights) == list(on.weights)
     for weight in on.weights:
