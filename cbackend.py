@@ -32,6 +32,9 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    loop (see 9.). `RowAdagrad` does it in one pass over each row, in place. The optimiser
    (training.py) writes the graph, the definition on every backend; `RowAdagradRewrite` recognises
    it in this mode and substitutes the op (the tests check that it does, and that the two agree).
+   The rows' gradient itself was a zero matrix that the scored columns' and the inputs' rows were
+   scattered into, read only by the update: `RowAdagrad` takes those rows and their places instead
+   and sums each row's where it uses it (`local_row_adagrad_of_scatters`).
 8. Ranking. Evaluation counts, per row, the scores above (or equal to) the target's: as a graph, a
    boolean matrix of all items and a reduction over it. `RowCount` counts in one pass.
 9. Loops gcc would not vectorise. Its guessed branch probabilities mark each compiled op's run() as
@@ -659,23 +662,42 @@ class RowAdagrad(COp):
     zero (the padding row), which the step leaves unchanged: the C code skips a row that repeats the one
     before it (the padding that fills the list of a step's distinct rows, a quarter of Top-k's). With threads > 1
     the rows go in pieces to the calling thread and the process's workers (worker_pool.c), as OutputLayer's
-    columns do."""
+    columns do.
 
-    __props__ = ('learning_rate', 'momentum', 'epsilon', 'inplace', 'threads')
+    Inputs: w, acc[, vel], rows and the gradient (a row per index of rows); or, with sources = m > 0, m pairs
+    (values, places) instead of the gradient: the gradient is then zeros with each source's rows added at their
+    places (values[j] to place places[j]), in order, as scatters into a zero matrix would add them
+    (`local_row_adagrad_of_scatters`), without the matrix: each row's sum is made where it is used."""
 
-    def __init__(self, learning_rate, momentum, epsilon, inplace=False, threads=1):
+    __props__ = ('learning_rate', 'momentum', 'epsilon', 'inplace', 'threads', 'sources')
+
+    def __init__(self, learning_rate, momentum, epsilon, inplace=False, threads=1, sources=0):
         self.learning_rate, self.momentum, self.epsilon = float(learning_rate), float(momentum), float(epsilon)
-        self.inplace, self.threads = inplace, int(threads)
-        n_state = 3 if self.momentum else 2  # w, acc[, vel]
+        self.inplace, self.threads, self.sources = inplace, int(threads), int(sources)
+        self.n_state = 3 if self.momentum else 2  # w, acc[, vel]
         if inplace:
-            self.destroy_map = {i: [i] for i in range(n_state)}
+            self.destroy_map = {i: [i] for i in range(self.n_state)}
+
+    def split_inputs(self, inputs):
+        """(state, rows, gradient) of the node's inputs, the gradient as a list: [grad] or the sources' pairs."""
+        return inputs[:self.n_state], inputs[self.n_state], inputs[self.n_state + 1:]
 
     def make_node(self, *inputs):
-        *state, rows, grad = inputs
+        state, rows, grad = self.split_inputs(inputs)
+        if len(grad) != (2 * self.sources or 1):
+            raise TypeError(f'RowAdagrad with {self.sources} sources takes {2 * self.sources or 1} gradient inputs, '
+                            f'not {len(grad)}')
         return Apply(self, list(inputs), [v.type() for v in state])
 
     def perform(self, node, inputs, output_storage):
-        *state, rows, grad = inputs
+        state, rows, grad = self.split_inputs(inputs)
+        if self.sources:
+            values = grad
+            grad = np.zeros((len(rows),) + state[0].shape[1:], dtype=state[0].dtype)
+            for v, places in zip(values[::2], values[1::2]):
+                np.add.at(grad, places, v)
+        else:
+            (grad,) = grad
         if not self.inplace:
             state = [v.copy() for v in state]
         w, acc = state[:2]
@@ -691,20 +713,23 @@ class RowAdagrad(COp):
             storage[0] = value
 
     def c_code_cache_version(self):
-        return (23,)
+        return (33,)
 
     def c_support_code(self, **kwargs):
         return kernel('worker_pool.c')
 
     def c_headers(self, **kwargs):
-        return worker_pool_headers()
+        return worker_pool_headers() + ['<vector>']
 
     def c_code(self, node, name, inputs, outputs, sub):
-        *state, rows, grad = inputs
+        state, rows, grad = self.split_inputs(inputs)
+        sources = dict(grad='NULL', values=', '.join(grad[::2]), places=', '.join(grad[1::2])) if self.sources else \
+            dict(grad=grad[0], values='', places='')
         return kernel('row_adagrad.c', state_in=', '.join(state), state_out=', '.join(f'&{o}' for o in outputs),
                       n_state=len(outputs), inplace=self.inplace, momentum_on=bool(self.momentum), rows=rows,
-                      grad=grad, w=outputs[0], learning_rate=repr(self.learning_rate), momentum=repr(self.momentum),
-                      epsilon=repr(self.epsilon), threads=self.threads, fail=sub['fail'])
+                      w=outputs[0], learning_rate=repr(self.learning_rate), momentum=repr(self.momentum),
+                      epsilon=repr(self.epsilon), threads=self.threads, sources=self.sources, fail=sub['fail'],
+                      **sources)
 
 
 @node_rewriter([RowAdagrad])
@@ -712,8 +737,34 @@ def local_row_adagrad_inplace(fgraph, node):
     op = node.op
     if op.inplace:
         return None
-    return RowAdagrad(op.learning_rate, op.momentum, op.epsilon, inplace=True, threads=op.threads)(
-        *node.inputs, return_list=True)
+    return RowAdagrad(op.learning_rate, op.momentum, op.epsilon, inplace=True, threads=op.threads,
+                      sources=op.sources)(*node.inputs, return_list=True)
+
+
+@node_rewriter([RowAdagrad])
+def local_row_adagrad_of_scatters(fgraph, node):
+    """RowAdagrad whose gradient is a zero matrix with rows added by a chain of RowScatters, read by nothing else
+    (the item rows' gradient of the training step: the scored columns' and the inputs' rows added at their
+    places in the step's list of distinct rows): RowAdagrad of the scatters' sources, summed where each row is
+    used; the zero matrix and the scatters, a write and two read-modify-writes of it, are gone."""
+    op = node.op
+    if op.sources:
+        return None
+    grad = node.inputs[-1]
+    pairs = []
+    while (grad.owner and isinstance(grad.owner.op, RowScatter) and not grad.owner.op.set_instead_of_inc
+           and len(fgraph.clients[grad]) == 1):
+        into, values, places = grad.owner.inputs
+        pairs.append((values, places))
+        grad = into
+    if not pairs or grad.owner is None or not isinstance(grad.owner.op, pt.basic.Alloc) \
+            or _constant(grad.owner.inputs[0]) != 0 or len(fgraph.clients[grad]) != 1:
+        return None
+    if any(v.dtype != node.inputs[0].dtype or v.ndim != 2 for v, _ in pairs):
+        return None
+    inputs = node.inputs[:-1] + [v for pair in reversed(pairs) for v in pair]
+    return RowAdagrad(op.learning_rate, op.momentum, op.epsilon, op.inplace, op.threads, len(pairs))(
+        *inputs, return_list=True)
 
 
 def _constant(v):
@@ -1310,8 +1361,8 @@ class RowAdagradThreadsRewrite(GraphRewriter):
         for node in fgraph.toposort():
             op = node.op
             if isinstance(op, RowAdagrad) and op.threads != threads and node.inputs[0].ndim == 2:
-                new = RowAdagrad(op.learning_rate, op.momentum, op.epsilon, op.inplace, threads)(*node.inputs,
-                                                                                                 return_list=True)
+                new = RowAdagrad(op.learning_rate, op.momentum, op.epsilon, op.inplace, threads, op.sources)(
+                    *node.inputs, return_list=True)
                 fgraph.replace_all_validate(list(zip(node.outputs, new)), reason='row_adagrad_threads')
 
     def add_requirements(self, fgraph):
@@ -1491,5 +1542,6 @@ def c_mode(keep_buffers=False):
                       (in2out(local_row_scatter), 99), (in2out(local_row_gather), 99),
                       (in2out(local_matrix_reduce), 99),
                       (in2out(local_row_softmax), 99), (in2out(local_row_adagrad_inplace), 99),
+                      (in2out(local_row_adagrad_of_scatters), 99.1),
                       (in2out(local_contiguous_elemwise_inputs), 99), (in2out(local_output_layer), 99.2),
                       (RowAdagradThreadsRewrite(), 99.3), (ThreadedProductRewrite(), 99.5)))

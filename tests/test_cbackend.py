@@ -209,7 +209,7 @@ def test_the_c_ops_are_in_the_real_training_and_evaluation_graphs():
     log = make_log([4] * 60, seed=1)
     model = fit_small(log, loss='cross-entropy', final_act='softmax', adapt='adagrad', momentum=0.2, n_epochs=1)
     layer = {OutputLayer} if cbackend.worker_threads() > 1 else {RowCrossEntropy}
-    assert c_ops(model.training_step_.function) == {RowAdagrad, RowScatter, MatrixReduce, RowGather} | layer
+    assert c_ops(model.training_step_.function) == {RowAdagrad, MatrixReduce, RowGather} | layer
     recording = RecordingModel(model)
     evaluate_gpu(recording, log, cut_off=[5])
     assert [c_ops(fn) for fn in recording.functions] == [{MatrixReduce, RowCount, RowGather}]
@@ -734,6 +734,57 @@ def test_a_step_with_large_products_runs_them_in_pieces_beside_the_output_layer(
     products = [node.op for node in nodes if isinstance(node.op, (ThreadedDot22, ThreadedGemm))]
     assert products and all(op.split and op.threads == cbackend.worker_threads() for op in products), products
     assert OutputLayer in {type(node.op) for node in nodes} and RowBPRMax not in {type(node.op) for node in nodes}
+
+
+@pytest.mark.parametrize('momentum', [0.0, 0.3])
+@pytest.mark.parametrize('threads', [1, 2, 5])
+def test_row_adagrad_of_scattered_sources_equals_the_scatters_into_zeros(momentum, threads):
+    """RowAdagrad with sources (pairs of rows and their places among the indices), which the rewrite makes of a
+    zero matrix that RowScatters fill for RowAdagrad alone, steps each row by the sum of the rows that land on
+    its place, added in the sources' order, bit for bit as those separate ops; places that nothing lands on
+    step by a zero gradient, repeated places sum, a repeated index (the padding row) is stepped once; places out
+    of range are an error that changes no weight."""
+    rng = np.random.default_rng(5)
+    n, L, k = 3000, 100, 700
+    rows = np.r_[rng.permutation(n - 1)[:k - 20], np.full(20, n - 1)].astype('int32')
+    every = np.r_[rng.permutation(k - 20), rng.integers(0, k - 20, 220)]  # each non-padding place, some twice
+    sources = [(rng.standard_normal((len(places), L)).astype(np.float32), places.astype('int32'))
+               for places in [rng.integers(0, k - 20, 40), every]]
+    state = [rng.standard_normal((n, L)).astype(np.float32), rng.uniform(0.1, 1, (n, L)).astype(np.float32)]
+    if momentum:
+        state.append(rng.standard_normal((n, L)).astype(np.float32) * 0.1)
+    results = []
+    for fused in (False, True):  # fn ends as the fused one
+        inputs = [pt.matrix(dtype='float32') for _ in state] + [pt.vector(dtype='int32')]
+        pairs = [(pt.matrix(dtype='float32'), pt.vector(dtype='int32')) for _ in sources]
+        if fused:
+            op = RowAdagrad(0.05, momentum, 1e-6, threads=threads, sources=len(pairs))
+            outputs = op(*inputs, *[v for pair in pairs for v in pair], return_list=True)
+        else:
+            grad = pt.zeros((k, L), dtype='float32')
+            for values, places in pairs:
+                grad = pt.inc_subtensor(grad[places], values)
+            # grad an output too: read elsewhere, the scatters stay (local_row_adagrad_of_scatters leaves them)
+            outputs = RowAdagrad(0.05, momentum, 1e-6, threads=threads)(*inputs, grad, return_list=True) + [grad]
+        fn = compile_function(inputs + [v for pair in pairs for v in pair], outputs)
+        ops = [n.op for n in fn.maker.fgraph.toposort()]
+        assert [op.sources for op in ops if isinstance(op, RowAdagrad)] == [2 if fused else 0]
+        assert any(isinstance(op, RowScatter) for op in ops) != fused
+        results.append(fn(*state, rows, *[v for pair in sources for v in pair])[:len(state)])
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
+    grad = np.zeros((k, L), np.float64)
+    for values, places in sources:
+        np.add.at(grad, places, values)
+    acc = state[1][rows[:k - 19]] + grad[:k - 19] ** 2  # the padding row once
+    np.testing.assert_allclose(results[0][1][rows[:k - 19]], acc, rtol=1e-5)
+    bad = [v.copy() for pair in sources for v in pair]
+    bad[-1][3] = k
+    before = [v.copy() for v in state]
+    with pytest.raises(IndexError, match=f'place {k} out of bounds for {k} indices'):
+        fn(*state, rows, *bad)
+    for got, want in zip(state, before):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize('momentum', [0.0, 0.3])
