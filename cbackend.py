@@ -760,8 +760,10 @@ def local_row_adagrad_of_scatters(fgraph, node):
     if not pairs or grad.owner is None or not isinstance(grad.owner.op, pt.basic.Alloc) \
             or _constant(grad.owner.inputs[0]) != 0 or len(fgraph.clients[grad]) != 1:
         return None
-    if any(v.dtype != node.inputs[0].dtype or v.ndim != 2 for v, _ in pairs):
-        return None
+    rows, w = node.inputs[op.n_state], node.inputs[0]
+    if any(v.dtype != w.dtype or v.ndim != 2 for v, _ in pairs) or w.ndim != 2 \
+            or None in grad.type.shape or grad.type.shape != (rows.type.shape[0], w.type.shape[1]):
+        return None  # (a zero matrix of another shape than the update's rows: the error stays the update's)
     inputs = node.inputs[:-1] + [v for pair in reversed(pairs) for v in pair]
     return RowAdagrad(op.learning_rate, op.momentum, op.epsilon, op.inplace, op.threads, len(pairs))(
         *inputs, return_list=True)
