@@ -323,7 +323,7 @@ class ThreadedProduct:
 
     def c_code_cache_version(self):
         version = super().c_code_cache_version()
-        return version and (6, *version)
+        return version and (7, *version)
 
 
 class ThreadedDot22(ThreadedProduct, Dot22):
@@ -713,7 +713,7 @@ class RowAdagrad(COp):
             storage[0] = value
 
     def c_code_cache_version(self):
-        return (33,)
+        return (34,)
 
     def c_support_code(self, **kwargs):
         return kernel('worker_pool.c')
@@ -1203,7 +1203,7 @@ class OutputLayer(COp):
             storage[0] = np.asarray(value, dtype=h.dtype)
 
     def c_code_cache_version(self):
-        return (22,)
+        return (23,)
 
     def c_support_code(self, **kwargs):
         # BLAS's declarations as PyTensor's products have them, and their link flags (below).

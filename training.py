@@ -193,8 +193,8 @@ class TrainingStep:
     network(X, H_prev, input_rows) -> (H_new, dropout): the network's new states for inputs whose
     input_table rows are input_rows, and its dropout (mask input, p) pairs; output(h, Wy, By): the
     scores of the items whose output rows are Wy, By; row_loss(logits, T, samples, cols): the loss of
-    each row (see gru4rec's losses); compile_function(inputs, outputs, updates) compiles it for
-    `backend`, where set_state keeps the values (on the device for JAX). Call the step with a mini-batch of
+    each row (see gru4rec's losses); compile_function(inputs, outputs, updates, keep_buffers=True) compiles
+    it for `backend`, where set_state keeps the values (on the device for JAX). Call the step with a mini-batch of
     M <= batch_size sessions and its samples; it returns the cost.
     """
 

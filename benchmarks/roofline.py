@@ -70,9 +70,8 @@ DEFAULT_STEPS = {'rsc15_xe_shared_100_best': 3000, 'rsc15_topk_bprmax': 1600,
 # Accumulators per row that each adaptive optimiser reads and writes (training.Optimizer).
 ACCUMULATORS = {None: 0, 'adagrad': 1, 'rmsprop': 1, 'adadelta': 2, 'adam': 2}
 # The ops of PyTensor's profile that are matrix products (cbackend's ThreadedProduct included).
-# OutputLayer (the 100-unit settings' output layer in one op) counts with the products: its three are most of
-# its time, and it also gathers the scored rows and computes the loss, which the bound leaves to the gathers
-# and to nothing.
+# OutputLayer (the step's output layer in one op) counts with the products: its three are most of its time, and
+# it also gathers the scored rows and computes the loss, which the bound leaves to the gathers and to nothing.
 PRODUCT_OPS = {'Dot22', 'Dot22Scalar', 'Gemm', 'Gemv', 'Ger', 'Dot', 'ThreadedDot22', 'ThreadedGemm', 'OutputLayer'}
 GATHER_OPS = {'RowGather', 'AdvancedSubtensor1'}  # row gathers (item rows, states' rows): the bytes' gather pass
 OPTIMISER_OPS = {'RowAdagrad', 'AdvancedIncSubtensor1'}  # the rows' optimiser step: its read + write passes

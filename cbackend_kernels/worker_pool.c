@@ -1,7 +1,8 @@
-// The process's worker threads for C kernels that split their work (cbackend.OutputLayer, RowAdagrad): the
-// calling thread runs a task with the workers that take it up. Every compiled module includes this code, and
-// the first to run a task publishes its pool (a Python module of POOL_NAME holds its address) for the others:
-// one pool for the whole process, whose workers stay ready from one kernel's task to the next.
+// The process's worker threads for C kernels that split their work (cbackend.OutputLayer, RowAdagrad, the
+// products in pieces): the calling thread runs a task with the workers that take it up. Every compiled module
+// includes this code, and the first to run a task publishes its pool (a Python module named WORKER_POOL_NAME
+// holds its address) for the others: one pool for the whole process, whose workers stay ready from one
+// kernel's task to the next.
 namespace worker_pool {
 
 static inline void spin_pause() {
