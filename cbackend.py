@@ -1164,8 +1164,10 @@ class OutputLayer(COp):
     As ops of a graph these are a gather, three products, a loss kernel and a column sum, each on its own;
     only the products could use a second core (OpenBLAS's threads), one at a time. Here the columns go in
     chunks, which `threads` threads (the caller and the process's workers, worker_pool.c) claim as they come:
-    each gathers, scores and sums its chunks' rows, and once all are scored each differentiates its chunks and
-    runs their products (benchmarks/README.md, "The output layer on both cores"). The softmax's row sums of the
+    each scores its chunks' columns from the table's rows where they are, a few columns at a time with the
+    batch's rows in the vector lanes (BLAS, at these shapes, ran at half the rate, after a gather), and sums
+    them, and once all are scored each differentiates its chunks and runs their products (benchmarks/README.md,
+    "The output layer on both cores", "The scores from the rows where they are"). The softmax's row sums of the
     chunks are taken each with the chunk's maximum and combined after, in float64 as the loss kernels' sums;
     the chunks' shares of dh are summed in chunk order, so that any number of threads gives the same results
     bit for bit. Without BLAS to link it runs perform (numpy), as PyTensor's own products do."""
@@ -1203,7 +1205,7 @@ class OutputLayer(COp):
             storage[0] = np.asarray(value, dtype=h.dtype)
 
     def c_code_cache_version(self):
-        return (23,)
+        return (131,)
 
     def c_support_code(self, **kwargs):
         # BLAS's declarations as PyTensor's products have them, and their link flags (below).

@@ -29,21 +29,25 @@
         }
     }
     // The scratch (kept in this node's struct from call to call): the gathered rows, the scores, the exps, the
-    // sigmas, each chunk's dh, each chunk's row sums and each thread's totals, the rows' indices, the targets.
+    // sigmas, each chunk's dh, each chunk's row sums and each thread's totals, the rows' indices, the targets,
+    // h^T and each thread's scratch (the batch's rows padded to whole vectors where they are lanes).
     const int threads = ${threads};
+    const npy_intp lanes = output_layer::VECTOR_BYTES / sizeof(T), Mp = (M + lanes - 1) / lanes * lanes;
     // Eight chunks of columns (16 wide at least, a multiple of 16), whatever the threads: the same sums in the
     // same order, so the same results bit for bit on any number of threads.
     const npy_intp chunk = std::max<npy_intp>(16, (N + 7) / 8 + 15) / 16 * 16;
     const npy_intp n_chunks = (N + chunk - 1) / chunk;
-    const size_t sizes[] = {(size_t)(N * K) * sizeof(T), 3 * (size_t)(M * N) * sizeof(T),
+    typedef output_layer::Layer<T, ${bpr_max}, ${elu}> Layer;
+    const size_t sizes[] = {(size_t)(N * K) * sizeof(T), 3 * (size_t)(Mp * N) * sizeof(T),
                             (size_t)(n_chunks * M * K) * sizeof(T), (size_t)(n_chunks + threads) * M * 5 * sizeof(double),
-                            (size_t)N * sizeof(npy_intp), (size_t)M * sizeof(T)};
+                            (size_t)N * sizeof(npy_intp), (size_t)Mp * sizeof(T), (size_t)(K * Mp) * sizeof(T),
+                            threads * Layer::work_size(Mp)};
     size_t total_bytes = 64;
     for (size_t s : sizes) total_bytes += (s + 63) / 64 * 64;
     if (${scratch}.size() < total_bytes) ${scratch}.resize(total_bytes);
     char* next = (char*)(((uintptr_t)${scratch}.data() + 63) / 64 * 64);
-    char* region[6];
-    for (int q = 0; q < 6; q++) {
+    char* region[8];
+    for (int q = 0; q < 8; q++) {
         region[q] = next;
         next += (sizes[q] + 63) / 64 * 64;
     }
@@ -66,8 +70,9 @@
         for (int q = 0; q < 4; q++) Py_DECREF(held[q]);
         ${fail}
     }
-    output_layer::Layer<T, ${bpr_max}, ${elu}> layer;
+    Layer layer;
     layer.M = M, layer.N = N, layer.K = K, layer.chunk = chunk, layer.n_chunks = n_chunks, layer.threads = threads;
+    layer.Mp = Mp;
     layer.alpha = (T)${alpha};
 #if ${bpr_max}
     layer.lambda = (double)*(dtype_${bpreg}*)PyArray_DATA(${bpreg});
@@ -75,6 +80,11 @@
     layer.lambda = 0;
 #endif
     layer.h = (const T*)PyArray_DATA(held[0]);
+    T* hT = (T*)region[6];
+    for (npy_intp k = 0; k < K; k++)
+        for (npy_intp i = 0; i < Mp; i++) hT[k * Mp + i] = i < M ? layer.h[i * K + k] : 0;
+    layer.hT = hT;
+    layer.work = region[7], layer.work_bytes = Layer::work_size(Mp);
     layer.table = (const char*)PyArray_DATA(${table});
     layer.row_stride = PyArray_STRIDE(${table}, 0), layer.value_stride = PyArray_STRIDE(${table}, 1);
     layer.rows = rows;
@@ -82,13 +92,14 @@
     layer.g = (const T*)PyArray_DATA(held[2]);
     layer.cols = (const T*)PyArray_DATA(held[3]);
     layer.W = (T*)region[0];
-    layer.X = (T*)region[1], layer.E = layer.X + M * N, layer.S = layer.E + M * N;
+    layer.X = (T*)region[1], layer.E = layer.X + Mp * N, layer.S = layer.E + Mp * N;
     layer.dh_parts = (T*)region[2];
     layer.partial = (double*)region[3], layer.total = layer.partial + n_chunks * M * 5;
     T* target = (T*)region[5];
     layer.target = target;
     layer.loss = (T*)PyArray_DATA(${loss}), layer.dh = (T*)PyArray_DATA(${dh});
     layer.dW = (T*)PyArray_DATA(${dW}), layer.db = (T*)PyArray_DATA(${db});
+    std::fill(target, target + Mp, (T)0);
     if (${bpr_max}) {  // each row's target score, which every column's sigma reads
         for (npy_intp i = 0; i < M; i++) {
             const char* w = layer.table + rows[i] * layer.row_stride;

@@ -709,6 +709,25 @@ def test_output_layer_on_more_threads_equals_one_thread(loss):
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize('M', [3, 17, 80])
+@pytest.mark.parametrize('strided', [False, True])
+def test_output_layer_on_any_batch_and_table_layout(M, strided):
+    """The scores are computed a few columns at a time with the batch's rows in the vector lanes (3, 17 and 80
+    rows: one vector, a padded second, four and one), read from the table's rows where they are, or from a
+    gathered copy where a row's values are strided: the same as the op's own numpy code (float32, BPR-max)."""
+    values = output_layer_values(M, 24, 300, 400, 'float32', seed=M)
+    if strided:
+        wide = np.zeros((400, 48), dtype='float32')
+        wide[:, ::2] = values[1]
+        values[1] = wide[:, ::2]
+    op = OutputLayer('bpr-max', elu=True, alpha=0.5, threads=2)
+    fn = output_layer_function(op, 'float32')
+    inputs = [pt.tensor(dtype=v.dtype, shape=(None,) * v.ndim) for v in values]
+    expected = pytensor.function(inputs, op(*inputs), mode='FAST_COMPILE')(*values)
+    for got, want in zip(fn(*values), expected):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
 def test_output_layer_rejects_bad_rows_and_shapes():
     """An index outside the table and more rows of h than scored columns (row i's target is column i) are
     errors that say so, raised before any output is computed."""
