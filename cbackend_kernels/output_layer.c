@@ -103,9 +103,16 @@
     if (${bpr_max}) {  // each row's target score, which every column's sigma reads
         for (npy_intp i = 0; i < M; i++) {
             const char* w = layer.table + rows[i] * layer.row_stride;
-            double dot = 0;
-            for (npy_intp k = 0; k < K; k++) dot += (double)layer.h[i * K + k] * *(const T*)(w + k * layer.value_stride);
-            const T v = (T)dot + layer.offset[i], alpha = (T)${alpha};
+            const T* __restrict__ hi = layer.h + i * K;
+            T dot = 0;
+            if (layer.value_stride == (npy_intp)sizeof(T)) {
+                const T* __restrict__ wi = (const T*)w;
+                #pragma omp simd reduction(+:dot)
+                for (npy_intp k = 0; k < K; k++) dot += hi[k] * wi[k];
+            } else {
+                for (npy_intp k = 0; k < K; k++) dot += hi[k] * *(const T*)(w + k * layer.value_stride);
+            }
+            const T v = dot + layer.offset[i], alpha = (T)${alpha};
             target[i] = ${elu} ? output_layer::elu(v, alpha) : v;
         }
     }
