@@ -31,7 +31,8 @@ configuration alone (compile_flags() is applied only around GRU4Rec's own compil
    results back: a large part of a training step, mostly memory traffic and a fused element-wise
    loop (see 9.). `RowAdagrad` does it in one pass over each row, in place. The optimiser
    (training.py) writes the graph, the definition on every backend; `RowAdagradRewrite` recognises
-   it in this mode and substitutes the op (the tests check that it does, and that the two agree).
+   it in this mode and substitutes the op (the tests check that it does, and that the two agree). The dense
+   weights' step too, as the op of all their rows, shared out over the cores (16).
    The rows' gradient itself was a zero matrix that the scored columns' and the inputs' rows were
    scattered into, read only by the update: `RowAdagrad` takes those rows and their places instead
    and sums each row's where it uses it (`local_row_adagrad_of_scatters`).
@@ -713,7 +714,7 @@ class RowAdagrad(COp):
             storage[0] = value
 
     def c_code_cache_version(self):
-        return (34,)
+        return (36,)
 
     def c_support_code(self, **kwargs):
         return kernel('worker_pool.c')
@@ -809,25 +810,28 @@ def _scatter_client(fgraph, value, rows, set_instead_of_inc):
     return None
 
 
-def _match_row_adagrad(fgraph, node):
-    """For w[rows] += delta (node), the sparse Adagrad step of training.py written as a graph:
-        a = acc[rows] + g ** 2;  acc[rows] = a;  step = -lr * (g / sqrt(a + eps))
-        delta = step, or delta = momentum * vel[rows] + step with vel[rows] = delta,
-    returns (RowAdagrad op, its inputs, the scatter nodes it replaces), else None."""
-    w, delta, rows = node.inputs
+def _match_adagrad(delta, read, write):
+    """The Adagrad step of training.py in delta, as the optimiser writes it:
+        a = A + g ** 2, written to acc;  step = -lr * (g / sqrt(a + eps))
+        delta = step, or delta = momentum * V + step, written to vel,
+    where A and V read acc and vel: read(A) is acc (None if A reads no state), write(value) the (variable to
+    replace, state it writes) of value's write, else None. Returns (RowAdagrad op, [acc[, vel]], g, [the
+    variables that write acc[ and vel]]), else None."""
     velocity, momentum = None, 0.0
     add = _op_of(delta, Elemwise, ps.Add)
     if add is not None and len(add.inputs) == 2:
         for i in (0, 1):
             decay = _op_of(add.inputs[i], Elemwise, ps.Mul)
             if decay is not None and len(decay.inputs) == 2 and _constant(decay.inputs[0]) is not None:
-                vel = _gathered(decay.inputs[1], rows)
+                vel = read(decay.inputs[1])
                 if vel is not None:
-                    velocity, momentum, delta = vel, _constant(decay.inputs[0]), add.inputs[1 - i]
+                    velocity, momentum, step = vel, _constant(decay.inputs[0]), add.inputs[1 - i]
                     break
         else:
             return None
-    scaled = _op_of(delta, Elemwise, ps.Mul)
+    else:
+        step = delta
+    scaled = _op_of(step, Elemwise, ps.Mul)
     if scaled is None or len(scaled.inputs) != 2 or _constant(scaled.inputs[0]) is None:
         return None
     learning_rate = -_constant(scaled.inputs[0])
@@ -841,26 +845,64 @@ def _match_row_adagrad(fgraph, node):
     square = accumulate and len(accumulate.inputs) == 2 and _op_of(accumulate.inputs[1], Elemwise, ps.Pow)
     if not square or square.inputs[0] is not grad or _constant(square.inputs[1]) != 2:
         return None
-    acc = _gathered(accumulate.inputs[0], rows)
-    acc_node = acc is not None and _scatter_client(fgraph, a_new, rows, True)
-    if not acc_node or acc_node.inputs[0] is not acc:
+    acc, acc_write = read(accumulate.inputs[0]), write(a_new)
+    if acc is None or acc_write is None or acc_write[1] is not acc:
         return None
-    state, scatters = [w, acc], [node, acc_node]
+    state, writes = [acc], [acc_write[0]]
     if velocity is not None:
-        vel_node = _scatter_client(fgraph, node.inputs[1], rows, True)
-        if vel_node is None or vel_node.inputs[0] is not velocity:
+        vel_write = write(delta)
+        if vel_write is None or vel_write[1] is not velocity:
             return None
         state.append(velocity)
-        scatters.append(vel_node)
+        writes.append(vel_write[0])
+    return RowAdagrad(learning_rate, momentum, epsilon), state, grad, writes
+
+
+def _match_row_adagrad(fgraph, node):
+    """For w[rows] += delta (node), the sparse Adagrad step (_match_adagrad) of the rows: its state read as
+    acc[rows] and written as acc[rows] = value. Returns (RowAdagrad op, its inputs, the scatters' outputs it
+    replaces), else None."""
+    w, delta, rows = node.inputs
+
+    def write(value):
+        scatter = _scatter_client(fgraph, value, rows, True)
+        return None if scatter is None else (scatter.outputs[0], scatter.inputs[0])
+    match = _match_adagrad(delta, lambda v: _gathered(v, rows), write)
+    if match is None:
+        return None
+    op, state, grad, writes = match
     if any(v.dtype != w.dtype or v.ndim != w.ndim for v in state + [grad]):
         return None
-    return RowAdagrad(learning_rate, momentum, epsilon), state + [rows, grad], scatters
+    return op, [w, *state, rows, grad], [node.outputs[0], *writes]
+
+
+def _match_dense_adagrad(fgraph, updates, w):
+    """For the update w + delta of the function's input w (updates: {update: input} of the function), the dense
+    Adagrad step (_match_adagrad): its state read whole and written by the function's updates. Returns
+    (RowAdagrad op, its inputs with every row of w, the updates it replaces), else None."""
+    new = {v: k for k, v in updates.items()}[w]
+    add = _op_of(new, Elemwise, ps.Add)
+    if add is None or len(add.inputs) != 2 or add.inputs[0] is not w or w.ndim not in (1, 2):
+        return None
+    inputs = set(updates.values())
+    match = _match_adagrad(add.inputs[1], lambda v: v if v in inputs else None,
+                           lambda value: (value, updates[value]) if value in updates else None)
+    if match is None:
+        return None
+    op, state, grad, writes = match
+    if any(v.type != w.type for v in state) or grad.dtype != w.dtype or grad.ndim != w.ndim:
+        return None
+    n = w.type.shape[0]
+    rows = pt.arange(w.shape[0]) if n is None else pt.constant(np.arange(n, dtype='int64'))
+    return op, [w, *state, rows, grad], [new, *writes]
 
 
 class RowAdagradRewrite(GraphRewriter):
     """Finds the sparse Adagrad step written as a graph (see _match_row_adagrad) and computes it with
-    RowAdagrad: the graph stays the definition on every backend, this backend runs it in one pass.
-    It runs before canonicalisation, on the graph as the optimiser wrote it."""
+    RowAdagrad: the graph stays the definition on every backend, this backend runs it in one pass. The dense
+    step of a weight matrix that every step updates whole (_match_dense_adagrad) too, as RowAdagrad of all
+    its rows: the fused element-wise loop that ran it used one core, the rows in pieces use every core's
+    share of the memory bandwidth. It runs before canonicalisation, on the graph as the optimiser wrote it."""
 
     def add_requirements(self, fgraph):
         fgraph.attach_feature(ReplaceValidate())
@@ -869,13 +911,18 @@ class RowAdagradRewrite(GraphRewriter):
         for node in list(fgraph.toposort()):
             if node not in fgraph.apply_nodes or not _is_row_scatter(node, False):
                 continue
-            match = _match_row_adagrad(fgraph, node)
-            if match is None:
-                continue
-            op, inputs, scatters = match
-            outputs = op(*inputs, return_list=True)
-            fgraph.replace_all_validate([(s.outputs[0], o) for s, o in zip(scatters, outputs)],
-                                        reason='row_adagrad')
+            self.replace(fgraph, _match_row_adagrad(fgraph, node))
+        mapping = getattr(fgraph, 'update_mapping', None) or {}
+        updates = {fgraph.outputs[o]: fgraph.inputs[i] for o, i in mapping.items()}
+        for w in list(updates.values()):
+            self.replace(fgraph, _match_dense_adagrad(fgraph, updates, w))
+            updates = {fgraph.outputs[o]: fgraph.inputs[i] for o, i in mapping.items()}
+
+    @staticmethod
+    def replace(fgraph, match):
+        if match is not None:
+            op, inputs, replaced = match
+            fgraph.replace_all_validate(list(zip(replaced, op(*inputs, return_list=True))), reason='row_adagrad')
 
 
 class MatrixReduce(COp):

@@ -33,7 +33,8 @@ the same data (its own process), the fraction measured / bound, the same with ev
 BLAS thread (unless --no-one-thread), and (unless --no-profile) a train_speed.py --profile run whose
 per-op profile (PyTensor's, thread CPU time, every apply) is grouped by op: the products against their
 share of the bound, the row gathers (RowGather), the rows' optimiser (RowAdagrad) and the dense weights'
-(the fused loops that read an optimiser state) against the bytes' shares, every other op whole, the
+(RowAdagrad of all their rows; the fused loops that read an optimiser state where it does not apply) against
+the bytes' shares, every other op whole, the
 compiled function's overhead (its wall time minus the ops' CPU time) and the host's time per step (outside
 the step's calls, from the run without the profile, whose bookkeeping after each call PyTensor does outside
 the call's clock). The per-setting tables and one table of where each step goes are
@@ -80,8 +81,10 @@ HOST = re.compile(r'^host: ([0-9.]+) ms per mini-batch', re.M)
 CALLS = re.compile(r'Time in (\d+) calls to Function\.__call__: ([0-9.e+-]+)s')
 # A line of the profile's Apply section: apply time, calls, id, the apply (op and inputs).
 APPLY_LINE = re.compile(r'^\s+[0-9.]+%\s+[0-9.]+%\s+([0-9.]+)s\s+[0-9.e+-]+s\s+(\d+)\s+(\d+)\s+(.+)$')
-# The fused element-wise loops that update a dense weight with its optimiser state (inputs adagrad_W, ...).
-DENSE_OPTIMISER = 'Composite: dense weights\' optimiser'
+# The steps of the dense weights: RowAdagrad of every row (its rows a constant, printed as an array), or where
+# it does not apply the fused element-wise loops that update a weight with its optimiser state (adagrad_W, ...).
+DENSE_OPTIMISER = 'dense weights\' optimiser'
+DENSE_ROWS = re.compile(r'^RowAdagrad\{[^}]*\}\((\w+, ){2,3}\[')
 DENSE_STATE = re.compile(r'\b(adagrad|rmsprop|adadelta_g|adam_m|velocity)_')
 
 # (M, K, N): C (M x N) = op(A) (M x K) · op(B) (K x N); transposed operands as the step's graph has them.
@@ -252,8 +255,8 @@ def train_speed(name, data, paramfile, steps, workdir, profile=False, one_thread
 
 
 def op_profile(output):
-    """From train_speed.py --profile's output: ms per step of each op kind (the name before its '{'; the
-    element-wise loops that update a dense weight and its optimiser state apart, as DENSE_OPTIMISER), with
+    """From train_speed.py --profile's output: ms per step of each op kind (the name before its '{'; the steps
+    of the dense weights with their optimiser state apart, as DENSE_OPTIMISER), with
     its number of applies, the function's wall time per call, and the step's wall time."""
     calls, call_seconds = CALLS.search(output).groups()
     calls = int(calls)
@@ -264,7 +267,7 @@ def op_profile(output):
         if match:
             seconds, _, _, apply = match.groups()
             kind = re.split(r'[{(]', apply, maxsplit=1)[0]
-            if kind == 'Composite' and DENSE_STATE.search(apply):
+            if DENSE_ROWS.match(apply) or kind == 'Composite' and DENSE_STATE.search(apply):
                 kind = DENSE_OPTIMISER
             ms, n = ops.get(kind, (0.0, 0))
             ops[kind] = ms + 1e3 * float(seconds) / calls, n + 1

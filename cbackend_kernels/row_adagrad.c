@@ -88,7 +88,7 @@
             first[(size_t)q * k + i] = j;
         }
     }
-    // The rows' steps, in pieces of PIECE rows that the calling thread and, with ${threads} > 1, the process's
+    // The rows' steps, in pieces of rows that the calling thread and, with ${threads} > 1, the process's
     // workers claim as they come (the rows are distinct: no two threads write one row).
     struct Steps : worker_pool::Task {
         typedef dtype_${w} T;
@@ -103,13 +103,14 @@
         npy_intp sum_stride;
         T lr, momentum, eps;
         std::atomic<npy_intp> claimed{0}, done{0};
-        enum : npy_intp { PIECE = 128, AHEAD = 8 };
+        npy_intp piece;             // rows a claim takes
+        enum : npy_intp { AHEAD = 8 };
 
         void run(int tid) override {
             npy_intp p;
-            while ((p = claimed.fetch_add(PIECE)) < k) {
-                step(p, std::min(k, p + PIECE), sums + (size_t)tid * sum_stride);
-                done.fetch_add(std::min(k, p + PIECE) - p, std::memory_order_release);
+            while ((p = claimed.fetch_add(piece)) < k) {
+                step(p, std::min(k, p + piece), sums + (size_t)tid * sum_stride);
+                done.fetch_add(std::min(k, p + piece) - p, std::memory_order_release);
             }
             while (done.load(std::memory_order_acquire) < k) worker_pool::spin_pause();
         }
@@ -168,6 +169,9 @@
     std::vector<dtype_${w}> sums((size_t)${threads} * steps.sum_stride + 128 / sizeof(dtype_${w}));
     steps.sums = (dtype_${w}*)(((uintptr_t)sums.data() + 127) / 128 * 128);
     steps.lr = lr, steps.momentum = momentum, steps.eps = eps;
+    // Pieces of 128 rows, fewer where rows are wide (a dense matrix's, all its rows): a few hundred KB each, so
+    // that the threads end together.
+    steps.piece = std::max<npy_intp>(8, std::min<npy_intp>(128, 32768 / std::max<npy_intp>(L, 1)));
     // A step of few rows is not worth waking a worker for.
     worker_pool::run(&steps, k * L >= 32768 ? ${threads} : 1);
     GRU4REC_RELEASE

@@ -244,9 +244,10 @@ def test_the_training_step_writes_into_its_last_calls_arrays_and_trains_the_same
 
 
 def sparse_adagrad_both_ways(values, rows, grad, momentum, before_c=None):
-    """training.Optimizer's sparse Adagrad step of the rows `rows` of values['w'] (its state from values)
-    compiled on the C backend (where RowAdagrad computes it; before_c(fn, w) runs first) and run as written by
-    PyTensor's Python linker, after they agree: [weights, state...] of each."""
+    """training.Optimizer's sparse Adagrad step of the rows `rows` of values['w'] (its state from values; rows
+    None: the dense step of the whole matrix) compiled on the C backend (where RowAdagrad computes it;
+    before_c(fn, w) runs first) and run as written by PyTensor's Python linker, after they agree: [weights,
+    state...] of each."""
     shape = values['w'].shape
     results = []
     for compile_with in ('c', 'python'):
@@ -255,15 +256,16 @@ def sparse_adagrad_both_ways(values, rows, grad, momentum, before_c=None):
         for kind in ('adagrad', 'velocity') if momentum else ('adagrad',):
             optimizer.accumulator(w, kind).set_value(values[kind].astype(np.float32))
         r, g = pt.ivector('rows'), pt.tensor('g', dtype='float32', shape=(None,) + shape[1:])
-        updates = optimizer.updates([(w, r)], [g])
+        inputs, args = ([g], [grad]) if rows is None else ([r, g], [rows, grad])
+        updates = optimizer.updates([(w, None if rows is None else r)], [g])
         if compile_with == 'c':
-            fn = compile_function([r, g], [], updates, backend='c')
+            fn = compile_function(inputs, [], updates, backend='c')
             assert RowAdagrad in c_ops(fn)
             if before_c is not None:
                 before_c(fn, w)
         else:
-            fn = pytensor.function([r, g], [], updates=updates, mode='FAST_COMPILE')
-        fn(rows, grad)
+            fn = pytensor.function(inputs, [], updates=updates, mode='FAST_COMPILE')
+        fn(*args)
         results.append([w.get_value()] + [v.get_value() for v in optimizer.state['w'].values()])
     for got, expected in zip(*results):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
@@ -292,6 +294,30 @@ def test_the_sparse_adagrad_graph_becomes_row_adagrad_and_computes_the_same(mome
     acc = values['adagrad'].astype(np.float32).astype(np.float64)
     acc[rows] += grad.astype(np.float64) ** 2
     np.testing.assert_allclose(results[0][1], acc, rtol=1e-6)
+
+
+@pytest.mark.parametrize('momentum', [0.0, 0.3])
+@pytest.mark.parametrize('shape', [(30, 6), (30,), (700, 300)])
+def test_the_dense_adagrad_graph_becomes_row_adagrad_of_every_row_and_computes_the_same(momentum, shape):
+    """The dense Adagrad step of a weight matrix (or vector) that every step updates whole, as training.Optimizer
+    writes it, is RowAdagrad of all its rows on the C backend (a matrix of wide rows in pieces of fewer rows on
+    every core), the graph elsewhere: same values, against float64 for the accumulator; and with weight decay
+    (a step it does not match) the graph stays and is right."""
+    rng = np.random.default_rng(5)
+    values = {'w': rng.standard_normal(shape), 'adagrad': rng.uniform(0.1, 1, shape),
+              'velocity': rng.standard_normal(shape)}
+    grad = rng.standard_normal(shape).astype(np.float32)
+    results = sparse_adagrad_both_ways(values, None, grad, momentum)
+    acc = values['adagrad'].astype(np.float32).astype(np.float64) + grad.astype(np.float64) ** 2
+    np.testing.assert_allclose(results[0][1], acc, rtol=1e-6)
+    w = pytensor.shared(values['w'].astype(np.float32), name='w', shape=shape)
+    g = pt.tensor('g', dtype='float32', shape=shape)
+    decayed = compile_function([g], [], Optimizer('adagrad', [], 0.05, momentum, 0.01, 0.0).updates([(w, None)], [g]),
+                               backend='c')
+    assert RowAdagrad not in c_ops(decayed)
+    decayed(grad)
+    step = 0.05 * (grad / np.sqrt(grad.astype(np.float64) ** 2 + 1e-6) + 0.01 * values['w'].astype(np.float32))
+    np.testing.assert_allclose(w.get_value(), values['w'].astype(np.float32) - step, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('shape', [(7, 5, 9), (128, 512, 800)])
