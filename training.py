@@ -518,33 +518,43 @@ class SampleStore:
     def __init__(self, cdf, n_sample, size, rng, max_steps=None):
         self.cdf, self.n_sample, self.rng, self.inverse = cdf, n_sample, rng, None
         self.n_steps = max(1, min(int(size) // max(n_sample, 1), max_steps or np.inf))
-        self.block, self.position = None, self.n_steps
+        self.block, self.position, self.uniforms = None, self.n_steps, None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gru4rec-samples') if n_sample else None
         self.pending = self.worker.submit(self.draw) if n_sample else None
 
-    def draw(self):
+    def draw(self, into=None):
         """A block of n_steps x n_sample item indices, item i drawn with probability cdf[i] - cdf[i - 1]:
-        the generator's uniforms in order, SAMPLE_CHUNK at a time."""
+        the generator's uniforms in order, SAMPLE_CHUNK at a time; written into the used-up block `into` where
+        there is one. Two blocks and the uniforms' buffer are allocated once: new ones for every block (40 MB
+        each by default) had the kernel clear their pages again, most of the sampling thread's time, taken
+        from the cores that train (benchmarks/README.md, "The samples' blocks written again")."""
         if self.inverse is None:  # built here, in the worker, on the first block
             self.inverse = InverseCDF(self.cdf)
-        indices = np.empty(self.n_steps * self.n_sample, dtype=np.int32)
-        uniforms = np.empty(min(SAMPLE_CHUNK, len(indices)))
-        for start in range(0, len(indices), SAMPLE_CHUNK):
-            chunk = indices[start:start + SAMPLE_CHUNK]
+        size = min(SAMPLE_CHUNK, self.n_steps * self.n_sample)
+        if into is None:
+            indices, uniforms = np.empty((self.n_steps, self.n_sample), dtype=np.int32), np.empty(size)
+        else:  # the worker's refills, one at a time
+            if self.uniforms is None:
+                self.uniforms = np.empty(size)
+            indices, uniforms = into, self.uniforms
+        flat = indices.reshape(-1)
+        for start in range(0, len(flat), SAMPLE_CHUNK):
+            chunk = flat[start:start + SAMPLE_CHUNK]
             u = uniforms[:len(chunk)]
             self.inverse(self.rng.random(out=u), out=chunk)
-        np.minimum(indices, len(self.cdf) - 1, out=indices)  # u so close to 1 that it rounds past the last cdf
-        return indices.reshape(self.n_steps, self.n_sample)
+        np.minimum(flat, len(self.cdf) - 1, out=flat)  # u so close to 1 that it rounds past the last cdf
+        return indices
 
     def next(self):
-        """The samples of the next training step (an empty vector when n_sample is 0)."""
+        """The samples of the next training step (an empty vector when n_sample is 0), the caller's copy."""
         if not self.n_sample:
             return np.zeros(0, dtype=np.int32)
         if self.position == self.n_steps:
+            used = self.block
             self.block, self.position = self.pending.result(), 0
-            self.pending = self.worker.submit(self.draw)
+            self.pending = self.worker.submit(self.draw, used)
         self.position += 1
-        return self.block[self.position - 1]
+        return self.block[self.position - 1].copy()
 
     def __enter__(self):
         return self
