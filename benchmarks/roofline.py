@@ -29,13 +29,13 @@ n_sample scored columns):
   core and split over every core, the better counted (the machine's, as for the products).
 The bound is time = sum over products of FLOPs / (the better of the two rates at its shape) + bytes /
 bandwidth, in mini-batches/s. Beside it: train_speed.py's measured speed for --steps mini-batches of
-the same data (its own process), the fraction measured / bound, the same with every product on one
-BLAS thread (unless --no-one-thread), and (unless --no-profile) a train_speed.py --profile run whose
-per-op profile (PyTensor's, thread CPU time, every apply) is grouped by op: the products against their
-share of the bound, the row gathers (RowGather), the rows' optimiser (RowAdagrad) and the dense weights'
-(RowAdagrad of all their rows; the fused loops that read an optimiser state where it does not apply) against
-the bytes' shares, every other op whole, the
-compiled function's overhead (its wall time minus the ops' CPU time) and the host's time per step (outside
+the same data (each run its own process; the median of --runs runs, each listed), the fraction measured /
+bound, the same with every product on one BLAS thread (unless --no-one-thread), and (unless --no-profile) a
+train_speed.py --profile run whose per-op profile (PyTensor's, thread CPU time, every apply) is grouped by
+op: the products against their share of the bound, the row gathers (RowGather), the rows' optimiser
+(RowAdagrad) and the dense weights' (RowAdagrad of all their rows; the fused loops that read an optimiser
+state where it does not apply) against the bytes' shares, every other op whole, the compiled function's
+overhead (its wall time minus the ops' CPU time) and the host's time per step (outside
 the step's calls, from the run without the profile, whose bookkeeping after each call PyTensor does outside
 the call's clock). The per-setting tables and one table of where each step goes are
 printed and written to --out.
@@ -45,6 +45,7 @@ import ctypes
 import glob
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -236,9 +237,10 @@ runpy.run_path(script, run_name='__main__')
 """
 
 
-def train_speed(name, data, paramfile, steps, workdir, profile=False, one_thread=False):
+def train_speed(name, data, paramfile, steps, workdir, profile=False, one_thread=False, run=0):
     """train_speed.py's output for `steps` mini-batches (with its per-op profile, every apply, when `profile`;
-    every product on one BLAS thread when `one_thread`), in its own process; its log goes to workdir/logs."""
+    every product on one BLAS thread when `one_thread`), in its own process; its log goes to workdir/logs
+    (numbered by `run` after the first)."""
     command = [sys.executable, *(['-c', TRAIN_SPEED_FULL_PROFILE] if profile else []),
                str(ROOT / 'benchmarks' / 'train_speed.py'), '--data', str(data), '-pf', str(paramfile),
                '--steps', str(steps)] + ['--profile'] * profile
@@ -246,7 +248,8 @@ def train_speed(name, data, paramfile, steps, workdir, profile=False, one_thread
     if one_thread:  # cbackend.product_threads() then gives every product one thread
         env['OPENBLAS_NUM_THREADS'] = '1'
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    log = workdir / 'logs' / f'roofline_{name}{".profile" * profile}{".one_thread" * one_thread}.log'
+    suffix = '.profile' * profile + '.one_thread' * one_thread + f'.{run}' * bool(run)
+    log = workdir / 'logs' / f'roofline_{name}{suffix}.log'
     log.write_text(' '.join(command[:1] + command[3 if profile else 1:]) + '\n\n' + done.stdout)
     if done.returncode or not SPEED.search(done.stdout):
         tail = '\n'.join(done.stdout.splitlines()[-15:])
@@ -320,8 +323,10 @@ def analyse(name, args, sgemm, bandwidth, cores):
     if args.train:
         steps = args.steps or DEFAULT_STEPS.get(name, 500)
         result['steps'] = steps
-        output = train_speed(name, path, paramfile, steps, args.workdir)
-        result['speed'], host_ms = float(SPEED.search(output).group(1)), float(HOST.search(output).group(1))
+        outputs = [train_speed(name, path, paramfile, steps, args.workdir, run=run) for run in range(args.runs)]
+        result['speeds'] = [float(SPEED.search(output).group(1)) for output in outputs]
+        result['speed'] = statistics.median(result['speeds'])
+        host_ms = statistics.median(float(HOST.search(output).group(1)) for output in outputs)
         if args.one_thread:
             output = train_speed(name, path, paramfile, steps, args.workdir, one_thread=True)
             result['speed_one_thread'] = float(SPEED.search(output).group(1))
@@ -335,7 +340,7 @@ def analyse(name, args, sgemm, bandwidth, cores):
 def summary_table(results):
     lines = ['| setting (layers, batch) | data | N | GFLOP/step | item rows/step (distinct; of N + B read) | '
              'MB/step (item rows + dense weights) | bound ms/step (products + item rows + dense weights) | '
-             'bound mb/s | measured mb/s | measured / bound | '
+             'bound mb/s | measured mb/s (median of the runs) | measured / bound | '
              'measured, one BLAS thread | / bound |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in results:
@@ -346,8 +351,9 @@ def summary_table(results):
         else:
             rows = f"Wy/By {wy:,.0f} of {N:,}, input {inp:,.0f} of {hp['batch_size']}"
         b = r['bound']
-        measured = ' | '.join(f"{r[k]:.1f} | {r[k] * r['bound_ms'] / 1e3:.0%}" if k in r else '- | -'
-                              for k in ('speed', 'speed_one_thread'))
+        runs = f" ({', '.join(f'{v:.1f}' for v in r['speeds'])})" if len(r.get('speeds', [])) > 1 else ''
+        measured = ' | '.join(f"{r[k]:.1f}{runs if k == 'speed' else ''} | {r[k] * r['bound_ms'] / 1e3:.0%}"
+                              if k in r else '- | -' for k in ('speed', 'speed_one_thread'))
         lines.append(f"| {r['setting'].label} | {r['data_label']} | {N:,} | "
                      f"{sum(flops(p) for p, *_ in r['products']) / 1e9:.3f} | {rows} | "
                      f"{r['bytes'] / 1e6:.1f} + {r['dense_bytes'] / 1e6:.1f} | {r['bound_ms']:.3f} "
@@ -403,6 +409,9 @@ def main():
                              ', '.join(f'{k} {v}' for k, v in DEFAULT_STEPS.items()) + ')')
     parser.add_argument('--out', type=Path, help='write the tables to this markdown file')
     parser.add_argument('--no-train', dest='train', action='store_false', help='only the bound (no training)')
+    parser.add_argument('--runs', type=int, default=3,
+                        help='train_speed.py runs of the measured speed, their median counted (default 3: one run '
+                             'of a few seconds moves by 5-10%% on a shared machine)')
     parser.add_argument('--profile', action=argparse.BooleanOptionalAction, default=True,
                         help="the per-op profile of the step (a second train_speed.py run; default on)")
     parser.add_argument('--one-thread', action=argparse.BooleanOptionalAction, default=True,
@@ -410,6 +419,8 @@ def main():
     parser.add_argument('--workdir', type=Path, default=Path('/tmp/gru4rec_compare_port'),
                         help="compare_port.py's: the data files and the logs (default %(default)s)")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error('--runs must be at least 1')
     if args.steps is not None and args.steps < 2:
         parser.error('--steps must be at least 2 (train_speed.py leaves the first step out of the speed)')
     if args.out is not None and args.out.suffix != '.md':
