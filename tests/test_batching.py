@@ -57,6 +57,32 @@ def test_every_pair_once_and_state_carried_within_sessions(batch_size):
     assert entered == ORDER  # slots take the unused sessions in the given order
 
 
+def splitmix64_upper(seed, n):
+    """The upper 32 bits of SplitMix64's first n outputs from seed (Steele, Lea and Flood 2014), in numpy."""
+    with np.errstate(over='ignore'):
+        z = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) >> np.uint64(32)
+
+
+@pytest.mark.parametrize('p', [0.05, 0.3, 0.5, 0.9])
+def test_dropout_masks_keep_each_entry_with_its_probability(p):
+    """Over 200,000 entries of a mask (B = 4, no samples) the kept share is 1 - p within five standard errors,
+    a kept entry's neighbour is kept as often as any entry (no correlation along the mask), and another step's
+    seed draws another mask."""
+    n, B = 200_000, 4
+    zeros = np.zeros(B, dtype=np.int32)
+    args = (zeros, zeros, zeros, np.zeros(B, dtype=np.float32), np.zeros(0, dtype=np.int32))
+    rest = (np.array([n]), np.array([1 - p]), B, False, np.zeros(2, dtype=np.int32), 1)
+    kept = pack_inputs(*args, np.uint64(7), *rest)[1][2 * B:] > 0
+    other = pack_inputs(*args, np.uint64(8), *rest)[1][2 * B:] > 0
+    error = np.sqrt(p * (1 - p) / n)
+    assert abs(kept.mean() - (1 - p)) < 5 * error
+    assert abs(kept[1:][kept[:-1]].mean() - (1 - p)) < 5 * error / np.sqrt(1 - p)
+    assert (kept != other).mean() > 0.5 * 2 * p * (1 - p)
+
+
 @settings(max_examples=200, deadline=None)
 @given(lengths=st.lists(st.integers(2, 7), min_size=1, max_size=15), batch_size=st.integers(1, 18),
        seed=st.integers(0, 1000))
@@ -125,8 +151,9 @@ def test_distinct_rows_lists_each_row_once_and_finds_every_read(B, n_sample, n_i
 def test_pack_inputs_is_the_padded_batch_its_rows_and_dropout_masks(B, missing, n_sample, constrained, ps, seed):
     """The training step's two input vectors (training.pack_inputs) against numpy: the batch of M <= B
     sessions padded to B (inputs and targets read the pad item, padded slots carry row 0 and keep 0, and are
-    inactive), the distinct rows of distinct_rows, and each dropout mask kept where its uniform draw is below
-    1 - p, scaled by 1 / (1 - p) in float32 (inverted dropout)."""
+    inactive), the distinct rows of distinct_rows, and each dropout mask kept where the upper half of its entry's
+    SplitMix64 draw (numpy's uint64 arithmetic here) is below (1 - p) 2^32, scaled by 1 / (1 - p) in float32
+    (inverted dropout)."""
     M = max(1, B - missing)
     rng = np.random.default_rng(seed)
     n_items = 30
@@ -134,16 +161,16 @@ def test_pack_inputs_is_the_padded_batch_its_rows_and_dropout_masks(B, missing, 
     prev_rows, keep = rng.integers(0, B, M).astype(np.int32), rng.integers(0, 2, M).astype(np.float32)
     samples = rng.integers(0, n_items, n_sample).astype(np.int32)
     sizes = rng.integers(1, 50, len(ps))
-    uniforms = rng.random(int(sizes.sum()), dtype=np.float32)
-    ints, floats = pack_inputs(X, T, prev_rows, keep, samples, uniforms, sizes.astype(np.int64),
+    step_seed = np.uint64(rng.integers(0, 2 ** 63))
+    ints, floats = pack_inputs(X, T, prev_rows, keep, samples, step_seed, sizes.astype(np.int64),
                                np.array([1 - p for p in ps]), B, constrained,
                                np.zeros(n_items + 1, dtype=np.int32), n_items)
     pad = np.full(B - M, n_items, dtype=np.int32)
     Xp, Tp = np.concatenate([X, pad]), np.concatenate([T, pad])
     rows = distinct_rows(Xp, Tp, samples, constrained, np.zeros(n_items + 1, dtype=np.int32), n_items)
     expected_ints = np.concatenate([Xp, Tp, prev_rows, np.zeros(B - M, np.int32), *rows])
-    masks = [(u < np.float32(1 - p)) * np.float32(1 / (1 - p))
-             for u, p in zip(np.split(uniforms, np.cumsum(sizes)[:-1]), ps)]
+    masks = [(d < np.uint64((1 - p) * 2 ** 32)) * np.float32(1 / (1 - p))
+             for d, p in zip(np.split(splitmix64_upper(step_seed, int(sizes.sum())), np.cumsum(sizes)[:-1]), ps)]
     expected_floats = np.concatenate([keep, np.zeros(B - M), np.ones(M), np.zeros(B - M), *masks]).astype(np.float32)
     assert ints.dtype == np.int32 and floats.dtype == np.float32
     np.testing.assert_array_equal(ints, expected_ints)
