@@ -876,7 +876,7 @@ def _match_row_adagrad(fgraph, node):
     return op, [w, *state, rows, grad], [node.outputs[0], *writes]
 
 
-def _match_dense_adagrad(fgraph, updates, w):
+def _match_dense_adagrad(updates, w):
     """For the update w + delta of the function's input w (updates: {update: input} of the function), the dense
     Adagrad step (_match_adagrad): its state read whole and written by the function's updates. Returns
     (RowAdagrad op, its inputs with every row of w, the updates it replaces), else None."""
@@ -915,11 +915,12 @@ class RowAdagradRewrite(GraphRewriter):
         mapping = getattr(fgraph, 'update_mapping', None) or {}
         updates = {fgraph.outputs[o]: fgraph.inputs[i] for o, i in mapping.items()}
         for w in list(updates.values()):
-            self.replace(fgraph, _match_dense_adagrad(fgraph, updates, w))
+            self.replace(fgraph, _match_dense_adagrad(updates, w))
             updates = {fgraph.outputs[o]: fgraph.inputs[i] for o, i in mapping.items()}
 
     @staticmethod
     def replace(fgraph, match):
+        """The match's variables replaced by the outputs of its RowAdagrad (nothing for None)."""
         if match is not None:
             op, inputs, replaced = match
             fgraph.replace_all_validate(list(zip(replaced, op(*inputs, return_list=True))), reason='row_adagrad')
@@ -1252,7 +1253,7 @@ class OutputLayer(COp):
             storage[0] = np.asarray(value, dtype=h.dtype)
 
     def c_code_cache_version(self):
-        return (132,)
+        return (134,)
 
     def c_support_code(self, **kwargs):
         # BLAS's declarations as PyTensor's products have them, and their link flags (below).

@@ -1,6 +1,6 @@
 // Support code of cbackend.OutputLayer: the training step's output layer (the scored columns' logits, the
 // loss and its gradient, the three products) worked through in column chunks by the calling thread and
-// this module's worker threads (worker_pool.c) at once.
+// the process's worker threads (worker_pool.c) at once.
 namespace output_layer {
 
 using worker_pool::spin_pause;
