@@ -16,7 +16,7 @@
    on the GPU beside the C backend on the same machine's CPU.
 5. Evaluation speed (benchmarks/eval_speed.py): events/s, JAX and C.
 6. Accuracy: 10 epochs of rsc15_xe_shared_100_best on yoochoose1_64 with JAX (run.py), Recall@20 and
-   MRR@20 on its test set against the C backend's .7005 / .3046 (docs/results.md); within 0.005 passes.
+   MRR@20 on its test set against the C backend's .7004 / .3061 (docs/results.md); within 0.005 passes.
 
 --quick shortens 4 and 6 for a rehearsal (fewer mini-batches, one epoch, whose figures are not compared).
 Exit status: 0 when every step passed, 1 when a test or a figure failed, 2 when JAX sees no GPU.
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Recall@20 and MRR@20 of rsc15_xe_shared_100_best on yoochoose1_64 with the C backend (README), and how far
 # the JAX run may be from them: seeds move both by about 0.002.
-CPU_ACCURACY, TOLERANCE = (0.7005, 0.3046), 0.005
+CPU_ACCURACY, TOLERANCE = (0.7004, 0.3061), 0.005
 SPEED_SETTINGS = {'rsc15': ('yoochoose1_64_train_full', 'rsc15_xe_shared_100_best'),
                   'diginetica': ('diginetica_train_full', 'diginetica_bprmax_shared_best')}
 # Wheels for another machine: pip download takes only the platform tags it is given, and projects tag their
