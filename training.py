@@ -484,8 +484,8 @@ def pack_inputs(X, T, prev_rows, keep, samples, seed, mask_sizes, mask_keep, B, 
     reading the pad item, see distinct_rows) and floats = [keep | active | dropout masks] (2B + the masks'
     sizes). Entry j of the masks (counted over all of them, in order) keeps its value with probability
     mask_keep[k] of its mask k, where the upper 32 bits of splitmix64(seed, j) are below mask_keep[k] * 2^32,
-    and is then 1 / mask_keep[k] in float32 (inverted dropout). numpy's uniforms cost the host 2 ns an entry
-    (a quarter of retailrocket's host time, a third of diginetica's), these a quarter of that."""
+    and is then 1 / mask_keep[k] in float32 (inverted dropout): a fraction of what numpy's uniforms cost the
+    host (benchmarks/README.md, "Dropout masks from a counter")."""
     M, N = len(X), B + len(samples)
     Xp, Tp = np.full(B, pad_item, np.int32), np.full(B, pad_item, np.int32)
     Xp[:M] = X
