@@ -1253,7 +1253,7 @@ class OutputLayer(COp):
             storage[0] = np.asarray(value, dtype=h.dtype)
 
     def c_code_cache_version(self):
-        return (134,)
+        return (135,)
 
     def c_support_code(self, **kwargs):
         # BLAS's declarations as PyTensor's products have them, and their link flags (below).

@@ -113,9 +113,12 @@ struct Layer : worker_pool::Task {
     T* db;                  // N
     std::atomic<int> claimed1{0}, done1{0}, claimed2{0}, done2{0};
 
-    // A thread's scratch: a tile of SCORE_COLUMNS x Mp scores, and lane arrays of Mp: 4 of double, 6 of T.
+    // A thread's scratch: a tile of SCORE_COLUMNS x Mp scores, LANE_ARRAYS lane arrays of Mp in T (score's row
+    // maxima, or differentiate's factors) and 4 in double (score's row sums).
+    enum { LANE_ARRAYS = 5 };
     static size_t work_size(int Mp) {
-        return ((size_t)Mp * (SCORE_COLUMNS + 6) * sizeof(T) + (size_t)Mp * 4 * sizeof(double) + 63) / 64 * 64;
+        const size_t bytes = (size_t)Mp * (SCORE_COLUMNS + LANE_ARRAYS) * sizeof(T) + (size_t)Mp * 4 * sizeof(double);
+        return (bytes + 63) / 64 * 64;
     }
 
     void run(int tid) override {
@@ -179,7 +182,7 @@ struct Layer : worker_pool::Task {
         T* tile = (T*)mine;
         product(j0, j1, tile);
         T* __restrict__ m = tile + (size_t)SCORE_COLUMNS * Mp;   // each row's maximum over the chunk
-        double* __restrict__ sums = (double*)(m + 6 * (size_t)Mp);  // Z, A, B, D (BPR-max) of each row
+        double* __restrict__ sums = (double*)(m + LANE_ARRAYS * (size_t)Mp);  // Z, A, B, D (BPR-max) of each row
         double *__restrict__ Z = sums, *__restrict__ A = sums + Mp, *__restrict__ B = sums + 2 * Mp,
                *__restrict__ D = sums + 3 * Mp;
         for (int i = 0; i < Mp; i++) m[i] = -std::numeric_limits<T>::max(), Z[i] = A[i] = B[i] = D[i] = 0;
