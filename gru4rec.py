@@ -48,7 +48,7 @@ from hyperparams import docstring as hyperparams_docstring
 from losses import LOSSES
 from network import GRUNetwork, embedding_size, init_weights, parameter_shapes
 from recommend import top_k
-from sessions import FLOAT, session_arrays, session_parallel_batches, validate_log
+from sessions import FLOAT, session_arrays, session_parallel_blocks, validate_log
 from training import (OPT_STATE_KINDS, Optimizer, SampleStore, TrainingStep, row_loss_op, sample_cdf,
                       static_shared, train_epochs)
 from training import distinct_rows, inverse_cdf  # noqa: F401  (public names of gru4rec before issue 13)
@@ -347,7 +347,7 @@ class GRU4Rec:
 
         def epoch_batches():
             session_order = self._rng.permutation(order) if p['train_random_order'] else order
-            return session_parallel_batches(items, offsets, session_order, p['batch_size'], min_slots)
+            return session_parallel_blocks(items, offsets, session_order, p['batch_size'], min_slots)
 
         def save():
             self._pull_state()

@@ -4,10 +4,13 @@ mini-batches (ICLR 2016, section 3.1.1). Used by the model, the evaluation and t
 A log is a DataFrame with session, item and time columns. It is never modified: a sorted or trimmed
 copy is made when needed.
 """
+import numba
 import numpy as np
 import pandas as pd
 
 FLOAT = 'float32'
+# session_parallel_blocks walks this many steps of an epoch at a time.
+BLOCK_STEPS = 64
 
 
 def validate_log(data, session_key, item_key, time_key, what='data'):
@@ -84,38 +87,105 @@ def session_parallel_batches(items, offsets, session_order, batch_size, min_slot
     the next one (targets). Row i of the previous step's hidden state to carry into slot i is
     prev_rows[i]; keep[i] is 0 where slot i took a new session (its state is reset to zero).
     When no unused session is left, finished slots are dropped and the batch shrinks; the epoch ends
-    when fewer than `min_slots` slots remain.
+    when fewer than `min_slots` slots remain. The steps of session_parallel_blocks, one at a time.
     """
-    n_sessions = len(session_order)
-    n_slots = min(batch_size, n_sessions)
-    slot_session = np.arange(n_slots)  # position in session_order of each slot's session
-    next_session = n_slots
-    start = offsets[session_order[slot_session]]
-    end = offsets[session_order[slot_session] + 1]
-    prev_rows = np.zeros(n_slots, dtype=np.int32)  # any existing row: keep = 0 zeroes the state
-    keep = np.zeros(n_slots, dtype=FLOAT)
-    while len(slot_session) >= min_slots:
-        steps = (end - start).min() - 1
-        for i in range(steps):
-            yield items[start + i], items[start + i + 1], prev_rows, keep
-            if i == 0:
-                prev_rows, keep = np.arange(len(start), dtype=np.int32), np.ones(len(start), dtype=FLOAT)
-        start = start + steps
-        finished = end - start <= 1
-        n_finished = int(finished.sum())
-        n_new = min(n_finished, n_sessions - next_session)
-        refill = np.flatnonzero(finished)[:n_new]
-        alive = ~finished
-        alive[refill] = True
-        slot_session[refill] = np.arange(next_session, next_session + n_new)
-        next_session += n_new
-        start[refill] = offsets[session_order[slot_session[refill]]]
-        end[refill] = offsets[session_order[slot_session[refill]] + 1]
-        # Composed with the mapping still pending when no step ran (a slot held a one-event session).
-        keep = keep.copy()
-        keep[refill] = 0
-        prev_rows, keep = prev_rows[alive], keep[alive]
-        slot_session, start, end = slot_session[alive], start[alive], end[alive]
+    for sizes, X, T, prev_rows, keep in session_parallel_blocks(items, offsets, session_order, batch_size,
+                                                                 min_slots):
+        ends = np.cumsum(sizes)
+        for end, M in zip(ends.tolist(), sizes.tolist()):
+            yield X[end - M:end], T[end - M:end], prev_rows[end - M:end], keep[end - M:end]
+
+
+def session_parallel_blocks(items, offsets, session_order, batch_size, min_slots=1, block_steps=BLOCK_STEPS):
+    """The steps of session_parallel_batches, up to block_steps at a time: yields (sizes, inputs, targets,
+    prev_rows, keep), step j's M = sizes[j] entries of the other four following step j - 1's. A compiled loop
+    walks the slots (_next_steps): sessions of a few events refill slots at nearly every step, and numpy's
+    calls for each refill were most of the training loop's time on the host."""
+    n_slots = min(int(batch_size), len(session_order))
+    items = np.asarray(items).view()
+    items.flags.writeable = False  # one compiled loop for the read-only arrays of a log and the writable others
+    offsets = np.asarray(offsets, dtype=np.int64)
+    order = np.asarray(session_order, dtype=np.int64)
+    slots = np.zeros((4, max(n_slots, 1)), dtype=np.int64)  # each slot's session, start, end, prev_row
+    slots[0, :n_slots] = np.arange(n_slots)
+    slots[1, :n_slots] = offsets[order[:n_slots]]
+    slots[2, :n_slots] = offsets[order[:n_slots] + 1]
+    keep = np.zeros(max(n_slots, 1), dtype=FLOAT)
+    # active slots, the next unused session, the step within the stretch (-1: before the first), its steps
+    state = np.array([n_slots, n_slots, -1, 0], dtype=np.int64)
+    while True:
+        sizes = np.empty(block_steps, dtype=np.int64)
+        X, T = np.empty(block_steps * n_slots, dtype=items.dtype), np.empty(block_steps * n_slots, dtype=items.dtype)
+        P, K = np.empty(block_steps * n_slots, dtype=np.int32), np.empty(block_steps * n_slots, dtype=FLOAT)
+        n = _next_steps(items, offsets, order, min_slots, state, slots, keep, sizes, X, T, P, K)
+        if n:
+            end = sizes[:n].sum()
+            yield sizes[:n], X[:end], T[:end], P[:end], K[:end]
+        if n < block_steps:
+            return
+
+
+def first_steps(blocks, n_steps):
+    """The blocks of session_parallel_blocks up to their first n_steps steps (all of them when n_steps is None)."""
+    for sizes, X, T, prev_rows, keep in blocks:
+        if n_steps is not None:
+            if n_steps <= 0:
+                return
+            sizes = sizes[:n_steps]
+            n_steps -= len(sizes)
+            end = sizes.sum()
+            X, T, prev_rows, keep = X[:end], T[:end], prev_rows[:end], keep[:end]
+        yield sizes, X, T, prev_rows, keep
+
+
+@numba.njit(cache=True)
+def _next_steps(items, offsets, order, min_slots, state, slots, keep, sizes, X, T, P, K):
+    """Up to len(sizes) more steps of the epoch into sizes and X, T, P (prev_rows), K (keep); returns how many
+    (fewer: the epoch ended). state and slots (see session_parallel_blocks) carry the walk between calls.
+
+    Every slot steps through a stretch of as many steps as its shortest session has left; then finished slots
+    take the unused sessions in order (keep 0) or, when none is left, are dropped, the others moving up (the
+    state rows they carry, prev_rows, move with them)."""
+    n_alive, next_session, i, steps = state
+    n, pos = 0, 0
+    while n < len(sizes):
+        if 0 <= i < steps:
+            for s in range(n_alive):
+                X[pos + s] = items[slots[1, s] + i]
+                T[pos + s] = items[slots[1, s] + i + 1]
+                P[pos + s] = slots[3, s]
+                K[pos + s] = keep[s]
+            sizes[n] = n_alive
+            pos += n_alive
+            n += 1
+            if i == 0:  # from the stretch's second step on each slot carries its own row
+                for s in range(n_alive):
+                    slots[3, s], keep[s] = s, 1
+            i += 1
+            continue
+        if i >= 0:  # the stretch is over: refill or drop the finished slots
+            alive = 0
+            for s in range(n_alive):
+                slots[1, s] += steps
+                if slots[2, s] - slots[1, s] <= 1:
+                    if next_session == len(order):
+                        continue
+                    slots[0, s], slots[1, s] = next_session, offsets[order[next_session]]
+                    slots[2, s], keep[s] = offsets[order[next_session] + 1], 0
+                    next_session += 1
+                for r in range(4):
+                    slots[r, alive] = slots[r, s]
+                keep[alive] = keep[s]
+                alive += 1
+            n_alive = alive
+        if n_alive < min_slots:
+            break
+        steps = slots[2, 0] - slots[1, 0]
+        for s in range(1, n_alive):
+            steps = min(steps, slots[2, s] - slots[1, s])
+        steps, i = steps - 1, 0
+    state[0], state[1], state[2], state[3] = n_alive, next_session, i, steps
+    return n
 
 
 def pad(values, size, fill):

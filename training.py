@@ -6,7 +6,6 @@ The estimator (gru4rec.py) hands this module its network; nothing here knows the
 A step reads a session-parallel mini-batch (sessions.py) padded to a static shape, gathers only the
 item rows it touches, and updates them with their summed gradient: the exact sparse gradient.
 """
-import itertools
 import sys
 import time
 from collections import OrderedDict
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from backends import call, set_shared, to_host
 from losses import parse_activation
-from sessions import FLOAT
+from sessions import FLOAT, session_parallel_blocks
 
 # TrainingStep.packed prepares the inputs of this many steps at a time, at most this many bytes of them.
 PACKED_BLOCK_STEPS, PACKED_BLOCK_BYTES = 64, 4 << 20
@@ -255,16 +254,17 @@ class TrainingStep:
         self._compile_function = compile_function
 
     def compile(self):
-        """Compiles the step, once, and loads pack_inputs (numba compiles it, or reads it from its cache, on
-        its first call: a second or so, which would otherwise land in the first epoch); returns the
-        compiled function."""
+        """Compiles the step, once, and loads the compiled loops that prepare its inputs (numba compiles them,
+        or reads them from its cache, on their first call: a second or so, which would otherwise land in the
+        first epoch); returns the compiled function."""
         if self.function is None:
             with pytensor.config.change_flags(floatX=FLOAT):  # as when the graph was built: a float32 step
                 self.function = self._compile_function(*self._graph, keep_buffers=True)
+            next(session_parallel_blocks(np.zeros(2, dtype=np.int32), np.array([0, 2]), np.array([0]), 1))
             one = np.zeros(1, dtype=np.int32)
-            pack_inputs(one, one, one, np.zeros(1, dtype=FLOAT), np.zeros(self.n_sample, dtype=np.int32),
-                        np.uint64(0), self.mask_sizes, self.mask_keep,
-                        self.batch_size, self.constrained_embedding, self.slot, self.pad_item)
+            pack_steps(np.ones(1, dtype=np.int64), one, one, one, np.zeros(1, dtype=FLOAT),
+                       np.zeros((1, self.n_sample), dtype=np.int32), np.zeros(1, dtype=np.uint64), self.mask_sizes,
+                       self.mask_keep, self.batch_size, self.constrained_embedding, self.slot, self.pad_item)
         return self.function
 
     def inputs(self, X, T, prev_rows, keep, samples):
@@ -279,20 +279,25 @@ class TrainingStep:
         return pack_inputs(X, T, prev_rows, keep, samples, seed, self.mask_sizes, self.mask_keep, self.batch_size,
                            self.constrained_embedding, self.slot, self.pad_item)
 
-    def packed(self, batches, samples):
-        """(ints, floats, M) of each mini-batch of `batches` (M sessions) with the next step's samples: the
-        compiled function's inputs (see inputs), prepared a block of steps at a time. Right after a step the
-        caches hold its rows and products, and the host's work for the next one ran four to five times slower
-        than in a loop of its own (see benchmarks/README.md); the same draws in the same order."""
+    def packed(self, blocks, samples):
+        """(ints, floats, M) of each mini-batch of `blocks` (sessions.session_parallel_blocks: M sessions a step)
+        with the next step's samples: the compiled function's inputs (see inputs), prepared a block of steps
+        at a time in one compiled call (pack_steps). Right after a step the caches hold its rows and products,
+        and the host's work for the next one ran four to five times slower than in a loop of its own (see
+        benchmarks/README.md); the same draws in the same order as step by step."""
         per_step = sum(v.type.shape[0] * np.dtype(v.dtype).itemsize for v in self._graph[0])  # bytes of ints, floats
         block = int(np.clip(PACKED_BLOCK_BYTES // per_step, 1, PACKED_BLOCK_STEPS))
-        while True:
-            chunk = list(itertools.islice(batches, block))
-            if not chunk:
-                return
-            prepared = [self.inputs(*batch, samples.next()) for batch in chunk]
-            for (ints, floats), batch in zip(prepared, chunk):
-                yield ints, floats, len(batch[0])
+        for sizes, X, T, prev_rows, keep in blocks:
+            ends = np.cumsum(sizes)
+            for first in range(0, len(sizes), block):
+                last = min(first + block, len(sizes))
+                begin, end = ends[first] - sizes[first], ends[last - 1]
+                ints, floats = pack_steps(sizes[first:last], X[begin:end], T[begin:end], prev_rows[begin:end],
+                                          keep[begin:end], samples.take(last - first),
+                                          self.rng.bit_generator.random_raw(last - first), self.mask_sizes,
+                                          self.mask_keep, self.batch_size, self.constrained_embedding, self.slot,
+                                          self.pad_item)
+                yield from zip(ints, floats, sizes[first:last].tolist())
 
     def run(self, ints, floats):
         """One training step of the compiled function on its inputs (inputs, packed); returns its cost, which on
@@ -343,8 +348,9 @@ def train_epochs(step, samples, epoch_batches, n_pairs, n_epochs, history, save,
                  valid_name=None, keep_best=False, patience=None, callback=None, verbose=True):
     """The epochs of session-parallel training, with a snapshot after each completed epoch.
 
-    step: the TrainingStep; samples: the SampleStore; epoch_batches(): the mini-batches of the next epoch;
-    n_pairs: the events an epoch predicts (for the progress bar). history: the list that gets each
+    step: the TrainingStep; samples: the SampleStore; epoch_batches(): the next epoch's blocks of mini-batches
+    (sessions.session_parallel_blocks); n_pairs: the events an epoch predicts (for the progress bar).
+    history: the list that gets each
     completed epoch's record (epoch, loss, seconds and the validation figures). save() snapshots the
     trained state after an epoch and returns it; restore(snapshot) loads one back (None: the last saved).
     validate(): the validation figures {name: value} after an epoch, valid_name the one to maximise;
@@ -442,8 +448,18 @@ def distinct_rows(X, T, samples, constrained, slot, pad_item):
     rows_Y. slot is scratch space indexed by item, its entries for the step's items set before use.
     O(N) in a compiled loop (numpy's np.unique was a noticeable part of a step)."""
     B, N = len(X), len(T) + len(samples)
-    rows_Y, inv_Y = np.full(N, pad_item, np.int32), np.empty(N, np.int32)
-    rows_X, inv_X = np.full(B, pad_item, np.int32), np.empty(B, np.int32)
+    rows_Y, inv_Y = np.empty(N, np.int32), np.empty(N, np.int32)
+    rows_X, inv_X = np.empty(B, np.int32), np.empty(B, np.int32)
+    _distinct_rows_into(X, T, samples, constrained, slot, pad_item, rows_Y, inv_Y, rows_X, inv_X)
+    return rows_Y, inv_Y, rows_X, inv_X
+
+
+@numba.njit(cache=True, inline='always')
+def _distinct_rows_into(X, T, samples, constrained, slot, pad_item, rows_Y, inv_Y, rows_X, inv_X):
+    """distinct_rows into the given vectors."""
+    B, N = len(X), len(T) + len(samples)
+    rows_Y[:] = pad_item
+    rows_X[:] = pad_item
     for i in range(N):
         slot[T[i] if i < B else samples[i - B]] = -1
     n_Y = 0
@@ -463,7 +479,6 @@ def distinct_rows(X, T, samples, constrained, slot, pad_item):
             slot[item], rows_X[n_X] = offset + n_X, item
             n_X += 1
         inv_X[i] = slot[item]
-    return rows_Y, inv_Y, rows_X, inv_X
 
 
 @numba.njit(cache=True, inline='always')
@@ -486,29 +501,43 @@ def pack_inputs(X, T, prev_rows, keep, samples, seed, mask_sizes, mask_keep, B, 
     mask_keep[k] of its mask k, where the upper 32 bits of splitmix64(seed, j) are below mask_keep[k] * 2^32,
     and is then 1 / mask_keep[k] in float32 (inverted dropout): a fraction of what numpy's uniforms cost the
     host (benchmarks/README.md, "Dropout masks from a counter")."""
-    M, N = len(X), B + len(samples)
-    Xp, Tp = np.full(B, pad_item, np.int32), np.full(B, pad_item, np.int32)
-    Xp[:M] = X
-    Tp[:M] = T
-    rows_Y, inv_Y, rows_X, inv_X = distinct_rows(Xp, Tp, samples, constrained, slot, pad_item)
-    ints = np.empty(5 * B + 2 * N, np.int32)
-    ints[:B] = Xp
-    ints[B:2 * B] = Tp
-    ints[2 * B:3 * B] = 0
-    ints[2 * B:2 * B + M] = prev_rows
-    ints[3 * B:3 * B + N] = rows_Y
-    ints[3 * B + N:3 * B + 2 * N] = inv_Y
-    ints[3 * B + 2 * N:4 * B + 2 * N] = rows_X
-    ints[4 * B + 2 * N:] = inv_X
-    floats = np.zeros(2 * B + mask_sizes.sum(), np.float32)  # 2B + dropout masks
-    floats[:M] = keep
-    floats[B:B + M] = 1
+    sizes, seeds = np.full(1, len(X), np.int64), np.full(1, seed, np.uint64)
+    ints, floats = pack_steps(sizes, X, T, prev_rows, keep, samples.reshape(1, -1), seeds, mask_sizes, mask_keep, B,
+                              constrained, slot, pad_item)
+    return ints[0], floats[0]
+
+
+@numba.njit(cache=True)
+def pack_steps(sizes, X, T, prev_rows, keep, samples, seeds, mask_sizes, mask_keep, B, constrained, slot, pad_item):
+    """pack_inputs of the steps of a block (sessions.session_parallel_blocks: step j's M = sizes[j] entries of X,
+    T, prev_rows and keep following step j - 1's), step j with the samples' row j and seeds[j]: their rows of
+    (steps x (5B + 2N), steps x (2B + the masks' sizes)), in one call."""
+    n_steps, N = len(sizes), B + samples.shape[1]
+    ints = np.empty((n_steps, 5 * B + 2 * N), np.int32)
+    floats = np.zeros((n_steps, 2 * B + mask_sizes.sum()), np.float32)
+    Xp, Tp = np.empty(B, np.int32), np.empty(B, np.int32)
     start = 0
-    for k in range(len(mask_sizes)):
-        threshold, scale = np.uint64(mask_keep[k] * 4294967296.0), np.float32(1 / mask_keep[k])
-        for j in range(start, start + mask_sizes[k]):
-            floats[2 * B + j] = scale if splitmix64(seed, np.uint64(j)) >> np.uint64(32) < threshold else np.float32(0)
-        start += mask_sizes[k]
+    for step in range(n_steps):
+        M, out, f = sizes[step], ints[step], floats[step]
+        Xp[:] = pad_item
+        Tp[:] = pad_item
+        Xp[:M] = X[start:start + M]
+        Tp[:M] = T[start:start + M]
+        out[:B] = Xp
+        out[B:2 * B] = Tp
+        out[2 * B:3 * B] = 0
+        out[2 * B:2 * B + M] = prev_rows[start:start + M]
+        _distinct_rows_into(Xp, Tp, samples[step], constrained, slot, pad_item, out[3 * B:3 * B + N],
+                            out[3 * B + N:3 * B + 2 * N], out[3 * B + 2 * N:4 * B + 2 * N], out[4 * B + 2 * N:])
+        f[:M] = keep[start:start + M]
+        f[B:B + M] = 1
+        at = 0
+        for k in range(len(mask_sizes)):
+            threshold, scale = np.uint64(mask_keep[k] * 4294967296.0), np.float32(1 / mask_keep[k])
+            for j in range(at, at + mask_sizes[k]):
+                f[2 * B + j] = scale if splitmix64(seeds[step], np.uint64(j)) >> np.uint64(32) < threshold else 0
+            at += mask_sizes[k]
+        start += M
     return ints, floats
 
 
@@ -562,14 +591,25 @@ class SampleStore:
 
     def next(self):
         """The samples of the next training step (an empty vector when n_sample is 0), the caller's copy."""
+        return self.take(1)[0].copy()
+
+    def take(self, n):
+        """The samples of the next n training steps, n x n_sample: a view of the block, valid until the next call,
+        or the caller's own where it spans two blocks."""
         if not self.n_sample:
-            return np.zeros(0, dtype=np.int32)
-        if self.position == self.n_steps:
-            used = self.block
-            self.block, self.position = self.pending.result(), 0
-            self.pending = self.worker.submit(self.draw, used)
-        self.position += 1
-        return self.block[self.position - 1].copy()
+            return np.zeros((n, 0), dtype=np.int32)
+        parts = []
+        while n:
+            if self.position == self.n_steps:
+                parts = [part.copy() for part in parts]  # the used block is drawn again from now on
+                used = self.block
+                self.block, self.position = self.pending.result(), 0
+                self.pending = self.worker.submit(self.draw, used)
+            rows = min(n, self.n_steps - self.position)
+            parts.append(self.block[self.position:self.position + rows])
+            self.position += rows
+            n -= rows
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def __enter__(self):
         return self

@@ -144,13 +144,12 @@ def evaluate(args):
 def make_model(args):
     """A model of a synthetic catalogue, trained for its first --steps mini-batches (as train_speed.py
     does): the popular items trained, the rare ones as initialised, as in a real shop's first epoch."""
-    import itertools
-
     import gru4rec
     from common import read_params
+    from sessions import first_steps
     data = load_log(args.data)
-    batches = gru4rec.session_parallel_batches
-    gru4rec.session_parallel_batches = lambda *a, **kw: itertools.islice(batches(*a, **kw), args.steps)
+    blocks = gru4rec.session_parallel_blocks
+    gru4rec.session_parallel_blocks = lambda *a, **kw: first_steps(blocks(*a, **kw), args.steps)
     model = GRU4Rec()
     model.set_params(**dict(read_params(args), n_epochs=1, verbose=False))
     t0 = time.perf_counter()

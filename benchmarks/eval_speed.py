@@ -8,7 +8,6 @@ trained) or loads one (--model), then runs evaluate_gpu twice: the first run inc
 evaluation graph, the second is timed. --profile prints the per-op profile of the evaluation step.
 """
 import argparse
-import itertools
 import time
 
 from common import add_common_arguments, describe_blas, load_log, peak_rss_mb, read_params, threads
@@ -16,6 +15,7 @@ from common import add_common_arguments, describe_blas, load_log, peak_rss_mb, r
 import gru4rec
 from evaluation import evaluate_gpu
 from gru4rec import GRU4Rec
+from sessions import first_steps
 
 
 def main():
@@ -39,12 +39,12 @@ def main():
         data = load_log(args.data)
         params = read_params(args)
         params.update(n_epochs=1, verbose=False)
-        batches = gru4rec.session_parallel_batches
-        gru4rec.session_parallel_batches = lambda *a, **kw: itertools.islice(batches(*a, **kw), args.train_steps)
+        blocks = gru4rec.session_parallel_blocks
+        gru4rec.session_parallel_blocks = lambda *a, **kw: first_steps(blocks(*a, **kw), args.train_steps)
         model = GRU4Rec()
         model.set_params(**params)
         model.fit(data)
-        gru4rec.session_parallel_batches = batches
+        gru4rec.session_parallel_blocks = blocks
 
     import pytensor
     c_profile = args.profile and model.backend == 'c'

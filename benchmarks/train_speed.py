@@ -19,7 +19,6 @@ C mode on the plain graphs); --kernels both runs the benchmark twice in one go, 
 without, each in a fresh process, and prints their seconds per epoch side by side.
 """
 import argparse
-import itertools
 import os
 import re
 import subprocess
@@ -30,6 +29,7 @@ from common import add_common_arguments, describe_blas, load_log, peak_rss_mb, r
 
 import gru4rec
 from gru4rec import GRU4Rec
+from sessions import first_steps
 
 
 class FirstCallTimer:
@@ -118,15 +118,15 @@ def main():
     model.compile_function = timed_compile
 
     counts = {'steps': 0, 'events': 0, 'epoch': None}
-    batches = gru4rec.session_parallel_batches
+    blocks = gru4rec.session_parallel_blocks
 
-    def counted_batches(*a, **kw):
+    def counted_blocks(*a, **kw):
         counts['epoch'] = a, kw
-        for batch in itertools.islice(batches(*a, **kw), args.steps):
-            counts['steps'] += 1
-            counts['events'] += len(batch[0])
-            yield batch
-    gru4rec.session_parallel_batches = counted_batches
+        for block in first_steps(blocks(*a, **kw), args.steps):
+            counts['steps'] += len(block[0])
+            counts['events'] += len(block[1])
+            yield block
+    gru4rec.session_parallel_blocks = counted_blocks
 
     import pytensor
     if c_profile and not args.wall_clock:
@@ -144,7 +144,7 @@ def main():
     # The length of a whole epoch, for the extrapolation: counted after the training, outside its clock
     # (on a 20M-event log, walking an epoch's mini-batches takes seconds).
     a, kw = counts['epoch']
-    epoch_steps = sum(1 for _ in batches(*a, **kw)) if args.steps else counts['steps']
+    epoch_steps = sum(len(block[0]) for block in blocks(*a, **kw)) if args.steps else counts['steps']
 
     print(f'data: {args.data} ({len(data):,} events, {model.n_items:,} items, loaded in {load_seconds:.1f}s)')
     print(f'params: {",".join(f"{k}={v}" for k, v in params.items())}')

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sessions import session_parallel_batches
-from training import distinct_rows, pack_inputs
+from sessions import first_steps, session_parallel_batches, session_parallel_blocks
+from training import distinct_rows, pack_inputs, pack_steps
 
 
 def run_epoch(lengths, order, batch_size, min_slots=1):
@@ -122,6 +122,66 @@ def test_every_pair_once_for_any_sessions_including_single_events(lengths, batch
     pairs, entered, _ = run_epoch(lengths, order, batch_size)
     assert Counter(pairs) == Counter(all_pairs(lengths))
     assert sorted(entered) == sorted(s for s in order if lengths[s] > 1)
+
+
+def steps_of(blocks):
+    """The (inputs, targets, prev_rows, keep) of each step of session_parallel_blocks' blocks."""
+    steps = []
+    for sizes, *arrays in blocks:
+        assert len(sizes) and all(len(a) == sizes.sum() for a in arrays)
+        ends = np.cumsum(sizes)
+        steps += [tuple(a[end - M:end] for a in arrays) for end, M in zip(ends, sizes)]
+    return steps
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(0, 5), max_size=15), batch_size=st.integers(1, 18), min_slots=st.integers(1, 3),
+       block_steps=st.integers(1, 7), seed=st.integers(0, 1000))
+def test_blocks_of_any_size_are_the_same_steps(lengths, batch_size, min_slots, block_steps, seed):
+    """session_parallel_blocks walks the epoch a block of steps at a time (full blocks but the last): the steps
+    are the same for every block size, also with empty sessions, and first_steps keeps the first n of them."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = np.random.default_rng(seed).integers(0, 50, offsets[-1]).astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    one = steps_of(session_parallel_blocks(items, offsets, order, batch_size, min_slots, block_steps=1))
+    blocks = list(session_parallel_blocks(items, offsets, order, batch_size, min_slots, block_steps=block_steps))
+    assert all(len(sizes) == block_steps for sizes, *_ in blocks[:-1])
+    for steps in (steps_of(blocks), list(session_parallel_batches(items, offsets, order, batch_size, min_slots))):
+        assert len(steps) == len(one)
+        for step, expected in zip(steps, one):
+            for a, b in zip(step, expected):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b)
+    n = len(one) // 2
+    assert [len(X) for X, *_ in steps_of(first_steps(iter(blocks), n))] == [len(X) for X, *_ in one[:n]]
+    assert len(steps_of(first_steps(iter(blocks), None))) == len(one)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 6), st.integers(0, 20), st.booleans(), st.integers(0, 2 ** 32 - 1))
+def test_pack_steps_is_pack_inputs_of_each_step(B, n_steps, n_sample, constrained, seed):
+    """A block of steps packed in one call (training.pack_steps): each row is the step's pack_inputs, with its
+    row of samples and its seed."""
+    rng = np.random.default_rng(seed)
+    n_items = 25
+    sizes = rng.integers(1, B + 1, n_steps)
+    X, T = (rng.integers(0, n_items, sizes.sum()).astype(np.int32) for _ in range(2))
+    prev_rows = rng.integers(0, B, sizes.sum()).astype(np.int32)
+    keep = rng.integers(0, 2, sizes.sum()).astype(np.float32)
+    samples = rng.integers(0, n_items, (n_steps, n_sample)).astype(np.int32)
+    seeds = rng.integers(0, 2 ** 63, n_steps).astype(np.uint64)
+    masks = (np.array([5, 9]), np.array([0.7, 0.4]))
+    slot = np.zeros(n_items + 1, dtype=np.int32)
+    ints, floats = pack_steps(sizes, X, T, prev_rows, keep, samples, seeds, *masks, B, constrained, slot, n_items)
+    assert ints.shape[0] == floats.shape[0] == n_steps
+    start = 0
+    for j, M in enumerate(sizes):
+        part = slice(start, start + M)
+        expected = pack_inputs(X[part], T[part], prev_rows[part], keep[part], samples[j], seeds[j], *masks, B,
+                               constrained, slot, n_items)
+        np.testing.assert_array_equal(ints[j], expected[0])
+        np.testing.assert_array_equal(floats[j], expected[1])
+        start += M
 
 
 @settings(max_examples=300, deadline=None)

@@ -72,6 +72,24 @@ def test_sample_store_walks_its_blocks_in_order_and_refills_reproducibly():
     assert steps.dtype == np.int32 and len(np.unique(steps)) > 1
 
 
+def test_sample_store_takes_steps_across_blocks_as_next_does():
+    """take(n): the next n steps' samples, the same as n calls of next, also where they span two or three
+    blocks; those spanning blocks are the caller's own, not changed by the refills that later calls start."""
+    cdf = np.cumsum(SUPPORT) / SUPPORT.sum()
+    with SampleStore(cdf, 5, 5 * 4, np.random.default_rng(8)) as one_by_one:
+        expected = np.array([one_by_one.next() for _ in range(23)])
+    with SampleStore(cdf, 5, 5 * 4, np.random.default_rng(8)) as samples:
+        taken, copies = [], []
+        for n in (3, 2, 9, 1, 8):  # blocks of 4: within one, spanning two, three
+            taken.append(samples.take(n))
+            copies.append(taken[-1].copy())  # a view of a block is valid until the next call
+        samples.take(4)
+    for spanning in (1, 2, 4):
+        np.testing.assert_array_equal(taken[spanning], copies[spanning])
+    np.testing.assert_array_equal(np.concatenate(copies), expected)
+    assert taken[1].shape == (2, 5) and taken[1].dtype == np.int32
+
+
 def test_sample_store_blocks_are_the_generators_uniforms_in_order():
     # A block larger than the chunks it is mapped in: the same items as one searchsorted of one draw.
     cdf = np.cumsum(SUPPORT) / SUPPORT.sum()
