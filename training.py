@@ -350,9 +350,9 @@ def train_epochs(step, samples, epoch_batches, n_pairs, n_epochs, history, save,
 
     step: the TrainingStep; samples: the SampleStore; epoch_batches(): the next epoch's blocks of mini-batches
     (sessions.session_parallel_blocks); n_pairs: the events an epoch predicts (for the progress bar).
-    history: the list that gets each
-    completed epoch's record (epoch, loss, seconds and the validation figures). save() snapshots the
-    trained state after an epoch and returns it; restore(snapshot) loads one back (None: the last saved).
+    history: the list that gets each completed epoch's record (epoch, loss, seconds and the validation
+    figures). save() snapshots the trained state after an epoch and returns it; restore(snapshot) loads one
+    back (None: the last saved).
     validate(): the validation figures {name: value} after an epoch, valid_name the one to maximise;
     keep_best ends with the best epoch's state, patience stops after that many epochs without progress.
     callback(record) is called after each epoch. A NaN or infinite loss restores the last completed epoch
