@@ -515,16 +515,14 @@ def pack_steps(sizes, X, T, prev_rows, keep, samples, seeds, mask_sizes, mask_ke
     n_steps, N = len(sizes), B + samples.shape[1]
     ints = np.empty((n_steps, 5 * B + 2 * N), np.int32)
     floats = np.zeros((n_steps, 2 * B + mask_sizes.sum()), np.float32)
-    Xp, Tp = np.empty(B, np.int32), np.empty(B, np.int32)
     start = 0
     for step in range(n_steps):
         M, out, f = sizes[step], ints[step], floats[step]
+        Xp, Tp = out[:B], out[B:2 * B]  # the batch padded, where the step reads it
         Xp[:] = pad_item
         Tp[:] = pad_item
         Xp[:M] = X[start:start + M]
         Tp[:M] = T[start:start + M]
-        out[:B] = Xp
-        out[B:2 * B] = Tp
         out[2 * B:3 * B] = 0
         out[2 * B:2 * B + M] = prev_rows[start:start + M]
         _distinct_rows_into(Xp, Tp, samples[step], constrained, slot, pad_item, out[3 * B:3 * B + N],
